@@ -1,0 +1,1 @@
+"""imgbase-agent: the node's cluster agent (joins etcd, reports capabilities)."""

@@ -1,0 +1,1 @@
+"""Compose: layers -> root tree (a backend) -> shared post-processing -> squashfs + manifest."""

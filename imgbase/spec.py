@@ -1,0 +1,312 @@
+"""Image and layer definitions: TOML files -> frozen dataclasses.
+
+A layer (``layers/<name>.toml``) lists packages, services, kernel arguments and
+ordered hook scripts; a directory ``layers/<name>/files/`` next to it, when it
+exists, is copied over the root tree. An image (``images/<name>.toml``) names
+the distribution, the mirror and the ordered layers. Unknown keys, wrong types
+and duplicates are errors that name the file and line; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import die
+from .naming import Nvr
+
+PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\@-]+$")
+LAYER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+COMPRESSIONS = {"zstd": range(1, 23), "xz": range(0, 1), "gzip": range(1, 10), "lz4": range(0, 1)}
+
+
+# -- helpers: typed access to TOML tables with file:line in every error ----------
+
+class _Source:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            die(f"{path}: no such file", hint="check the path of the image or layer definition")
+        except (OSError, UnicodeDecodeError) as exc:
+            die(f"{path}: cannot read: {exc}")
+        try:
+            self.data = tomllib.loads(self.text)
+        except tomllib.TOMLDecodeError as exc:
+            m = re.search(r"line (\d+)", str(exc))
+            where = f"{path}:{m[1]}" if m else str(path)
+            die(f"{where}: TOML syntax error: {exc}", hint="see https://toml.io for the syntax")
+
+    def line_of(self, table: str, key: str | None = None) -> int:
+        """Best-effort line of ``key`` in ``[table]`` (or of the table header)."""
+        lines = self.text.splitlines()
+        start = 0
+        for i, line in enumerate(lines):
+            if re.match(rf"^\s*\[\s*{re.escape(table)}\s*\]", line):
+                start = i
+                break
+        if key is None:
+            return start + 1
+        pat = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+        for i in range(start, len(lines)):
+            if pat.match(lines[i]):
+                return i + 1
+        return start + 1
+
+    def fail(self, table: str, key: str | None, message: str, hint: str | None = None) -> None:
+        die(f"{self.path}:{self.line_of(table, key)}: {message}", hint=hint)
+
+
+class _Table:
+    """One TOML table whose keys are consumed one by one; leftovers are errors."""
+
+    def __init__(self, src: _Source, name: str, data: Any, allowed: set[str]) -> None:
+        self.src, self.name = src, name
+        if not isinstance(data, dict):
+            src.fail(name, None, f"[{name}] must be a table")
+        self.data: dict[str, Any] = data
+        for key in data:
+            if key not in allowed:
+                src.fail(
+                    name, key, f"unknown key '{key}' in [{name}]",
+                    hint=f"allowed keys: {', '.join(sorted(allowed))}",
+                )
+
+    def get(self, key: str, typ: type, default: Any = None, *, required: bool = False) -> Any:
+        if key not in self.data:
+            if required:
+                self.src.fail(self.name, None, f"[{self.name}] needs '{key}'")
+            return default
+        value = self.data[key]
+        if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+            self.src.fail(
+                self.name, key,
+                f"'{key}' must be {typ.__name__}, not {type(value).__name__}",
+            )
+        return value
+
+    def strings(self, key: str, pattern: re.Pattern[str] | None = None) -> tuple[str, ...]:
+        values = self.get(key, list, [])
+        seen: set[str] = set()
+        for v in values:
+            if not isinstance(v, str):
+                self.src.fail(self.name, key, f"'{key}' must be a list of strings, found {v!r}")
+            if pattern and not pattern.match(v):
+                self.src.fail(self.name, key, f"'{key}': {v!r} is not a valid name")
+            if v in seen:
+                self.src.fail(self.name, key, f"'{key}': {v!r} is listed twice")
+            seen.add(v)
+        return tuple(values)
+
+
+# -- layers ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Services:
+    enable: tuple[str, ...] = ()
+    disable: tuple[str, ...] = ()
+    mask: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str
+    path: Path
+    description: str = ""
+    packages: tuple[str, ...] = ()
+    imgbase_package: bool = False
+    services: Services = field(default_factory=Services)
+    kernel_args: tuple[str, ...] = ()
+    hooks: tuple[Path, ...] = ()
+    files: Path | None = None
+
+    def digest(self) -> str:
+        """sha256 over everything this layer feeds into a build."""
+        h = hashlib.sha256()
+        h.update(self.path.read_bytes())
+        for hook in self.hooks:
+            h.update(b"hook\0" + hook.name.encode() + b"\0" + hook.read_bytes())
+        if self.files:
+            h.update(tree_digest(self.files).encode())
+        return h.hexdigest()
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over a directory tree: paths, modes, link targets and contents."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames + [d for d in dirnames if Path(dirpath, d).is_symlink()]):
+            p = Path(dirpath, name)
+            rel = p.relative_to(root).as_posix()
+            st = p.lstat()
+            h.update(f"{rel}\0{st.st_mode:o}\0".encode())
+            if p.is_symlink():
+                h.update(os.readlink(p).encode())
+            else:
+                h.update(p.read_bytes())
+        for d in dirnames:
+            h.update(f"{Path(dirpath, d).relative_to(root).as_posix()}/\0".encode())
+    return h.hexdigest()
+
+
+def load_layer(path: Path) -> LayerSpec:
+    src = _Source(path)
+    top = _Table(src, "", src.data, {"layer", "services"})
+    del top
+    if "layer" not in src.data:
+        die(f"{path}:1: a layer file needs a [layer] table", hint="see docs/layers.md")
+    t = _Table(src, "layer", src.data["layer"],
+               {"name", "description", "packages", "imgbase_package", "kernel_args", "hooks"})
+    name = t.get("name", str, required=True)
+    if not LAYER_NAME_RE.match(name):
+        src.fail("layer", "name", f"layer name {name!r} must be lower-case letters, digits, '-'")
+    if name != path.stem:
+        src.fail("layer", "name", f"layer name {name!r} differs from its file name {path.name!r}",
+                 hint=f"rename the file to {name}.toml or the layer to {path.stem!r}")
+    layer_dir = path.parent / name
+    hooks = []
+    for rel in t.strings("hooks"):
+        hook = (layer_dir / rel).resolve()
+        if not hook.is_file():
+            src.fail("layer", "hooks", f"hook {rel!r} not found at {hook}")
+        hooks.append(hook)
+    services = Services()
+    if "services" in src.data:
+        s = _Table(src, "services", src.data["services"], {"enable", "disable", "mask"})
+        services = Services(
+            s.strings("enable", UNIT_RE), s.strings("disable", UNIT_RE), s.strings("mask", UNIT_RE)
+        )
+        both = set(services.enable) & (set(services.disable) | set(services.mask))
+        if both:
+            src.fail("services", None, f"services both enabled and disabled/masked: {sorted(both)}")
+    kargs = t.strings("kernel_args")
+    for karg in kargs:
+        if not karg or any(c in karg for c in " \t\n\"'\\;"):
+            src.fail("layer", "kernel_args", f"kernel argument {karg!r} has a space or quote")
+    files = layer_dir / "files"
+    return LayerSpec(
+        name=name,
+        path=path.resolve(),
+        description=t.get("description", str, ""),
+        packages=t.strings("packages", PACKAGE_RE),
+        imgbase_package=t.get("imgbase_package", bool, False),
+        services=services,
+        kernel_args=kargs,
+        hooks=tuple(hooks),
+        files=files.resolve() if files.is_dir() else None,
+    )
+
+
+# -- images ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageSpec:
+    path: Path
+    name: str
+    version: str
+    release: str
+    distro: str
+    suite: str
+    architecture: str
+    mirror: str
+    security_mirror: str
+    backend: str
+    layers: tuple[LayerSpec, ...]
+    source_date_epoch: int
+    compression: str = "zstd"
+    compression_level: int = 3
+
+    @property
+    def nvr(self) -> Nvr:
+        return Nvr(self.name, self.version, self.release)
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        """All packages of all layers, in layer order, without repeats."""
+        seen: dict[str, None] = {}
+        for layer in self.layers:
+            seen.update(dict.fromkeys(layer.packages))
+        return tuple(seen)
+
+    def layer_of_package(self, package: str) -> LayerSpec | None:
+        return next((lay for lay in self.layers if package in lay.packages), None)
+
+    @property
+    def kernel_args(self) -> tuple[str, ...]:
+        return tuple(a for layer in self.layers for a in layer.kernel_args)
+
+
+def load_image(path: Path, layer_dir: Path | None = None,
+               overrides: dict[str, Any] | None = None) -> ImageSpec:
+    """Load an image definition and its layers (from ``layer_dir``, default ../layers)."""
+    src = _Source(path)
+    _Table(src, "", src.data, {"image"})
+    if "image" not in src.data:
+        die(f"{path}:1: an image file needs an [image] table", hint="see images/node.toml")
+    data = dict(src.data["image"])
+    data.update(overrides or {})
+    t = _Table(src, "image", data, {
+        "name", "version", "release", "distro", "suite", "architecture", "mirror",
+        "security_mirror", "backend", "layers", "layer_dir", "source_date_epoch",
+        "compression", "compression_level",
+    })
+    name = t.get("name", str, required=True)
+    version = t.get("version", str, required=True)
+    release = t.get("release", str, "1")
+    try:
+        Nvr.check_parts(name, version, release)
+    except Exception as exc:
+        src.fail("image", "version", str(exc), hint="version and release may not contain '-'")
+    if layer_dir is None:
+        layer_dir = (path.parent / t.get("layer_dir", str, "../layers")).resolve()
+    layers = []
+    for lname in t.strings("layers", LAYER_NAME_RE):
+        lpath = layer_dir / f"{lname}.toml"
+        if not lpath.is_file():
+            src.fail("image", "layers", f"layer {lname!r} not found at {lpath}",
+                     hint=f"layers available: {', '.join(sorted(p.stem for p in layer_dir.glob('*.toml')))}")
+        layers.append(load_layer(lpath))
+    if not layers:
+        src.fail("image", "layers", "an image needs at least one layer")
+    compression = t.get("compression", str, "zstd")
+    if compression not in COMPRESSIONS:
+        src.fail("image", "compression", f"compression {compression!r} is not one of "
+                 f"{', '.join(COMPRESSIONS)}")
+    level = t.get("compression_level", int, 3)
+    levels = COMPRESSIONS[compression]
+    if len(levels) > 1 and level not in levels:
+        src.fail("image", "compression_level",
+                 f"{compression} level {level} is outside {levels.start}..{levels.stop - 1}")
+    sde = t.get("source_date_epoch", int, 0)
+    if "SOURCE_DATE_EPOCH" in os.environ:
+        try:
+            sde = int(os.environ["SOURCE_DATE_EPOCH"])
+        except ValueError:
+            die("SOURCE_DATE_EPOCH must be an integer (seconds since 1970)")
+    if sde <= 0:
+        src.fail("image", "source_date_epoch", "source_date_epoch must be set (seconds since 1970)",
+                 hint="set it in the image file or the SOURCE_DATE_EPOCH environment variable")
+    return ImageSpec(
+        path=path.resolve(),
+        name=name,
+        version=version,
+        release=release,
+        distro=t.get("distro", str, "debian"),
+        suite=t.get("suite", str, "bookworm"),
+        architecture=t.get("architecture", str, "amd64"),
+        mirror=t.get("mirror", str, "http://deb.debian.org/debian"),
+        security_mirror=t.get("security_mirror", str, "http://deb.debian.org/debian-security"),
+        backend=t.get("backend", str, "mmdebstrap"),
+        layers=tuple(layers),
+        source_date_epoch=sde,
+        compression=compression,
+        compression_level=level,
+    )
