@@ -262,6 +262,7 @@ def explain_diff(a: Path, b: Path) -> list[str]:
         if not p.is_file():
             die(f"{p}: no such image", hint="give two .squashfs files")
     base = Path(os.environ.get("TMPDIR", "/var/tmp")) / f"imgbase-diff.{os.getpid()}"
+    base.mkdir(parents=True)
     try:
         listings = []
         for i, img in enumerate((a, b)):

@@ -33,7 +33,6 @@ class MmdebstrapBackend(ComposerBackend):
     def argv(self, ctx: BuildContext, tree: Path) -> list[str]:
         apt_cache = ctx.cache_dir / "apt-archives"
         apt_cache.mkdir(parents=True, exist_ok=True)
-        include = list(ctx.image.packages) + [str(p) for p in ctx.local_packages]
         argv = [
             "mmdebstrap", "--mode=root", "--variant=minbase", f"--arch={ctx.image.architecture}",
             "--format=directory", "--verbose",
@@ -48,7 +47,6 @@ class MmdebstrapBackend(ComposerBackend):
         ]
         if ctx.local_packages:
             argv.append("--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount")
-        del include
         return [*argv, ctx.image.suite, str(tree), *self.sources(ctx)]
 
     def build_tree(self, ctx: BuildContext, tree: Path) -> None:
@@ -66,6 +64,9 @@ class MmdebstrapBackend(ComposerBackend):
             stream(self.argv(ctx, tree), on_line=on_line, logfile=ctx.logfile, env=ctx.env)
         except CommandError as exc:
             raise self._explain(ctx, exc) from exc
+        for deb in ctx.local_packages:
+            _remove_copied_deb(tree, deb)
+
 
     def _explain(self, ctx: BuildContext, exc: CommandError) -> ImgbaseError:
         """Turn apt's complaint about a package into one naming the layer."""
@@ -95,3 +96,15 @@ class MmdebstrapBackend(ComposerBackend):
 
     def package_db_paths(self) -> tuple[str, ...]:
         return ("var/lib/dpkg",)
+
+
+def _remove_copied_deb(tree: Path, deb: Path) -> None:
+    """mmdebstrap needs a local .deb at its host path inside the tree too; remove
+    that copy and the directories made for it (they name the cache location)."""
+    copy = tree / deb.relative_to("/")
+    if copy.is_file():
+        copy.unlink()
+    inside = copy.parent
+    while inside != tree and inside.is_dir() and not any(inside.iterdir()):
+        inside.rmdir()
+        inside = inside.parent

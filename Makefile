@@ -1,0 +1,50 @@
+# imgbase — see README.md. `make setup` once, then `make image` or `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export IMGBASE_CACHE ?= /var/cache/imgbase
+APT_PACKAGES := mmdebstrap squashfs-tools qemu-system-x86 qemu-utils dpkg-dev e2fsprogs \
+                util-linux openssh-client
+IMAGE ?= images/node.toml
+OUT ?= out
+
+.PHONY: setup image test test-quick test-slow lint bench clean
+
+setup: $(VENV)/.setup-done
+
+# apt first (only what is missing), then a venv with imgbase and its test tools.
+$(VENV)/.setup-done: pyproject.toml Makefile
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null | grep -q '^ii' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 needed")'
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,dev]'
+	touch $@
+
+image: setup
+	$(BIN)/imgbase compose $(IMAGE) -o $(OUT)
+
+# the whole suite: unit tests, doctests, real composes and (later) qemu guests
+test: setup
+	$(BIN)/pytest
+
+# the quick part, to run while working
+test-quick: setup
+	$(BIN)/pytest -m "not slow"
+
+test-slow: setup
+	$(BIN)/pytest -m slow
+
+lint: setup
+	$(BIN)/ruff check imgbase tests bench
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python bench/compose.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,54 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def imgbase_cli(*args: str, env: dict[str, str] | None = None, **kw: object
+                ) -> subprocess.CompletedProcess[str]:
+    """Run the imgbase CLI of this checkout in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "imgbase", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def root_dir() -> Path:
+    return ROOT
+
+
+def compose_json(image: str | Path, outdir: Path, *extra: str) -> dict[str, object]:
+    """Compose with --json; return the final 'result' event (fails the test with stderr)."""
+    import json
+
+    proc = imgbase_cli("compose", str(image), "-o", str(outdir), "--json", *extra)
+    if proc.returncode != 0:
+        pytest.fail(f"compose failed ({proc.returncode}):\n{proc.stderr}\n{proc.stdout[-3000:]}")
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    result: dict[str, object] = events[-1]
+    assert result["event"] == "result", events[-3:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def default_image(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The default node image, composed once per session (reused from the cache)."""
+    return compose_json(ROOT / "images/node.toml", tmp_path_factory.mktemp("image"))
+
+
+@pytest.fixture(scope="session")
+def image_tree(default_image: dict[str, object],
+               tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default image unpacked into a directory, for chroot inspection."""
+    tree = tmp_path_factory.mktemp("tree") / "root"
+    subprocess.run(["unsquashfs", "-q", "-n", "-d", str(tree), str(default_image["squashfs"])],
+                   check=True)
+    return tree

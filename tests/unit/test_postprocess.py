@@ -1,0 +1,93 @@
+"""Post-processing steps on small trees: each changes exactly what it claims."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from imgbase.compose import postprocess
+from imgbase.spec import load_image
+
+
+def fake_tree(tmp_path: Path) -> Path:
+    tree = tmp_path / "tree"
+    for d in ("etc/ssh", "var/lib/dpkg/info", "var/lib/apt/lists", "var/cache/apt",
+              "var/log/apt", "var/lib/dbus", "tmp", "boot"):
+        (tree / d).mkdir(parents=True)
+    (tree / "etc/machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    (tree / "var/lib/dbus/machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    for key in ("ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", "ssh_host_rsa_key"):
+        (tree / "etc/ssh" / key).write_text("secret")
+    (tree / "etc/ssh/sshd_config").write_text("PermitRootLogin prohibit-password\n")
+    (tree / "etc/resolv.conf").write_text("nameserver 10.0.0.1\n")
+    (tree / "var/lib/dpkg/status").write_text("Package: bash\nStatus: install ok installed\n")
+    (tree / "var/lib/apt/lists/deb.debian.org_dists").write_text("x")
+    (tree / "var/cache/apt/pkgcache.bin").write_text("x")
+    (tree / "var/log/apt/history.log").write_text("x")
+    (tree / "tmp/junk").write_text("x")
+    return tree
+
+
+def test_scrub_removes_node_identity_and_litter(tmp_path: Path) -> None:
+    tree = fake_tree(tmp_path)
+    postprocess.scrub(tree)
+    assert (tree / "etc/machine-id").read_text() == ""
+    assert not (tree / "var/lib/dbus/machine-id").exists()
+    assert sorted(p.name for p in (tree / "etc/ssh").iterdir()) == ["sshd_config"]
+    assert not (tree / "etc/resolv.conf").exists()
+    assert os.listdir(tree / "var/lib/apt/lists") == ["partial"]
+    assert os.listdir(tree / "var/cache/apt") == []
+    assert not (tree / "var/log/apt/history.log").exists()
+    assert os.listdir(tree / "tmp") == []
+
+
+def test_package_db_moves_into_the_image_and_stays_reachable(tmp_path: Path) -> None:
+    tree = fake_tree(tmp_path)
+    postprocess.move_package_db(tree, ("var/lib/dpkg",))
+    link = tree / "var/lib/dpkg"
+    assert link.is_symlink() and not os.readlink(link).startswith("/")
+    assert (tree / "usr/lib/sysimage/dpkg/status").is_file()
+    assert (link / "status").read_text().startswith("Package: bash")
+    rule = (tree / "usr/lib/tmpfiles.d/imgbase-package-db.conf").read_text()
+    assert "L+ /var/lib/dpkg - - - - ../../usr/lib/sysimage/dpkg" in rule
+    # idempotent: a second run leaves the link alone
+    postprocess.move_package_db(tree, ("var/lib/dpkg",))
+    assert (link / "status").is_file()
+
+
+def test_factory_etc_is_a_copy_of_etc(tmp_path: Path) -> None:
+    tree = fake_tree(tmp_path)
+    postprocess.factory_etc(tree)
+    assert (tree / "usr/share/factory/etc/ssh/sshd_config").read_text().startswith("PermitRoot")
+
+
+def test_clamp_mtimes(tmp_path: Path) -> None:
+    tree = fake_tree(tmp_path)
+    old = tree / "etc/ssh/sshd_config"
+    os.utime(old, (1000, 1000))
+    os.symlink("nowhere", tree / "dangling")
+    changed = postprocess.clamp_mtimes(tree, 5000)
+    assert changed > 5
+    assert old.stat().st_mtime == 1000  # older files keep their time
+    assert all(p.lstat().st_mtime <= 5000 for p in tree.rglob("*"))
+    assert (tree / "dangling").lstat().st_mtime == 5000
+
+
+def test_apply_files_overlays_tree_with_modes(tmp_path: Path, root_dir: Path) -> None:
+    image = load_image(root_dir / "images/node.toml")
+    base = image.layers[0]
+    tree = fake_tree(tmp_path)
+    n = postprocess.apply_files(tree, base)
+    unit = tree / "usr/lib/systemd/system/imgbase-ssh-hostkeys.service"
+    assert n >= 2 and "ssh-keygen -A" in unit.read_text()
+    assert unit.stat().st_uid == 0
+
+
+def test_image_json_carries_the_nvr(tmp_path: Path, root_dir: Path) -> None:
+    image = load_image(root_dir / "images/node.toml")
+    tree = fake_tree(tmp_path)
+    postprocess.write_image_json(tree, image, "abc")
+    info = json.loads((tree / postprocess.IMAGE_JSON).read_text())
+    assert info["nvr"] == str(image.nvr) and info["inputs_digest"] == "abc"
+    assert info["kernel_args"] == ["console=ttyS0,115200"]

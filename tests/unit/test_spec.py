@@ -1,0 +1,154 @@
+"""Image and layer specs: every kind of bad input names file and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imgbase.errors import InputError
+from imgbase.spec import load_image, load_layer
+
+IMAGE = """\
+[image]
+name = "node"
+version = "1.0"
+release = "1"
+layers = ["base"]
+source_date_epoch = 1700000000
+"""
+LAYER = """\
+[layer]
+name = "base"
+packages = ["bash", "lvm2"]
+"""
+
+
+def write(tmp_path: Path, image: str = IMAGE, layer: str = LAYER) -> Path:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "layers").mkdir()
+    (tmp_path / "layers/base.toml").write_text(layer)
+    img = tmp_path / "images/node.toml"
+    img.write_text(image)
+    return img
+
+
+def error_of(img: Path) -> str:
+    with pytest.raises(InputError) as exc:
+        load_image(img)
+    return exc.value.oneline()
+
+
+def test_valid_image_loads_with_layers_in_order(tmp_path: Path) -> None:
+    img = load_image(write(tmp_path))
+    assert str(img.nvr) == "node-1.0-1"
+    assert img.packages == ("bash", "lvm2")
+    assert img.layers[0].name == "base"
+    assert img.compression == "zstd" and img.compression_level == 3
+
+
+def test_default_image_of_the_repo_loads(root_dir: Path) -> None:
+    img = load_image(root_dir / "images/node.toml")
+    names = [layer.name for layer in img.layers]
+    assert names[:3] == ["base", "virt", "agent"]
+    assert "libvirt-daemon-system" in img.packages
+    assert any(layer.imgbase_package for layer in img.layers)
+    assert img.layers[0].files is not None
+
+
+def test_unknown_key_names_file_and_line(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, IMAGE + 'colour = "blue"\n'))
+    assert "node.toml:7" in msg and "unknown key 'colour'" in msg
+
+
+def test_unknown_key_in_layer_names_layer_file(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, layer=LAYER + "packagez = []\n"))
+    assert "base.toml:4" in msg and "packagez" in msg
+
+
+def test_toml_syntax_error_names_line(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, IMAGE.replace('release = "1"', "release = ")))
+    assert "node.toml:4" in msg and "TOML syntax error" in msg
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, IMAGE.replace('"1.0"', "1.0")))
+    assert "node.toml:3" in msg and "'version' must be str" in msg
+
+
+def test_duplicate_package_in_layer(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, layer=LAYER.replace('"lvm2"', '"bash"')))
+    assert "base.toml:3" in msg and "listed twice" in msg
+
+
+def test_duplicate_toml_key(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, IMAGE + 'name = "again"\n'))
+    assert "node.toml:7" in msg
+
+
+def test_layer_listed_twice(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, IMAGE.replace('["base"]', '["base", "base"]')))
+    assert "listed twice" in msg
+
+
+def test_missing_layer(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, IMAGE.replace('["base"]', '["base", "nope"]')))
+    assert "layer 'nope' not found" in msg and "hint: layers available: base" in msg
+
+
+def test_bad_package_name(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, layer=LAYER.replace('"lvm2"', '"LVM 2"')))
+    assert "is not a valid name" in msg
+
+
+def test_version_with_dash_is_refused(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, IMAGE.replace('"1.0"', '"1-0"')))
+    assert "NVR" in msg
+
+
+def test_compression_level_out_of_range(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, IMAGE + "compression_level = 40\n"))
+    assert "outside 1..22" in msg
+
+
+def test_layer_name_must_match_file(tmp_path: Path) -> None:
+    write(tmp_path, layer=LAYER.replace('"base"', '"other"'))
+    with pytest.raises(InputError, match="differs from its file name"):
+        load_layer(tmp_path / "layers/base.toml")
+
+
+def test_missing_hook_is_an_error(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, layer=LAYER + 'hooks = ["hooks/10-x.sh"]\n'))
+    assert "hook 'hooks/10-x.sh' not found" in msg
+
+
+def test_kernel_arg_with_quote_is_refused(tmp_path: Path) -> None:
+    msg = error_of(write(tmp_path, layer=LAYER + "kernel_args = ['a=\"b c\"']\n"))
+    assert "space or quote" in msg
+
+
+def test_services_both_enabled_and_masked(tmp_path: Path) -> None:
+    layer = LAYER + '[services]\nenable = ["ssh"]\nmask = ["ssh"]\n'
+    msg = error_of(write(tmp_path, layer=layer))
+    assert "both enabled and disabled/masked" in msg
+
+
+def test_layer_digest_changes_with_files_and_hooks(tmp_path: Path) -> None:
+    img = write(tmp_path, layer=LAYER + 'hooks = ["hooks/10-x.sh"]\n')
+    hook = tmp_path / "layers/base/hooks/10-x.sh"
+    hook.parent.mkdir(parents=True)
+    hook.write_text("#!/bin/sh\ntrue\n")
+    d1 = load_image(img).layers[0].digest()
+    hook.write_text("#!/bin/sh\nfalse\n")
+    d2 = load_image(img).layers[0].digest()
+    files = tmp_path / "layers/base/files/etc"
+    files.mkdir(parents=True)
+    (files / "motd").write_text("hi\n")
+    d3 = load_image(img).layers[0].digest()
+    assert len({d1, d2, d3}) == 3
+
+
+def test_source_date_epoch_from_environment(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1234567890")
+    assert load_image(write(tmp_path)).source_date_epoch == 1234567890
