@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "and .sha256 from an image definition and its layers.")
     p.add_argument("image", metavar="IMAGE.toml", help="image definition, e.g. images/node.toml")
     p.add_argument("-o", "--output", default="out", help="output directory (default: out)")
-    p.add_argument("--cache", help="cache directory (default: $IMGBASE_CACHE or /var/cache/imgbase)")
+    p.add_argument("--cache",
+                   help="cache directory (default: $IMGBASE_CACHE or /var/cache/imgbase)")
     p.add_argument("--rebuild", action="store_true", help="build even if a cached image matches")
     p.add_argument("--version", dest="image_version", help="override the image version")
     p.add_argument("--release", help="override the image release")

@@ -49,7 +49,7 @@ def vercmp(a: str, b: str) -> int:
             return (int(x) > int(y)) - (int(x) < int(y))
         if x.isdigit() != y.isdigit():
             return 1 if x.isdigit() else -1
-        return (x > y) - (x < y)
+        return int(x > y) - int(x < y)
     if len(sa) == len(sb):
         return 0
     longer, sign = (sa, 1) if len(sa) > len(sb) else (sb, -1)

@@ -69,7 +69,8 @@ class Progress:
         self._clear_status()
         if event == "step-done":
             detail = f"  {fields['detail']}" if fields.get("detail") else ""
-            text = f"[{self.elapsed():7.1f}s] {fields['step']:<14} {fields['seconds']:6.1f}s{detail}"
+            step, secs = fields["step"], fields["seconds"]
+            text = f"[{self.elapsed():7.1f}s] {step:<14} {secs:6.1f}s{detail}"
         elif event == "result":
             text = "\n".join(f"{k}: {v}" for k, v in fields.items())
         else:

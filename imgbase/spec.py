@@ -271,8 +271,9 @@ def load_image(path: Path, layer_dir: Path | None = None,
     for lname in t.strings("layers", LAYER_NAME_RE):
         lpath = layer_dir / f"{lname}.toml"
         if not lpath.is_file():
+            known = ", ".join(sorted(p.stem for p in layer_dir.glob("*.toml")))
             src.fail("image", "layers", f"layer {lname!r} not found at {lpath}",
-                     hint=f"layers available: {', '.join(sorted(p.stem for p in layer_dir.glob('*.toml')))}")
+                     hint=f"layers available: {known}")
         layers.append(load_layer(lpath))
     if not layers:
         src.fail("image", "layers", "an image needs at least one layer")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import imgbase
 
-from ..errors import ImgbaseError, die
+from ..errors import die
 from ..progress import Progress
 from ..spec import ImageSpec
 from . import debpkg, postprocess
@@ -225,7 +225,8 @@ def _build(image: ImageSpec, backend: ComposerBackend, work: Path, cache: Path, 
         make_squashfs(tree, sq, image.compression, image.compression_level,
                       image.source_date_epoch)
         digest = sha256_file(sq)
-        info["detail"] = f"{sq.stat().st_size / 1e6:.0f} MB, {image.compression}-{image.compression_level}"
+        level = f"{image.compression}-{image.compression_level}"
+        info["detail"] = f"{sq.stat().st_size / 1e6:.0f} MB, {level}"
 
     manifest = {
         "schema_version": 1,
@@ -255,8 +256,8 @@ def _build(image: ImageSpec, backend: ComposerBackend, work: Path, cache: Path, 
 
 def explain_diff(a: Path, b: Path) -> list[str]:
     """Names of files whose metadata or contents differ between two squashfs images."""
-    from .chroot import remove_tree as _rm
     from ..run import run
+    from .chroot import remove_tree as _rm
 
     for p in (a, b):
         if not p.is_file():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import imgbase
@@ -91,13 +90,3 @@ def build_deb(outdir: Path, source_date_epoch: int) -> Path:
     shutil.rmtree(root)
     deb.chmod(0o644)
     return deb
-
-
-def main() -> None:  # pragma: no cover - manual use: python -m imgbase.compose.debpkg DIR
-    import sys
-    print(build_deb(Path(sys.argv[1]), int(os.environ.get("SOURCE_DATE_EPOCH", "1"))))
-    subprocess.run(["dpkg-deb", "-c", str(Path(sys.argv[1]) / f"imgbase_{imgbase.__version__}_all.deb")])
-
-
-if __name__ == "__main__":
-    main()

@@ -193,7 +193,8 @@ def check_boot_files(tree: Path, live: bool) -> list[str]:
     for kver in kernels:
         initrd = tree / "boot" / f"initrd.img-{kver}"
         if not initrd.exists():
-            raise ImgbaseError(f"kernel {kver} has no initramfs", hint="is initramfs-tools in a layer?")
+            raise ImgbaseError(f"kernel {kver} has no initramfs",
+                               hint="is initramfs-tools in a layer?")
         listing = chroot_run(tree, ["lsinitramfs", f"/boot/initrd.img-{kver}"])
         needed_files = ["dm-thin-pool.ko", "squashfs.ko", "overlay.ko", "bin/lvm"]
         if live:

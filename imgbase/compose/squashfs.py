@@ -11,8 +11,9 @@ from ..run import run
 def make_squashfs(tree: Path, out: Path, compression: str, level: int, epoch: int) -> None:
     # mksquashfs refuses SOURCE_DATE_EPOCH together with -mkfs-time: timestamps are
     # clamped in the tree beforehand and the creation time is given explicitly.
-    argv = ["env", "-u", "SOURCE_DATE_EPOCH", "mksquashfs", str(tree), str(out), "-noappend", "-no-progress", "-quiet",
-            "-comp", compression, "-mkfs-time", str(epoch), "-reproducible"]
+    argv = ["env", "-u", "SOURCE_DATE_EPOCH", "mksquashfs", str(tree), str(out),
+            "-noappend", "-no-progress", "-quiet", "-reproducible",
+            "-comp", compression, "-mkfs-time", str(epoch)]
     if compression in ("zstd", "gzip"):
         argv += ["-Xcompression-level", str(level)]
     run(argv)
