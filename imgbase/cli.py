@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +40,66 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 1 if names else 0
 
 
+def cmd_vm(args: argparse.Namespace) -> int:
+    from .vm import Guest, VmSpec, selfcheck_result
+
+    spec = VmSpec(
+        live=Path(args.live) if args.live else None,
+        disk=Path(args.disk) if args.disk else None,
+        snapshot=not args.write,
+        blank=tuple(args.blank),
+        attach=tuple(Path(a) for a in args.attach),
+        memory=args.memory,
+        cpus=args.cpus,
+        port=args.port,
+        serial_log=Path(args.serial_log) if args.serial_log else None,
+        cmdline=tuple(args.append),
+        selfcheck=args.selfcheck,
+    )
+    guest = Guest(spec)
+    if args.selfcheck:
+        guest.start()
+        try:
+            status = guest.wait_exit(args.timeout)
+            verdict = selfcheck_result(status)
+            for line in guest.serial_tail(400).splitlines():
+                if "IMGBASE-SELFCHECK" in line:
+                    print(line[line.index("IMGBASE-SELFCHECK"):])
+        finally:
+            guest.kill()
+        if verdict is None:
+            print(f"imgbase: error: the guest ended (qemu status {status}) without a "
+                  "self-check result (hint: see the serial log with --serial-log)",
+                  file=sys.stderr)
+            return 1
+        return 0 if verdict else 1
+    with guest:
+        if args.run is not None:
+            result = guest.run(args.run, check=False, timeout=args.timeout)
+            sys.stdout.write(result.stdout)
+            sys.stderr.write(result.stderr)
+            return result.rc
+        print(f"guest up on 127.0.0.1:{guest.port}; connect with: {guest.ssh_command()}")
+        print("Ctrl-C (or poweroff in the guest) ends it.", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            guest.wait_exit(timeout=10 * 365 * 86400)
+    return 0
+
+
+def cmd_selfcheck(args: argparse.Namespace) -> int:
+    from .selfcheck import main as selfcheck_main
+
+    return selfcheck_main(poweroff=args.poweroff)
+
+
+def cmd_ssh_credential(args: argparse.Namespace) -> int:
+    from .credentials import merge_authorized_keys
+
+    added = merge_authorized_keys(Path(args.file))
+    print(f"{added} SSH key(s) added for root")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgbase", description="Image-based hypervisor nodes on LVM thin pools.")
@@ -66,10 +128,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", metavar="B.squashfs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("vm", help="boot an image or disk in qemu (TCG) with SSH on 127.0.0.1",
+                       description="Boot a composed image live (--live) or an installed disk "
+                       "(--disk, through its own bootloader). SSH access is injected at boot as "
+                       "a system credential; the guest's SSH port is forwarded to 127.0.0.1.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--live", metavar="IMAGE.squashfs", help="boot this image live")
+    what.add_argument("--disk", metavar="DISK", help="boot this disk image (qcow2 or raw)")
+    p.add_argument("--write", action="store_true",
+                   help="--disk: write to the disk itself (default: a throw-away overlay)")
+    p.add_argument("--blank", action="append", default=[], metavar="SIZE",
+                   help="attach a blank qcow2 disk of this size (thrown away after)")
+    p.add_argument("--attach", action="append", default=[], metavar="FILE",
+                   help="attach an existing disk image (written in place)")
+    p.add_argument("--memory", type=int, default=2048, metavar="MiB")
+    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--port", type=int, help="SSH port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--serial-log", metavar="FILE", help="keep the serial console here")
+    p.add_argument("--append", action="append", default=[], metavar="KARG",
+                   help="extra kernel argument (live boot)")
+    p.add_argument("--timeout", type=float, default=900, metavar="S",
+                   help="limit for --run and --selfcheck (default 900)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--run", metavar="CMD",
+                     help="run CMD over SSH, power off, exit with its status")
+    how.add_argument("--selfcheck", action="store_true",
+                     help="boot with the image's self-check; exit 0 if it passes")
+    p.set_defaults(func=cmd_vm)
+
+    p = sub.add_parser("selfcheck", help="run the image's boot checks (inside a node)")
+    p.add_argument("--poweroff", action="store_true",
+                   help="then end the boot (qemu: result as its exit status)")
+    p.set_defaults(func=cmd_selfcheck)
+
+    p = sub.add_parser("ssh-credential",
+                       help="add root's SSH keys from a credential file (boot-time unit)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_ssh_credential)
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # Ctrl-C and SIGTERM both stop a command cleanly (also when started from a shell
+    # that set SIGINT to be ignored, as non-interactive shells do for background jobs).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,

@@ -1,0 +1,104 @@
+"""The boot self-check: the image's checks, run inside a booted node.
+
+``imgbase selfcheck`` prints one line per check and exits non-zero if any
+fails. With ``--poweroff`` (the imgbase-selfcheck unit, asked for on the kernel
+command line) it then ends the boot: under qemu with an ``isa-debug-exit``
+device the result becomes qemu's exit status (see imgbase.vm), elsewhere the
+node powers off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+DEBUG_EXIT_PORT = 0x501
+PASS_CODE, FAIL_CODE = 0x10, 0x11  # qemu exits with (code << 1) | 1: 33 and 35
+IMAGE_JSON = Path("/usr/lib/imgbase/image.json")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _sh(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def check_system_running() -> CheckResult:
+    proc = _sh(["systemctl", "is-system-running", "--wait"], timeout=600)
+    state = proc.stdout.strip()
+    if state == "running":
+        return CheckResult("system-running", True, state)
+    failed = _sh(["systemctl", "--failed", "--plain", "--no-legend"]).stdout.split("\n")
+    units = " ".join(line.split()[0] for line in failed if line.strip())
+    return CheckResult("system-running", False, f"{state}; failed units: {units or 'none'}")
+
+
+def check_libvirt() -> CheckResult:
+    proc = _sh(["virsh", "-c", "qemu:///system", "capabilities"], timeout=120)
+    ok = proc.returncode == 0 and "<domain type='qemu'" in proc.stdout
+    return CheckResult("libvirt", ok, "qemu domain type offered" if ok else proc.stderr.strip())
+
+
+def check_machine_id() -> CheckResult:
+    mid = Path("/etc/machine-id").read_text().strip()
+    return CheckResult("machine-id", len(mid) == 32, mid or "empty")
+
+
+def check_ssh_host_keys() -> CheckResult:
+    keys = sorted(p.name for p in Path("/etc/ssh").glob("ssh_host_*_key"))
+    return CheckResult("ssh-host-keys", bool(keys), " ".join(keys) or "none")
+
+
+def check_image() -> CheckResult:
+    try:
+        nvr = json.loads(IMAGE_JSON.read_text())["nvr"]
+    except (OSError, ValueError, KeyError) as exc:
+        return CheckResult("image", False, str(exc))
+    return CheckResult("image", True, nvr)
+
+
+CHECKS: list[Callable[[], CheckResult]] = [
+    check_system_running, check_image, check_machine_id, check_ssh_host_keys, check_libvirt,
+]
+
+
+def run_checks() -> list[CheckResult]:
+    results = []
+    for check in CHECKS:
+        try:
+            results.append(check())
+        except Exception as exc:  # a check that crashes has failed, with its reason
+            results.append(CheckResult(check.__name__.removeprefix("check_"), False, repr(exc)))
+    return results
+
+
+def end_boot(ok: bool) -> None:
+    """Tell qemu the result through isa-debug-exit; power off if nobody listens."""
+    try:
+        with open("/dev/port", "r+b", buffering=0) as port:
+            port.seek(DEBUG_EXIT_PORT)
+            port.write(bytes([PASS_CODE if ok else FAIL_CODE]))
+    except OSError:
+        pass
+    subprocess.run(["systemctl", "poweroff"], check=False)
+
+
+def main(poweroff: bool) -> int:
+    results = run_checks()
+    for r in results:
+        print(f"IMGBASE-SELFCHECK {r.name} {'ok' if r.ok else 'FAIL'} {r.detail}", flush=True)
+    ok = all(r.ok for r in results)
+    print(f"IMGBASE-SELFCHECK-RESULT {'pass' if ok else 'fail'}", flush=True)
+    if poweroff:
+        os.sync()
+        end_boot(ok)
+    return 0 if ok else 1

@@ -1,0 +1,389 @@
+"""Boot images in qemu (always TCG): a live squashfs or an installed disk.
+
+``Guest`` is the Python API behind ``imgbase vm`` and the test harness::
+
+    with Guest(VmSpec(live=Path("out/imgbase-node-1.0-1.squashfs"))) as g:
+        print(g.run("uname -r").stdout)
+
+SSH access is injected at boot as the ``ssh.authorized_keys.root`` system
+credential (SMBIOS type 11), never baked into the image. Networking is
+``-nic user,restrict=on`` with SSH forwarded to a free port on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .errors import ImgbaseError, die
+from .run import run
+from .selfcheck import FAIL_CODE, PASS_CODE
+
+QEMU = "qemu-system-x86_64"
+# paramiko logs every refused attempt while a guest boots; our errors say what matters
+logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+# qemu64: no SVM/VMX, so the guest sees a TCG-only host (libvirt offers domain type
+# qemu, not kvm). Not "max,-svm,-vmx": with it, this machine's qemu 7.2 TCG and the
+# Debian 6.1 kernel give every d_path() (mountinfo, /proc/*/cwd) as "xxx" names,
+# which breaks systemd's mount units and service sandboxing.
+CPU_MODEL = "qemu64"
+SSH_TIMEOUT = 300.0  # TCG boots take ~30 s here; allow for a loaded CI machine
+
+
+class GuestError(ImgbaseError):
+    """The guest failed: carries the tail of its serial console."""
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    live: Path | None = None  # boot this squashfs live (kernel/initrd taken from it)
+    disk: Path | None = None  # boot this disk through its own bootloader
+    snapshot: bool = True  # --disk: write to a throw-away qcow2 overlay, not the disk
+    blank: tuple[str, ...] = ()  # sizes of blank qcow2 disks, e.g. "20G"
+    attach: tuple[Path, ...] = ()  # existing disk images, written in place
+    memory: int = 2048  # MiB
+    cpus: int = 2
+    port: int | None = None  # SSH port on 127.0.0.1 (None: a free one)
+    serial_log: Path | None = None
+    cmdline: tuple[str, ...] = ()  # extra kernel arguments (live boot only)
+    credentials: tuple[tuple[str, str], ...] = ()  # extra system credentials
+    selfcheck: bool = False  # boot, run the image's self-check, power off
+    network: bool = True
+
+
+@dataclass
+class CommandResult:
+    command: str
+    rc: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class Guest:
+    spec: VmSpec
+    rundir: Path | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    port: int = field(default=0, init=False)
+    _ssh: Any = field(default=None, init=False)
+    _own_rundir: bool = field(default=False, init=False)
+
+    # -- lifecycle ------------------------------------------------------------
+    def __enter__(self) -> Guest:
+        self.start()
+        if not self.spec.selfcheck:
+            try:
+                self.wait_ssh()
+            except BaseException:
+                self.kill()
+                raise
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    @property
+    def serial_log(self) -> Path:
+        assert self.rundir is not None
+        return self.spec.serial_log or self.rundir / "serial.log"
+
+    @property
+    def key(self) -> Path:
+        assert self.rundir is not None
+        return self.rundir / "id_ed25519"
+
+    @property
+    def ssh_config(self) -> Path:
+        assert self.rundir is not None
+        return self.rundir / "ssh_config"
+
+    def ssh_command(self) -> str:
+        return f"ssh -F {self.ssh_config} guest"
+
+    def start(self) -> None:
+        preflight(self.spec)
+        if self.rundir is None:
+            self.rundir = Path(tempfile.mkdtemp(prefix="imgbase-vm."))
+            self._own_rundir = True
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        self.port = self.spec.port or free_port()
+        argv = self._qemu_argv()
+        (self.rundir / "qemu.argv").write_text("\n".join(argv) + "\n")
+        self.serial_log.parent.mkdir(parents=True, exist_ok=True)
+        self.serial_log.write_text("")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=open(self.rundir / "qemu.stderr", "wb"),  # noqa: SIM115
+                                     start_new_session=True)
+        (self.rundir / "qemu.pid").write_text(f"{self.proc.pid}\n")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ssh(self, timeout: float = SSH_TIMEOUT) -> float:
+        """Wait until SSH answers; return the seconds it took."""
+        import paramiko
+
+        t0 = time.monotonic()
+        last: Exception | None = None
+        while time.monotonic() - t0 < timeout:
+            if not self.alive():
+                raise self._failure("qemu exited before the guest answered on SSH")
+            client = paramiko.SSHClient()
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+            try:
+                client.connect("127.0.0.1", port=self.port, username="root",
+                               key_filename=str(self.key), timeout=5, banner_timeout=10,
+                               auth_timeout=10, look_for_keys=False, allow_agent=False)
+                self._ssh = client
+                return time.monotonic() - t0
+            except Exception as exc:  # not up yet: refused, reset, no banner, no key yet
+                last = exc
+                client.close()
+                time.sleep(1)
+        raise self._failure(f"the guest did not answer on SSH within {timeout:.0f} s "
+                            f"(last error: {last!r})")
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise self._failure(f"the guest did not power off within {timeout:.0f} s") from None
+
+    def stop(self, timeout: float = 60) -> None:
+        """Power the guest off (SSH), wait, then kill our qemu if it is still there."""
+        if self.alive() and self._ssh is not None:
+            with contextlib.suppress(Exception):
+                self._ssh.exec_command("systemctl poweroff", timeout=5)
+            try:
+                assert self.proc is not None
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        """Kill the qemu this Guest started (by pid, never by name)."""
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self._own_rundir and self.rundir is not None:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+            self._own_rundir = False
+
+    # -- using the guest ------------------------------------------------------
+    def run(self, command: str, *, check: bool = True, timeout: float = 600) -> CommandResult:
+        """Run a shell command as root in the guest; raise with its output on failure."""
+        if self._ssh is None:
+            raise ImgbaseError("the guest has no SSH connection")
+        _, out, err = self._ssh.exec_command(command, timeout=timeout)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+        rc = out.channel.recv_exit_status()
+        result = CommandResult(command, rc, stdout, stderr)
+        if check and rc != 0:
+            raise GuestError(f"in the guest, {command!r} exited {rc}: "
+                             f"{(stderr or stdout).strip()[-2000:]}")
+        return result
+
+    def host(self) -> Any:
+        """A testinfra host over SSH (paramiko backend)."""
+        import testinfra
+
+        return testinfra.get_host("paramiko://guest", ssh_config=str(self.ssh_config))
+
+    def serial_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.serial_log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+
+    def _failure(self, message: str) -> GuestError:
+        tail = self.serial_tail()
+        stderr = ""
+        if self.rundir and (self.rundir / "qemu.stderr").exists():
+            stderr = (self.rundir / "qemu.stderr").read_text(errors="replace").strip()
+        self.kill()
+        detail = f"{message}\n--- qemu stderr ---\n{stderr}\n" if stderr else f"{message}\n"
+        err = GuestError(detail + f"--- last serial lines ---\n{tail}",
+                         hint=f"the full serial log is {self.serial_log}")
+        err.message = message + (f": {stderr.splitlines()[-1]}" if stderr else "")
+        err.serial_tail = tail  # type: ignore[attr-defined]
+        return err
+
+    # -- qemu command line ----------------------------------------------------
+    def _qemu_argv(self) -> list[str]:
+        assert self.rundir is not None
+        s = self.spec
+        argv = [QEMU, "-accel", "tcg,thread=multi", "-cpu", CPU_MODEL,
+                "-smp", str(s.cpus), "-m", str(s.memory), "-no-reboot",
+                "-display", "none", "-monitor", "none", "-vga", "none",
+                "-serial", f"file:{self.serial_log}",
+                "-device", "isa-debug-exit,iobase=0x501,iosize=0x02"]
+        drives: list[str] = []
+        if s.live:
+            kernel, initrd = extract_boot_files(s.live, self.rundir)
+            cmdline = ["root=/dev/vda", "rootfstype=squashfs", "ro", "imgbase.live",
+                       "console=ttyS0,115200", "panic=-1", *s.cmdline]
+            if s.selfcheck:
+                cmdline.append("imgbase.selfcheck")
+            argv += ["-kernel", str(kernel), "-initrd", str(initrd),
+                     "-append", " ".join(cmdline)]
+            drives.append(f"file={s.live},format=raw,readonly=on")
+        if s.disk:
+            disk = s.disk.resolve()
+            if s.snapshot:
+                overlay = self.rundir / "disk-overlay.qcow2"
+                run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", image_format(disk),
+                     "-b", str(disk), str(overlay)])
+                disk = overlay
+            drives.append(f"file={disk},format={image_format(disk)},cache=unsafe,"
+                          "discard=unmap")
+        for i, size in enumerate(s.blank):
+            blank = self.rundir / f"blank{i}.qcow2"
+            run(["qemu-img", "create", "-q", "-f", "qcow2", str(blank), size])
+            drives.append(f"file={blank},format=qcow2,cache=unsafe,discard=unmap")
+        for path in s.attach:
+            drives.append(f"file={path.resolve()},format={image_format(path)},cache=unsafe,"
+                          "discard=unmap")
+        for i, drive in enumerate(drives):
+            boot = ",bootindex=0" if i == 0 and s.disk else ""
+            argv += ["-drive", f"{drive},if=none,id=d{i}",
+                     "-device", f"virtio-blk-pci,drive=d{i},serial=imgbase{i}{boot}"]
+        if s.network and not s.selfcheck:
+            argv += ["-nic", "user,restrict=on,model=virtio-net-pci,"
+                     f"hostfwd=tcp:127.0.0.1:{self.port}-:22"]
+        else:
+            argv += ["-nic", "none"]
+        creds = list(s.credentials)
+        if not s.selfcheck:
+            creds.append(("ssh.authorized_keys.root", self._make_key()))
+        elif s.disk:
+            creds.append(("imgbase.selfcheck", "1"))
+        for name, value in creds:
+            b64 = base64.b64encode(value.encode()).decode()
+            argv += ["-smbios", f"type=11,value=io.systemd.credential.binary:{name}={b64}"]
+        return argv
+
+    def _make_key(self) -> str:
+        if not self.key.exists():
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "imgbase-vm",
+                 "-f", str(self.key)])
+        self.ssh_config.write_text(
+            f"Host guest\n  HostName 127.0.0.1\n  Port {self.port}\n  User root\n"
+            f"  IdentityFile {self.key}\n  IdentitiesOnly yes\n"
+            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
+        return self.key.with_suffix(".pub").read_text()
+
+
+def selfcheck_result(exit_status: int) -> bool | None:
+    """qemu's exit status after a self-check boot: True pass, False fail, None no result."""
+    if exit_status == (PASS_CODE << 1) | 1:
+        return True
+    if exit_status == (FAIL_CODE << 1) | 1:
+        return False
+    return None
+
+
+# -- helpers ------------------------------------------------------------------
+
+def preflight(spec: VmSpec) -> None:
+    if shutil.which(QEMU) is None:
+        die(f"{QEMU} is not installed", hint="apt-get install qemu-system-x86 (or make setup)")
+    if shutil.which("qemu-img") is None:
+        die("qemu-img is not installed", hint="apt-get install qemu-utils (or make setup)")
+    if bool(spec.live) == bool(spec.disk):
+        die("give exactly one of --live IMAGE.squashfs or --disk DISK",
+            hint="imgbase vm --live out/imgbase-node-1.0-1.squashfs")
+    if spec.live:
+        check_squashfs(spec.live)
+    if spec.disk:
+        check_bootable_disk(spec.disk)
+    for path in spec.attach:
+        if not path.is_file():
+            die(f"{path}: no such disk image to attach", hint="create it with qemu-img create")
+    if spec.port is not None and not port_is_free(spec.port):
+        die(f"port {spec.port} on 127.0.0.1 is busy", hint="omit --port to pick a free one")
+
+
+def check_squashfs(path: Path) -> None:
+    if not path.is_file():
+        die(f"{path}: no such image", hint="compose one with: imgbase compose images/node.toml")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"hsqs":
+        die(f"{path} is not a squashfs image", hint="give the .squashfs written by imgbase compose")
+    proc = run(["unsquashfs", "-s", str(path)], check=False)
+    if proc.returncode != 0:
+        die(f"{path} is a corrupt squashfs: {(proc.stderr or proc.stdout).strip()[-200:]}",
+            hint="compose it again (imgbase compose --rebuild)")
+
+
+def image_format(path: Path) -> str:
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+
+
+def check_bootable_disk(path: Path) -> None:
+    """The disk must carry a boot sector (0x55AA) for the BIOS to boot it."""
+    if not path.is_file():
+        die(f"{path}: no such disk image", hint="install one with imgbase install")
+    with tempfile.TemporaryDirectory() as tmp:
+        sector = Path(tmp) / "mbr"
+        proc = run(["qemu-img", "dd", "-f", image_format(path), "-O", "raw", "bs=512",
+                    "count=1", f"if={path}", f"of={sector}"], check=False)
+        data = sector.read_bytes() if sector.exists() else b""
+    if proc.returncode != 0 or len(data) < 512 or data[510:512] != b"\x55\xaa":
+        die(f"{path} is not a bootable disk image (no boot sector)",
+            hint="boot an installed disk, or use --live for a squashfs image")
+
+
+def extract_boot_files(image: Path, dest: Path) -> tuple[Path, Path]:
+    """Kernel and initramfs of the newest kernel in the image's /boot."""
+    boot = dest / "live-boot"
+    if boot.exists():
+        shutil.rmtree(boot)
+    proc = run(["unsquashfs", "-q", "-n", "-d", str(boot), str(image), "/boot"], check=False)
+    kernels = sorted((boot / "boot").glob("vmlinuz-*")) if proc.returncode == 0 else []
+    if not kernels:
+        die(f"{image} has no kernel in /boot",
+            hint="is it a node image composed by imgbase? "
+            + (proc.stderr.strip()[-200:] if proc.returncode else ""))
+    kernel = kernels[-1]
+    initrd = kernel.with_name("initrd.img-" + kernel.name.removeprefix("vmlinuz-"))
+    if not initrd.exists():
+        die(f"{image}: kernel {kernel.name} has no initramfs", hint="compose the image again")
+    return kernel, initrd
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
