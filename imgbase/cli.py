@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, ImgbaseError
+from .errors import EXIT_INTERRUPTED, EXIT_NO_RESULT, ImgbaseError
 from .progress import Progress
 
 
@@ -61,17 +61,18 @@ def cmd_vm(args: argparse.Namespace) -> int:
         guest.start()
         try:
             status = guest.wait_exit(args.timeout)
-            verdict = selfcheck_result(status)
-            for line in guest.serial_tail(400).splitlines():
-                if "IMGBASE-SELFCHECK" in line:
-                    print(line[line.index("IMGBASE-SELFCHECK"):])
+            lines = [line[line.index("IMGBASE-SELFCHECK"):]
+                     for line in guest.serial_tail(1000).splitlines()
+                     if "IMGBASE-SELFCHECK" in line]
         finally:
             guest.kill()
+        print("\n".join(lines))
+        verdict = selfcheck_result(status)
         if verdict is None:
             print(f"imgbase: error: the guest ended (qemu status {status}) without a "
-                  "self-check result (hint: see the serial log with --serial-log)",
+                  "self-check result (hint: keep the console with --serial-log FILE)",
                   file=sys.stderr)
-            return 1
+            return EXIT_NO_RESULT
         return 0 if verdict else 1
     with guest:
         if args.run is not None:

@@ -8,6 +8,7 @@ from typing import NoReturn
 EXIT_OK = 0
 EXIT_FAILURE = 1  # an operation failed (a command, a build step)
 EXIT_USAGE = 2  # bad input: arguments, spec files, preconditions
+EXIT_NO_RESULT = 3  # a guest ended without giving the result asked for
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 

@@ -34,11 +34,11 @@ from .selfcheck import FAIL_CODE, PASS_CODE
 QEMU = "qemu-system-x86_64"
 # paramiko logs every refused attempt while a guest boots; our errors say what matters
 logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-# qemu64: no SVM/VMX, so the guest sees a TCG-only host (libvirt offers domain type
-# qemu, not kvm). Not "max,-svm,-vmx": with it, this machine's qemu 7.2 TCG and the
-# Debian 6.1 kernel give every d_path() (mountinfo, /proc/*/cwd) as "xxx" names,
-# which breaks systemd's mount units and service sandboxing.
-CPU_MODEL = "qemu64"
+# qemu64 without SVM: the guest sees a TCG-only host (no /dev/kvm; libvirt offers
+# domain type qemu only). Not "max,-svm[,-vmx]": with "max" minus SVM, this machine's
+# qemu 7.2 TCG and the Debian 6.1 kernel print every d_path() (mountinfo,
+# /proc/*/cwd) as "xxx" names, which breaks systemd's mount units and sandboxing.
+CPU_MODEL = "qemu64,-svm"
 SSH_TIMEOUT = 300.0  # TCG boots take ~30 s here; allow for a loaded CI machine
 
 
