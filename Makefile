@@ -9,7 +9,9 @@ APT_PACKAGES := mmdebstrap squashfs-tools qemu-system-x86 qemu-utils dpkg-dev e2
 IMAGE ?= images/node.toml
 OUT ?= out
 
-.PHONY: setup image test test-quick test-slow lint bench clean
+NVR := imgbase-node-1.0-1
+
+.PHONY: setup image compose boot test test-quick test-slow lint bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -25,8 +27,16 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,dev]'
 	touch $@
 
-image: setup
+# the main job: compose the default node image, then boot it in qemu and run its self-check
+image: compose
+	$(BIN)/imgbase vm --live $(OUT)/$(NVR).squashfs --selfcheck --serial-log $(OUT)/$(NVR).selfcheck.log
+
+compose: setup
 	$(BIN)/imgbase compose $(IMAGE) -o $(OUT)
+
+# boot the image and keep it up; prints the ssh command (Ctrl-C ends it)
+boot: compose
+	$(BIN)/imgbase vm --live $(OUT)/$(NVR).squashfs
 
 # the whole suite: unit tests, doctests, real composes and (later) qemu guests
 test: setup
