@@ -21,10 +21,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import imgbase
-
 from ..errors import die
 from ..progress import Progress
+from ..run import run
 from ..spec import ImageSpec
 from . import debpkg, postprocess
 from .backend import BuildContext, ComposerBackend
@@ -229,20 +228,9 @@ def _build(image: ImageSpec, backend: ComposerBackend, work: Path, cache: Path, 
         info["detail"] = f"{sq.stat().st_size / 1e6:.0f} MB, {level}"
 
     manifest = {
-        "schema_version": 1,
-        "nvr": nvr,
-        "name": image.name,
-        "version": image.version,
-        "release": image.release,
-        "distro": image.distro,
-        "suite": image.suite,
-        "architecture": image.architecture,
+        **postprocess.identity(image, key),
         "backend": backend.name,
-        "imgbase_version": imgbase.__version__,
-        "source_date_epoch": image.source_date_epoch,
-        "inputs_digest": key,
         "kernels": kernels,
-        "kernel_args": list(image.kernel_args),
         "layers": [{"name": layer.name, "digest": layer.digest(),
                     "packages": list(layer.packages)} for layer in image.layers],
         "packages": [asdict(p) for p in packages],
@@ -256,9 +244,6 @@ def _build(image: ImageSpec, backend: ComposerBackend, work: Path, cache: Path, 
 
 def explain_diff(a: Path, b: Path) -> list[str]:
     """Names of files whose metadata or contents differ between two squashfs images."""
-    from ..run import run
-    from .chroot import remove_tree as _rm
-
     for p in (a, b):
         if not p.is_file():
             die(f"{p}: no such image", hint="give two .squashfs files")
@@ -273,7 +258,7 @@ def explain_diff(a: Path, b: Path) -> list[str]:
         la, lb = listings
         return sorted(k for k in la.keys() | lb.keys() if la.get(k) != lb.get(k))
     finally:
-        _rm(base)
+        remove_tree(base)
 
 
 def _catalog(root: Path) -> dict[str, tuple[object, ...]]:

@@ -75,8 +75,9 @@ def apply_services(tree: Path, layer: LayerSpec) -> None:
                     f"{exc.message}", hint=f"check the unit names in {layer.path}") from exc
 
 
-def write_image_json(tree: Path, image: ImageSpec, inputs_digest: str) -> dict[str, object]:
-    info: dict[str, object] = {
+def identity(image: ImageSpec, inputs_digest: str) -> dict[str, object]:
+    """What names an image and how it was made: shared by image.json and the manifest."""
+    return {
         "schema_version": 1,
         "nvr": str(image.nvr),
         "name": image.name,
@@ -85,12 +86,16 @@ def write_image_json(tree: Path, image: ImageSpec, inputs_digest: str) -> dict[s
         "distro": image.distro,
         "suite": image.suite,
         "architecture": image.architecture,
-        "layers": [layer.name for layer in image.layers],
         "kernel_args": list(image.kernel_args),
         "source_date_epoch": image.source_date_epoch,
         "inputs_digest": inputs_digest,
         "imgbase_version": imgbase.__version__,
     }
+
+
+def write_image_json(tree: Path, image: ImageSpec, inputs_digest: str) -> dict[str, object]:
+    info = identity(image, inputs_digest)
+    info["layers"] = [layer.name for layer in image.layers]
     path = tree / IMAGE_JSON
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
