@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -127,7 +128,7 @@ class Guest:
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL,
                                      stderr=open(self.rundir / "qemu.stderr", "wb"),  # noqa: SIM115
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         (self.rundir / "qemu.pid").write_text(f"{self.proc.pid}\n")
 
     def alive(self) -> bool:
@@ -304,6 +305,12 @@ def selfcheck_result(exit_status: int) -> bool | None:
 
 
 # -- helpers ------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """In the qemu child: get SIGKILL when imgbase dies, however it dies (no strays)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
 
 def preflight(spec: VmSpec) -> None:
     if shutil.which(QEMU) is None:

@@ -107,3 +107,25 @@ def test_guest_whose_kernel_panics_fails_fast(node_image: Path, tmp_path: Path) 
     assert "qemu exited before the guest answered on SSH" in proc.stderr
     assert "Kernel panic" in (tmp_path / "serial.log").read_text(errors="replace")
     assert not our_qemus(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_qemu_dies_with_a_killed_imgbase(node_image: Path, tmp_path: Path) -> None:
+    """Even SIGKILL of `imgbase vm` (no cleanup possible) leaves no qemu behind."""
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "imgbase", "vm", "--live", str(node_image),
+                             "--serial-log", str(tmp_path / "serial.log")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not our_qemus(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert our_qemus(tmp_path), "qemu did not start"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while our_qemus(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not our_qemus(tmp_path)
