@@ -101,6 +101,22 @@ def cmd_ssh_credential(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from . import install
+
+    facts = install.gather_facts(args.disk, args.image, volumes=args.volumes,
+                                 pool_size=args.pool_size, wipe=args.wipe)
+    steps = install.plan_install(facts)
+    if args.json and args.dry_run:
+        print(install.steps_json(steps))
+        return 0
+    if args.dry_run:
+        print("\n".join(step.describe() for step in steps))
+        return 0
+    install.apply(steps, Progress(json_lines=args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgbase", description="Image-based hypervisor nodes on LVM thin pools.")
@@ -157,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--selfcheck", action="store_true",
                      help="boot with the image's self-check; exit 0 if it passes")
     p.set_defaults(func=cmd_vm)
+
+    p = sub.add_parser("install", help="install a node onto a disk (no anaconda)",
+                       description="Partition DISK, create the VG, thin pool, the image's base "
+                       "and first layer, the volumes, and a bootloader. In the live environment "
+                       "IMAGE defaults to the running image.")
+    p.add_argument("--disk", required=True, help="the whole disk, e.g. /dev/vdb")
+    p.add_argument("image", nargs="?", metavar="IMAGE.squashfs")
+    p.add_argument("--volumes", choices=["minimal", "nist"], default="minimal")
+    p.add_argument("--pool-size", help="thin pool size, e.g. 20G (default: 90%% of the VG)")
+    p.add_argument("--wipe", action="store_true", help="install over an existing node/LVM")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_install)
 
     p = sub.add_parser("selfcheck", help="run the image's boot checks (inside a node)")
     p.add_argument("--poweroff", action="store_true",

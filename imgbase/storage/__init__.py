@@ -1,0 +1,1 @@
+"""Storage on the node: LVM thin pool, bases, layers and volumes."""
