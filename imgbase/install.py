@@ -221,8 +221,8 @@ def _image_info(image: str) -> dict[str, Any]:
             hint="install an image made by imgbase compose")
     info: dict[str, Any] = json.loads(proc.stdout)
     listing = run(["unsquashfs", "-l", "-d", "", image, "boot"]).stdout.split()
-    kernels = sorted(p.removeprefix("boot/vmlinuz-") for p in listing
-                     if p.startswith("boot/vmlinuz-"))
+    kernels = sorted(p.removeprefix("/boot/vmlinuz-") for p in listing
+                     if p.startswith("/boot/vmlinuz-"))
     if not kernels:
         die(f"{image} has no kernel in /boot", hint="compose the image with a kernel package")
     info["kernel"] = kernels[-1]
