@@ -117,6 +117,26 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import collect, render
+
+    status = collect()
+    print(json.dumps(status, indent=2) if args.json else render(status))
+    return 0
+
+
+def cmd_w(args: argparse.Namespace) -> int:
+    from .status import collect
+
+    booted = collect()["booted_layer"]
+    if booted is None:
+        print("imgbase: error: the running root is not an imgbase layer "
+              "(hint: imgbase status shows the layers)", file=sys.stderr)
+        return 1
+    print(booted)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgbase", description="Image-based hypervisor nodes on LVM thin pools.")
@@ -186,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("status", help="bases, layers, pool and volumes of this node",
+                       description="Show the node's bases and layers (booted, default and "
+                       "next-boot marks), pool usage and volumes; --json is the machine "
+                       "interface (docs/status.schema.json).")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("w", help="name the booted layer")
+    p.set_defaults(func=cmd_w)
 
     p = sub.add_parser("selfcheck", help="run the image's boot checks (inside a node)")
     p.add_argument("--poweroff", action="store_true",

@@ -10,9 +10,11 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from imgbase.vm import Guest, VmSpec
+from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
@@ -25,6 +27,8 @@ def installed_disk(node_image: Path, tmp_path_factory: pytest.TempPathFactory) -
     disk = work / "node.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "20G"], check=True)
     with Guest(VmSpec(live=node_image, attach=(disk,)), rundir=work / "installer") as guest:
+        not_yet = guest.run("imgbase status --json", check=False)
+        assert not_yet.rc == 2 and "this is not an imgbase node" in not_yet.stderr
         dry = guest.run("imgbase install --disk /dev/vdb --dry-run --json").stdout
         assert [s["name"] for s in json.loads(dry)][:2] == ["wipe", "partition"]
         guest.run("imgbase install --disk /dev/vdb --json", timeout=1200)
@@ -60,3 +64,11 @@ def test_disk_boots_from_the_layer(installed_disk: Path, boot: Callable[..., Gue
     assert "imgbase:volume" in lvs["var"]["lv_tags"]
     assert host.file("/var/lib/dpkg/status").exists  # package db reachable through /var
     assert host.check_output("imgbase --version").startswith("imgbase ")
+
+    status = json.loads(host.check_output("imgbase status --json"))
+    schema = json.loads((ROOT / "docs/status.schema.json").read_text())
+    jsonschema.validate(status, schema)
+    assert status["booted_layer"] == status["default_layer"] == f"{NVR}+1"
+    assert status["bases"][0]["name"] == NVR and status["bases"][0]["read_only"] is True
+    assert [v["name"] for v in status["volumes"]] == ["var"]
+    assert host.check_output("imgbase w") == f"{NVR}+1"

@@ -1,0 +1,37 @@
+"""The documented status schema accepts a real status and rejects a broken one."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from tests.conftest import ROOT
+
+SCHEMA = json.loads((ROOT / "docs/status.schema.json").read_text())
+GOOD = {
+    "schema_version": 1, "vg": "imgbase", "booted_layer": "n-1-1+1", "default_layer": "n-1-1+1",
+    "next_boot_layer": None, "vg_free": 0,
+    "bases": [{"name": "n-1-1", "read_only": True, "active": False, "activation_skip": True,
+               "size": 1, "layers": ["n-1-1+1"]}],
+    "layers": [{"name": "n-1-1+1", "base": "n-1-1", "active": True, "booted": True,
+                "default": True, "next_boot": False, "data_percent": 1.5, "size": 1}],
+    "pool": {"name": "pool", "size": 1, "data_percent": 5.0, "metadata_percent": 1.0},
+    "volumes": [{"name": "var", "size": 1, "data_percent": None}],
+}
+
+
+def test_schema_accepts_a_status() -> None:
+    jsonschema.validate(GOOD, SCHEMA)
+
+
+@pytest.mark.parametrize("broken", [
+    {**GOOD, "schema_version": 2},
+    {**GOOD, "extra": 1},
+    {k: v for k, v in GOOD.items() if k != "booted_layer"},
+    {**GOOD, "layers": [{**GOOD["layers"][0], "name": "no-index"}]},  # type: ignore[dict-item]
+])
+def test_schema_rejects_broken_status(broken: dict[str, object]) -> None:
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, SCHEMA)
