@@ -9,12 +9,14 @@ node powers off.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
 import os
 import platform
 import subprocess
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +124,29 @@ def end_boot(ok: bool) -> None:
     subprocess.run(["systemctl", "poweroff"], check=False)
 
 
+def report_to_console(lines: list[str]) -> None:
+    """Write straight to the console and wait until it is sent: qemu exits the moment
+    the result reaches isa-debug-exit, and output still queued in journald or the tty
+    would be lost from the serial log."""
+    try:
+        with open("/dev/console", "w") as console:
+            console.write("\n".join(lines) + "\n")
+            console.flush()
+            with contextlib.suppress(termios.error):
+                termios.tcdrain(console.fileno())
+    except OSError:
+        pass
+
+
 def main(poweroff: bool) -> int:
     results = run_checks()
-    for r in results:
-        print(f"IMGBASE-SELFCHECK {r.name} {'ok' if r.ok else 'FAIL'} {r.detail}", flush=True)
+    lines = [f"IMGBASE-SELFCHECK {r.name} {'ok' if r.ok else 'FAIL'} {r.detail}"
+             for r in results]
     ok = all(r.ok for r in results)
-    print(f"IMGBASE-SELFCHECK-RESULT {'pass' if ok else 'fail'}", flush=True)
+    lines.append(f"IMGBASE-SELFCHECK-RESULT {'pass' if ok else 'fail'}")
+    print("\n".join(lines), flush=True)
     if poweroff:
+        report_to_console(lines)
         os.sync()
         end_boot(ok)
     return 0 if ok else 1
