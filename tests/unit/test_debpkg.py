@@ -26,8 +26,10 @@ def test_deb_carries_code_commands_and_boot_assets(tmp_path: Path) -> None:
 
 
 def test_deb_is_reproducible(tmp_path: Path) -> None:
-    a = debpkg.build_deb(tmp_path / "a" if (tmp_path / "a").mkdir() is None else tmp_path, 1)
-    b = debpkg.build_deb(tmp_path / "b" if (tmp_path / "b").mkdir() is None else tmp_path, 1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = debpkg.build_deb(tmp_path / "a", 1)
+    b = debpkg.build_deb(tmp_path / "b", 1)
     assert a.read_bytes() == b.read_bytes()
 
 
