@@ -159,8 +159,7 @@ def tree_digest(root: Path) -> str:
 
 def load_layer(path: Path) -> LayerSpec:
     src = _Source(path)
-    top = _Table(src, "", src.data, {"layer", "services"})
-    del top
+    _Table(src, "", src.data, {"layer", "services"})  # rejects unknown top-level tables
     if "layer" not in src.data:
         die(f"{path}:1: a layer file needs a [layer] table", hint="see docs/layers.md")
     t = _Table(src, "layer", src.data["layer"],
