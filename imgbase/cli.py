@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, EXIT_NO_RESULT, ImgbaseError
+from .errors import EXIT_INTERRUPTED, EXIT_NO_RESULT, ImgbaseError, die
+from .plan import JOURNAL, Plan, execute
 from .progress import Progress
 
 
@@ -101,20 +102,92 @@ def cmd_ssh_credential(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply(plan: Plan, args: argparse.Namespace, journal: Path | None = JOURNAL) -> int:
+    """--dry-run prints the plan (--json: as JSON); otherwise run it, journaled."""
+    if args.dry_run:
+        print(plan.to_json() if args.json else plan.describe())
+        return 0
+    execute(plan, Progress(json_lines=args.json), journal=journal)
+    return 0
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from . import install
 
     facts = install.gather_facts(args.disk, args.image, volumes=args.volumes,
-                                 pool_size=args.pool_size, wipe=args.wipe)
-    steps = install.plan_install(facts)
-    if args.json and args.dry_run:
-        print(install.steps_json(steps))
-        return 0
-    if args.dry_run:
-        print("\n".join(step.describe() for step in steps))
-        return 0
-    install.apply(steps, Progress(json_lines=args.json))
+                                 pool_size=args.pool_size, wipe=args.wipe, vg=args.vg)
+    return _apply(install.plan_install(facts), args, journal=install.JOURNAL)
+
+
+def cmd_layout(args: argparse.Namespace) -> int:
+    from . import adopt
+
+    facts = adopt.gather_facts(args.root, args.nvr)
+    return _apply(adopt.plan_adopt(facts), args)
+
+
+def _names(status: dict[str, object], key: str) -> list[dict[str, object]]:
+    items = status[key]
+    assert isinstance(items, list)
+    return items
+
+
+def cmd_base(args: argparse.Namespace) -> int:
+    from . import admin
+    from .install import _image_info, parse_size
+    from .status import NodeFacts, collect
+
+    facts = NodeFacts.gather()
+    if args.add:
+        if not Path(args.add).is_file():
+            die(f"{args.add}: no such image", hint="give the .squashfs made by imgbase compose")
+        parse_size(args.size)
+        nvr = args.nvr or _image_info(args.add)["nvr"]
+        return _apply(admin.plan_base_add(facts, args.add, nvr, args.size), args)
+    if args.remove:
+        return _apply(admin.plan_base_remove(facts, args.remove), args)
+    bases = _names(collect(facts), "bases")
+    print(json.dumps(bases, indent=2) if args.json else "\n".join(str(b["name"]) for b in bases))
     return 0
+
+
+def cmd_layer(args: argparse.Namespace) -> int:
+    from . import admin
+    from .status import NodeFacts, collect
+
+    facts = NodeFacts.gather()
+    if args.add is not None:
+        fstab = Path("/etc/fstab").read_text()
+        return _apply(admin.plan_layer_add(facts, args.add or None, fstab), args)
+    if args.remove:
+        return _apply(admin.plan_layer_remove(facts, args.remove), args)
+    layers = _names(collect(facts), "layers")
+    print(json.dumps(layers, indent=2) if args.json
+          else "\n".join(str(la["name"]) for la in layers))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import check
+
+    limits = check.load_limits(pool_data_max=args.pool_data_max,
+                               pool_metadata_max=args.pool_metadata_max)
+    results = check.run_checks(check.gather(limits))
+    print(json.dumps(check.report(results), indent=2) if args.json else check.render(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from . import recover
+    from .plan import read_journal
+    from .status import NodeFacts
+
+    journal = read_journal()
+    what = recover.interrupted(journal)
+    plan = recover.plan_recover(NodeFacts.gather(), recover.work_mounts(), journal)
+    if not args.json:
+        print(f"interrupted: {what}" if what else "no interrupted operation in the journal")
+    return _apply(plan, args, journal=None)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -200,12 +273,61 @@ def build_parser() -> argparse.ArgumentParser:
                        "IMAGE defaults to the running image.")
     p.add_argument("--disk", required=True, help="the whole disk, e.g. /dev/vdb")
     p.add_argument("image", nargs="?", metavar="IMAGE.squashfs")
-    p.add_argument("--volumes", choices=["minimal", "nist"], default="minimal")
+    p.add_argument("--volumes", choices=["minimal", "nist"], default="minimal",
+                   help="minimal: /var; nist: also /var/log, /var/log/audit, /var/crash, "
+                   "/var/tmp, /home, /tmp")
     p.add_argument("--pool-size", help="thin pool size, e.g. 20G (default: 90%% of the VG)")
+    p.add_argument("--vg", default="imgbase", help="volume group name (default: imgbase)")
     p.add_argument("--wipe", action="store_true", help="install over an existing node/LVM")
-    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    p.add_argument("--json", action="store_true")
+    _plan_args(p)
     p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("layout", help="adopt an anaconda thin-LVM install (kickstart %%post)",
+                       description="Turn the root LV of an anaconda install (autopart "
+                       "--type=thinp, liveimg) into a read-only base and a first layer, move "
+                       "/var to its own volume and make the layer the default boot entry.")
+    p.add_argument("--init", action="store_true", required=True)
+    p.add_argument("--from", dest="root", default="/", metavar="ROOT",
+                   help="root of the installed system (default: /, as in %%post)")
+    p.add_argument("--nvr", help="name the base (default: the image's NVR)")
+    _plan_args(p)
+    p.set_defaults(func=cmd_layout)
+
+    for noun, about in (("base", "bases (one per image version)"),
+                        ("layer", "layers (writable snapshots of a base)")):
+        p = sub.add_parser(noun, help=f"list, add or remove {about}")
+        how = p.add_mutually_exclusive_group()
+        how.add_argument("--list", action="store_true", help="the default")
+        if noun == "base":
+            how.add_argument("--add", metavar="IMAGE.squashfs", help="a new base from an image")
+            p.add_argument("--nvr", help="--add: name of the base (default: the image's NVR)")
+            p.add_argument("--size", default="8G", help="--add: size of the base (default 8G)")
+            how.add_argument("--remove", metavar="NVR",
+                             help="a base and its layers (never the booted one's)")
+        else:
+            how.add_argument("--add", nargs="?", const="", metavar="BASE",
+                             help="a new layer on BASE (default: the booted layer's base)")
+            how.add_argument("--remove", metavar="LAYER",
+                             help="a layer (never the booted or the default one)")
+        _plan_args(p)
+        p.set_defaults(func=cmd_base if noun == "base" else cmd_layer)
+
+    p = sub.add_parser("check", help="storage and boot health; exit 1 if a check fails",
+                       description="Check the VG, pool, bases and layers, pool use against "
+                       "limits (/etc/imgbase/imgbase.toml [check], default 80%%), pool "
+                       "autoextend, /var on its own volume, discard, and one boot entry per "
+                       "layer.")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--pool-data-max", type=float, metavar="PCT")
+    p.add_argument("--pool-metadata-max", type=float, metavar="PCT")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("recover", help="remove what an interrupted operation left",
+                       description="Unmount and remove what an interrupted operation left: "
+                       "half-made LVs, layers without a boot entry, boot entries without a "
+                       "layer, retired LVs. Never the booted layer or its base.")
+    _plan_args(p)
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("status", help="bases, layers, pool and volumes of this node",
                        description="Show the node's bases and layers (booted, default and "
@@ -227,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=cmd_ssh_credential)
     return parser
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--json", action="store_true",
+                   help="with --dry-run: the plan as JSON; else JSON progress events")
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -1,8 +1,8 @@
 """`imgbase install`: a node onto a blank disk, without anaconda.
 
-Plan, then apply: ``plan_install`` is pure (facts in, steps out) and is what
-``--dry-run`` prints and ``--json`` emits; ``apply`` runs the steps through the
-one runner, reporting each as a progress event.
+Plan, then apply: ``gather_facts`` checks the disk and image (refusing before
+anything is written), ``plan_install`` is pure (facts in, steps out) and is what
+``--dry-run`` prints and ``--json`` emits; ``plan.execute`` runs it.
 
 Disk layout (GPT): 1 BIOS boot (1 MiB), 2 reserved for an ESP (256 MiB, left
 unformatted for grub-efi), 3 /boot (ext4, 1 GiB), 4 LVM PV. The volume group
@@ -16,20 +16,32 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ImgbaseError, die
+from . import bootloader
+from .errors import die
 from .naming import Layer, Nvr
-from .progress import Progress
+from .plan import Plan, Step
 from .run import run
-from .storage.lvm import TAG_BASE, TAG_LAYER, TAG_POOL, TAG_VG, TAG_VOLUME
+from .storage.layout import (
+    THIN_PROFILE,
+    base_from_image_steps,
+    layer_create_steps,
+    layer_finish_steps,
+    rewrite_fstab,
+    volume_steps,
+)
+from .storage.lvm import TAG_POOL, TAG_VG
 
 GIB = 1 << 30
 MIN_DISK = 8 * GIB
+RESERVED = 1282 * (1 << 20)  # partitions 1-3 and the GPT
 WORK = Path("/run/imgbase/install")
+JOURNAL = Path("/run/imgbase/install.journal")  # the live environment: /run
 VOLUME_PROFILES: dict[str, list[tuple[str, str, str]]] = {
     # (mount point, LV name, size)
     "minimal": [("/var", "var", "4G")],
@@ -37,19 +49,6 @@ VOLUME_PROFILES: dict[str, list[tuple[str, str, str]]] = {
              ("/var/log/audit", "var_log_audit", "1G"), ("/var/crash", "var_crash", "2G"),
              ("/var/tmp", "var_tmp", "1G"), ("/home", "home", "1G"), ("/tmp", "tmp", "1G")],
 }
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    argv: tuple[str, ...] = ()
-    write: tuple[str, str] | None = None  # (path, content)
-    note: str = ""
-
-    def describe(self) -> str:
-        if self.write:
-            return f"{self.name}: write {self.write[0]}"
-        return f"{self.name}: {' '.join(self.argv)}"
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,7 @@ class InstallFacts:
     pool_size: str | None = None  # e.g. "20G"; default 90% of the free space
     base_size: str = "8G"
     grub_target: str = "i386-pc"
+    wipe_vgs: tuple[str, ...] = ()  # volume groups on the disk that --wipe removes first
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -77,14 +77,16 @@ def partition(disk: str, n: int) -> str:
     return f"{disk}{'p' if disk[-1].isdigit() else ''}{n}"
 
 
-def plan_install(f: InstallFacts) -> list[Step]:
+def plan_install(f: InstallFacts) -> Plan:
     """Every step of an install, in order; pure."""
-    nvr = Nvr.parse(f.nvr)
-    layer = str(Layer(nvr, 1))
+    nvr = str(Nvr.parse(f.nvr))
+    layer = str(Layer(Nvr.parse(nvr), 1))
     vg, boot_part, pv = f.vg, partition(f.disk, 3), partition(f.disk, 4)
     base_mnt, root_mnt, boot_mnt = WORK / "base", WORK / "root", WORK / "boot"
     pool = ["-L", f.pool_size] if f.pool_size else ["-l", "90%FREE"]
     steps = [
+        *(Step(f"deactivate-{old}", ("vgchange", "-an", old)) for old in f.wipe_vgs),
+        *(Step(f"remove-vg-{old}", ("vgremove", "-ff", "-y", old)) for old in f.wipe_vgs),
         Step("wipe", ("wipefs", "--all", "--force", f.disk)),
         Step("partition", ("sgdisk", "--zap-all", "-n1:1M:+1M", "-t1:EF02", "-c1:bios",
                            "-n2:0:+256M", "-t2:EF00", "-c2:esp", "-n3:0:+1G", "-t3:8300",
@@ -94,75 +96,32 @@ def plan_install(f: InstallFacts) -> list[Step]:
         Step("pv", ("pvcreate", "-ff", "-y", pv)),
         Step("vg", ("vgcreate", "-y", "--addtag", TAG_VG, vg, pv)),
         Step("pool", ("lvcreate", "-y", "--type", "thin-pool", *pool, "--addtag", TAG_POOL,
-                      "-n", "pool", vg)),
-        Step("base", ("lvcreate", "-y", "-V", f.base_size, "-T", f"{vg}/pool", "-n", str(nvr),
-                      "--addtag", TAG_BASE)),
-        Step("mkfs-base", ("mkfs.ext4", "-q", "-E", "nodiscard", f"/dev/{vg}/{nvr}")),
-        Step("mkdir", ("mkdir", "-p", str(base_mnt), str(root_mnt), str(boot_mnt))),
-        Step("mount-base", ("mount", f"/dev/{vg}/{nvr}", str(base_mnt))),
-        Step("unpack", ("unsquashfs", "-q", "-n", "-f", "-d", str(base_mnt), f.image)),
-        Step("umount-base", ("umount", str(base_mnt))),
-        Step("base-readonly", ("lvchange", "-y", "--permission", "r",
-                               "--setactivationskip", "y", f"{vg}/{nvr}")),
-        Step("layer", ("lvcreate", "-y", "-s", "-kn", "-prw", "--addtag", TAG_LAYER,
-                       "-n", layer, f"{vg}/{nvr}")),
-        Step("layer-activate", ("lvchange", "-ay", "-K", f"{vg}/{layer}")),
-        Step("layer-fsck", ("e2fsck", "-fy", f"/dev/{vg}/{layer}")),
-        Step("layer-uuid", ("tune2fs", "-U", "random", f"/dev/{vg}/{layer}"),
-             note="a fresh filesystem UUID for each layer"),
-        Step("mount-layer", ("mount", "-o", "discard", f"/dev/{vg}/{layer}", str(root_mnt))),
+                      "--metadataprofile", THIN_PROFILE, "-n", "pool", vg)),
+        *base_from_image_steps(vg, nvr, f.image, f.base_size, base_mnt),
     ]
-    fstab = [f"/dev/{vg}/{layer} / ext4 defaults,discard 0 1",
-             "LABEL=boot /boot ext4 defaults 0 2"]
+    volumes = [(mp, f"/dev/{vg}/{lv}") for mp, lv, _ in VOLUME_PROFILES[f.volumes]]
+    fstab = rewrite_fstab("LABEL=boot /boot ext4 defaults 0 2\n", f"/dev/{vg}/{layer}", volumes)
+    steps += layer_create_steps(vg, nvr, layer, root_mnt, fstab)
     for mountpoint, lv, size in VOLUME_PROFILES[f.volumes]:
-        dev, mnt = f"/dev/{vg}/{lv}", WORK / f"vol-{lv}"
-        steps += [
-            Step(f"volume-{lv}", ("lvcreate", "-y", "-V", size, "-T", f"{vg}/pool", "-n", lv,
-                                  "--addtag", TAG_VOLUME)),
-            Step(f"mkfs-{lv}", ("mkfs.ext4", "-q", "-E", "nodiscard", dev)),
-            Step(f"fill-{lv}", ("sh", "-c", f'mkdir -p "{mnt}" && mount "{dev}" "{mnt}" && '
-                                f'cp -a "{root_mnt}{mountpoint}/." "{mnt}/" 2>/dev/null; '
-                                f'umount "{mnt}"')),
-        ]
-        fstab.append(f"{dev} {mountpoint} ext4 defaults,discard 0 2")
+        steps += volume_steps(vg, lv, mountpoint, size, root_mnt / mountpoint.lstrip("/"),
+                              WORK / f"vol-{lv}")
     kargs = " ".join(["rw", *f.kernel_args])
     steps += [
-        Step("fstab", write=(f"{root_mnt}/etc/fstab", "\n".join(fstab) + "\n")),
-        Step("mount-boot", ("mount", boot_part, str(boot_mnt))),
-        Step("kernel", ("install", "-D", "-m", "0644", f"{root_mnt}/boot/vmlinuz-{f.kernel}",
-                        f"{boot_mnt}/{layer}/vmlinuz")),
-        Step("initrd", ("install", "-D", "-m", "0644", f"{root_mnt}/boot/initrd.img-{f.kernel}",
-                        f"{boot_mnt}/{layer}/initrd.img")),
+        Step("mount-boot", ("sh", "-c", 'mkdir -p "$2" && mount "$1" "$2"', "mount", boot_part,
+                            str(boot_mnt))),
         Step("grub-install", ("grub-install", f"--target={f.grub_target}",
                               f"--boot-directory={boot_mnt}", f.disk)),
-        Step("grub-cfg", write=(f"{boot_mnt}/grub/grub.cfg", grub_cfg(layer))),
-        Step("grub-entries", write=(f"{boot_mnt}/grub/imgbase-entries.cfg",
-                                    grub_entry(layer, f"/dev/{vg}/{layer}", kargs))),
-        Step("grub-default", ("grub-editenv", f"{boot_mnt}/grub/grubenv", "set",
-                              f"saved_entry={layer}")),
-        Step("umount", ("umount", str(boot_mnt), str(root_mnt))),
+        Step("grub-cfg", write=(f"{boot_mnt}/grub/grub.cfg", bootloader.grub_cfg(layer))),
+        *bootloader.add_entry_steps(boot_mnt, layer, f"/dev/{vg}/{layer}", kargs,
+                                    root_mnt / f"boot/vmlinuz-{f.kernel}",
+                                    root_mnt / f"boot/initrd.img-{f.kernel}", {}),
+        bootloader.set_default_step(boot_mnt, layer),
+        Step("umount-boot", ("umount", str(boot_mnt))),
+        *layer_finish_steps(vg, layer, root_mnt),
         Step("deactivate", ("vgchange", "-an", vg)),
     ]
-    return steps
-
-
-def grub_cfg(default: str) -> str:
-    return (
-        "# imgbase: written by imgbase install; entries live in imgbase-entries.cfg\n"
-        "serial --unit=0 --speed=115200\nterminal_input serial console\n"
-        "terminal_output serial console\nset timeout=2\n"
-        "insmod part_gpt\ninsmod ext2\nsearch --no-floppy --label --set=root boot\n"
-        "load_env\n"
-        f'if [ -n "${{saved_entry}}" ]; then set default="${{saved_entry}}"; '
-        f'else set default="{default}"; fi\n'
-        "source /grub/imgbase-entries.cfg\n"
-    )
-
-
-def grub_entry(layer: str, root: str, kargs: str) -> str:
-    return (f"menuentry 'imgbase {layer}' --id '{layer}' {{\n"
-            f"  linux /{layer}/vmlinuz root={root} {kargs}\n"
-            f"  initrd /{layer}/initrd.img\n}}\n")
+    return Plan("install", tuple(steps),
+                failure_hint="the disk is not bootable; run the install again with --wipe")
 
 
 # -- facts: what the planner needs, gathered (and checked) before anything is written ----
@@ -178,8 +137,24 @@ def running_image() -> str:
         hint="give the image: imgbase install --disk DEV IMAGE.squashfs")
 
 
+SIZE_RE = re.compile(r"^[1-9][0-9]*[MGT]$")
+
+
+def parse_size(text: str) -> int:
+    """Bytes of an LVM-style size with a unit.
+
+    >>> parse_size("20G"), parse_size("512M")
+    (21474836480, 536870912)
+    """
+    if not SIZE_RE.match(text):
+        die(f"{text!r} is not a size", hint="give a whole number with M, G or T, e.g. 20G")
+    return int(text[:-1]) << {"M": 20, "G": 30, "T": 40}[text[-1]]
+
+
 def gather_facts(disk: str, image: str | None, *, volumes: str, pool_size: str | None,
-                 wipe: bool) -> InstallFacts:
+                 wipe: bool, vg: str = "imgbase") -> InstallFacts:
+    if image is not None and not os.path.isfile(image):
+        die(f"{image}: no such image", hint="give the .squashfs made by imgbase compose")
     image = image or running_image()
     try:
         mode = os.stat(disk).st_mode
@@ -191,19 +166,30 @@ def gather_facts(disk: str, image: str | None, *, volumes: str, pool_size: str |
     if size < MIN_DISK:
         die(f"{disk} is too small: {size / GIB:.1f} GiB, at least {MIN_DISK / GIB:.0f} GiB "
             "needed", hint="use a larger disk")
+    if pool_size is not None and parse_size(pool_size) > size - RESERVED:
+        die(f"--pool-size {pool_size} does not fit on {disk} ({size / GIB:.1f} GiB, of which "
+            f"{(size - RESERVED) / GIB:.1f} GiB is left for LVM)",
+            hint="give a smaller --pool-size, or leave it out for 90% of the space")
     tree = json.loads(run(["lsblk", "-J", "-b", "-o", "NAME,PATH,MOUNTPOINT,FSTYPE", disk]
                           ).stdout)["blockdevices"]
-    mounted = [d["path"] for d in _walk(tree) if d.get("mountpoint")]
+    mounted = [f"{d['path']} on {d['mountpoint']}" for d in _walk(tree) if d.get("mountpoint")]
     if mounted:
         die(f"{disk} is in use: {', '.join(mounted)} mounted", hint="unmount it first")
-    lvm = [d["path"] for d in _walk(tree) if d.get("fstype") == "LVM2_member"]
-    if lvm and not wipe:
-        die(f"{disk} holds LVM physical volumes ({', '.join(lvm)}), perhaps a node",
+    pvs = {d["path"] for d in _walk(tree) if d.get("fstype") == "LVM2_member"}
+    if pvs and not wipe:
+        die(f"{disk} is in use by LVM: physical volume {', '.join(sorted(pvs))}, perhaps a node",
             hint="add --wipe to destroy everything on it")
+    rows = json.loads(run(["pvs", "--reportformat", "json", "-o", "pv_name,vg_name"]).stdout
+                      )["report"][0]["pv"]
+    on_disk = tuple(sorted({r["vg_name"] for r in rows if r["pv_name"] in pvs and r["vg_name"]}))
+    elsewhere = {r["vg_name"] for r in rows if r["pv_name"] not in pvs}
+    if vg in elsewhere:
+        die(f"a volume group named {vg} already exists on another disk",
+            hint="name this node's volume group with --vg NAME")
     info = _image_info(image)
     return InstallFacts(disk=disk, disk_size=size, image=image, nvr=info["nvr"],
                         kernel=info["kernel"], kernel_args=tuple(info.get("kernel_args", [])),
-                        volumes=volumes, pool_size=pool_size)
+                        vg=vg, volumes=volumes, pool_size=pool_size, wipe_vgs=on_disk)
 
 
 def _walk(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -229,23 +215,3 @@ def _image_info(image: str) -> dict[str, Any]:
     return info
 
 
-def apply(steps: list[Step], progress: Progress) -> None:
-    for step in steps:
-        with progress.step(step.name):
-            if step.write:
-                path = Path(step.write[0])
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_text(step.write[1])
-                os.replace(tmp, path)
-            else:
-                try:
-                    run(step.argv)
-                except ImgbaseError as exc:
-                    raise ImgbaseError(f"install step {step.name!r} failed: {exc.message}",
-                                       hint="the disk is not bootable; run the install again "
-                                       "with --wipe") from exc
-
-
-def steps_json(steps: list[Step]) -> str:
-    return json.dumps([asdict(s) for s in steps], indent=2)

@@ -6,87 +6,78 @@
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import die
-from .naming import Layer
+from . import bootloader
 from .run import run
-from .storage import lvm
+from .storage.layout import TAG_INCOMPLETE, TAG_RETIRED, NodeLayout, mountpoint_of
 
 SCHEMA_VERSION = 1
-GRUBENV = Path("/boot/grub/grubenv")
+BOOT = Path("/boot")
 
 
-def read_grubenv(path: Path = GRUBENV) -> dict[str, str]:
-    """Variables of a grubenv block (``#`` padding ignored).
+@dataclass(frozen=True)
+class NodeFacts:
+    """What the node's planners and checks need: the layout and the boot state."""
 
-    >>> import tempfile, pathlib
-    >>> p = pathlib.Path(tempfile.mkdtemp()) / "grubenv"
-    >>> _ = p.write_text("# GRUB Environment Block\\nsaved_entry=n-1-1+1\\n" + "#" * 40)
-    >>> read_grubenv(p)
-    {'saved_entry': 'n-1-1+1'}
-    """
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return {}
-    env = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            env[key] = value
-    return env
+    layout: NodeLayout
+    booted: str | None  # the layer mounted as /
+    env: dict[str, str]  # grubenv
+    entries: dict[str, str]  # grub menu entries by id
+    boot: Path = BOOT
+
+    @classmethod
+    def gather(cls, boot: Path = BOOT) -> NodeFacts:
+        layout = NodeLayout.discover()
+        root = os.path.realpath(run(["findmnt", "-n", "-o", "SOURCE", "/"]).stdout.strip())
+        booted = next((lv.name for lv in layout.layers
+                       if lv.active and os.path.realpath(lv.path) == root), None)
+        return cls(layout, booted, bootloader.read_grubenv(boot / "grub/grubenv"),
+                   bootloader.read_entries(boot), boot)
+
+    @property
+    def default(self) -> str | None:
+        return self.env.get("saved_entry") or None
+
+    @property
+    def booted_base(self) -> str | None:
+        lv = self.layout.get(self.booted) if self.booted else None
+        return lv.origin if lv else None
 
 
-def _booted_device() -> str:
-    source = run(["findmnt", "-n", "-o", "SOURCE", "/"]).stdout.strip()
-    return os.path.realpath(source)
-
-
-def collect() -> dict[str, Any]:
-    vgs = lvm.vgs_with_tag(lvm.TAG_VG)
-    if not vgs:
-        die("this is not an imgbase node (no volume group tagged imgbase:vg)",
-            hint="install one with imgbase install, or adopt one with imgbase layout --init")
-    vg = vgs[0]
-    lvs = lvm.lvs(vg)
-    booted = _booted_device()
-    env = read_grubenv()
-    layers = []
-    for lv in sorted((lv for lv in lvs if lvm.TAG_LAYER in lv.tags),
-                     key=lambda lv: (Layer.parse(lv.name).nvr, Layer.parse(lv.name).index)):
-        layers.append({
-            "name": lv.name, "base": lv.origin, "active": lv.active,
-            "booted": lv.active and os.path.realpath(lv.path) == booted,
-            "default": env.get("saved_entry") == lv.name,
-            "next_boot": env.get("next_entry") == lv.name,
-            "data_percent": lv.data_percent, "size": lv.size,
-        })
+def collect(facts: NodeFacts | None = None) -> dict[str, Any]:
+    f = facts or NodeFacts.gather()
+    layout = f.layout
+    layers = [{
+        "name": lv.name, "base": lv.origin, "active": lv.active,
+        "booted": lv.name == f.booted, "default": f.default == lv.name,
+        "next_boot": f.env.get("next_entry") == lv.name, "boot_entry": lv.name in f.entries,
+        "data_percent": lv.data_percent, "size": lv.size,
+    } for lv in layout.layers]
     bases = [{"name": lv.name, "read_only": lv.read_only, "active": lv.active,
               "activation_skip": lv.skip_activation, "size": lv.size,
               "layers": [la["name"] for la in layers if la["base"] == lv.name]}
-             for lv in lvs if lvm.TAG_BASE in lv.tags]
-    pools = [lv for lv in lvs if lvm.TAG_POOL in lv.tags]
-    pool = pools[0] if pools else None
-    free = json.loads(run(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix",
-                           "-o", "vg_free", vg]).stdout)["report"][0]["vg"][0]["vg_free"]
+             for lv in layout.bases]
+    pool = layout.pool
     return {
         "schema_version": SCHEMA_VERSION,
-        "vg": vg,
-        "booted_layer": next((la["name"] for la in layers if la["booted"]), None),
-        "default_layer": env.get("saved_entry"),
-        "next_boot_layer": env.get("next_entry") or None,
+        "vg": layout.vg,
+        "booted_layer": f.booted,
+        "default_layer": f.default,
+        "next_boot_layer": f.env.get("next_entry") or None,
         "bases": bases,
         "layers": layers,
         "pool": None if pool is None else {
             "name": pool.name, "size": pool.size, "data_percent": pool.data_percent,
             "metadata_percent": pool.metadata_percent},
-        "volumes": [{"name": lv.name, "size": lv.size, "data_percent": lv.data_percent}
-                    for lv in lvs if lvm.TAG_VOLUME in lv.tags],
-        "vg_free": int(free),
+        "volumes": [{"name": lv.name, "mountpoint": mountpoint_of(lv), "size": lv.size,
+                     "data_percent": lv.data_percent} for lv in layout.volumes],
+        "incomplete": sorted(lv.name for lv in layout.tagged(TAG_INCOMPLETE)),
+        "retired": sorted(lv.name for lv in layout.tagged(TAG_RETIRED)),
+        "vg_free": layout.vg_free,
     }
 
 
@@ -94,16 +85,22 @@ def render(status: dict[str, Any]) -> str:
     lines = [f"volume group {status['vg']}, free {status['vg_free'] / (1 << 30):.1f} GiB"]
     pool = status["pool"]
     if pool:
-        lines.append(f"pool {pool['name']}: data {pool['data_percent']}%, "
-                     f"metadata {pool['metadata_percent']}%")
+        lines.append(f"pool {pool['name']}: {pool['size'] / (1 << 30):.1f} GiB, data "
+                     f"{pool['data_percent']}%, metadata {pool['metadata_percent']}%")
     for base in status["bases"]:
         lines.append(f"base {base['name']}{' (read-only)' if base['read_only'] else ''}")
         for layer in status["layers"]:
             if layer["base"] == base["name"]:
                 marks = [m for m in ("booted", "default", "next_boot") if layer[m]]
+                if not layer["boot_entry"]:
+                    marks.append("no boot entry")
                 lines.append(f"  layer {layer['name']}"
                              + (f"  [{', '.join(marks)}]" if marks else ""))
     for vol in status["volumes"]:
-        lines.append(f"volume {vol['name']}: {vol['size'] / (1 << 30):.1f} GiB, "
-                     f"{vol['data_percent']}% used")
+        lines.append(f"volume {vol['name']} on {vol['mountpoint']}: "
+                     f"{vol['size'] / (1 << 30):.1f} GiB, {vol['data_percent']}% used")
+    for key, what in (("incomplete", "left by an interrupted operation"),
+                      ("retired", "no longer booted")):
+        if status[key]:
+            lines.append(f"{what}: {', '.join(status[key])} (imgbase recover removes them)")
     return "\n".join(lines)

@@ -189,6 +189,26 @@ class Guest:
             shutil.rmtree(self.rundir, ignore_errors=True)
             self._own_rundir = False
 
+    def reboot(self, timeout: float = SSH_TIMEOUT) -> float:
+        """Reboot the guest (disk boots only) and wait for SSH from the new boot."""
+        if self.spec.live or self.spec.selfcheck:
+            raise ImgbaseError("only a guest booted from a disk can reboot",
+                               hint="live and self-check guests end when they reboot")
+        old = self.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+        self.run("systemd-run --on-active=1 --no-block systemctl reboot")
+        assert self._ssh is not None
+        self._ssh.close()
+        self._ssh = None
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            time.sleep(3)
+            self.wait_ssh(timeout - (time.monotonic() - t0))
+            if self.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() != old:
+                return time.monotonic() - t0
+            self._ssh.close()
+            self._ssh = None
+        raise self._failure(f"the guest did not come back within {timeout:.0f} s")
+
     # -- using the guest ------------------------------------------------------
     def run(self, command: str, *, check: bool = True, timeout: float = 600) -> CommandResult:
         """Run a shell command as root in the guest; raise with its output on failure."""
@@ -235,7 +255,9 @@ class Guest:
         assert self.rundir is not None
         s = self.spec
         argv = [QEMU, "-accel", "tcg,thread=multi", "-cpu", CPU_MODEL,
-                "-smp", str(s.cpus), "-m", str(s.memory), "-no-reboot",
+                "-smp", str(s.cpus), "-m", str(s.memory),
+                # a live guest (panic=-1) and a self-check end when they reboot; a disk reboots
+                *(["-no-reboot"] if s.live or s.selfcheck else []),
                 "-display", "none", "-monitor", "none", "-vga", "none",
                 "-serial", f"file:{self.serial_log}",
                 "-device", "isa-debug-exit,iobase=0x501,iosize=0x02"]

@@ -2,7 +2,8 @@
 
 The node image carries the same imgbase that composed it: its Python package,
 the ``imgbase`` and ``imgbase-agent`` commands, and the boot assets (initramfs
-hook and live-boot script, systemd units) from ``boot/``.
+hook and live-boot script, systemd units, the thin pool's LVM profile) from
+``boot/``.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def build_deb(outdir: Path, source_date_epoch: int) -> Path:
     _copy_tree(BOOT_DIR / "initramfs-tools", root / "usr/share/initramfs-tools")
     if (BOOT_DIR / "systemd").is_dir():
         _copy_tree(BOOT_DIR / "systemd", root / "usr/lib/systemd/system")
+    _copy_tree(BOOT_DIR / "lvm", root / "etc/lvm/profile")
     docdir = root / "usr/share/doc/imgbase"
     docdir.mkdir(parents=True)
     (docdir / "README").write_text("imgbase: image-based hypervisor nodes on LVM thin pools.\n")

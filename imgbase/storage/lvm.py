@@ -64,6 +64,10 @@ class LogicalVolume:
         return self.attr[4] == "a"
 
     @property
+    def open(self) -> bool:
+        return len(self.attr) > 5 and self.attr[5] == "o"
+
+    @property
     def skip_activation(self) -> bool:
         return len(self.attr) > 9 and self.attr[9] == "k"
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from imgbase.errors import InputError
-from imgbase.install import InstallFacts, gather_facts, plan_install
+from imgbase.install import InstallFacts, gather_facts, parse_size, plan_install
+from imgbase.plan import Plan, Step
 from tests.conftest import imgbase_cli
 
 FACTS = InstallFacts(disk="/dev/vdb", disk_size=20 << 30, image="/dev/vda",
@@ -15,51 +16,79 @@ FACTS = InstallFacts(disk="/dev/vdb", disk_size=20 << 30, image="/dev/vda",
                      kernel_args=("console=ttyS0,115200",))
 
 
-def step(steps: list, name: str):  # type: ignore[no-untyped-def]
-    return next(s for s in steps if s.name == name)
+def step(plan: Plan, name: str) -> Step:
+    return next(s for s in plan.steps if s.name == name)
 
 
 def test_plan_makes_base_readonly_then_layer() -> None:
-    steps = plan_install(FACTS)
-    names = [s.name for s in steps]
-    assert names.index("unpack") < names.index("base-readonly") < names.index("layer")
+    plan = plan_install(FACTS)
+    names = [s.name for s in plan.steps]
+    assert names.index("base-unpack") < names.index("base-readonly") < \
+        names.index("layer-create")
     assert names[-1] == "deactivate" and names[0] == "wipe"
-    layer = step(steps, "layer").argv
+    layer = step(plan, "layer-create").argv
     assert "imgbase-node-1.0-1+1" in layer and "imgbase:layer" in layer
-    assert step(steps, "base-readonly").argv[-1] == "imgbase/imgbase-node-1.0-1"
+    assert step(plan, "base-readonly").argv[-1] == "imgbase/imgbase-node-1.0-1"
+
+
+def test_every_made_lv_is_marked_incomplete_until_its_last_step() -> None:
+    plan = plan_install(FACTS)
+    names = [s.name for s in plan.steps]
+    for create, complete in (("base-create", "base-complete"),
+                             ("layer-create", "layer-complete"),
+                             ("volume-var", "volume-var-complete")):
+        assert "imgbase:incomplete" in step(plan, create).argv
+        assert step(plan, complete).argv[:3] == ("lvchange", "--deltag", "imgbase:incomplete")
+        assert names.index(create) < names.index(complete)
+    assert names.index("layer-complete") > names.index("boot-default")
+
+
+def test_pool_gets_the_autoextend_profile() -> None:
+    argv = step(plan_install(FACTS), "pool").argv
+    assert argv[argv.index("--metadataprofile") + 1] == "imgbase-thin"
+
+
+def test_wipe_removes_the_old_volume_groups_first() -> None:
+    from dataclasses import replace
+
+    names = [s.name for s in plan_install(replace(FACTS, wipe_vgs=("old",))).steps]
+    assert names[:3] == ["deactivate-old", "remove-vg-old", "wipe"]
 
 
 def test_fstab_has_layer_root_and_var_with_discard() -> None:
-    path, text = step(plan_install(FACTS), "fstab").write  # type: ignore[misc]
+    path, text = step(plan_install(FACTS), "layer-fstab").write  # type: ignore[misc]
     assert path.endswith("/root/etc/fstab")
     assert "/dev/imgbase/imgbase-node-1.0-1+1 / ext4 defaults,discard 0 1" in text
     assert "/dev/imgbase/var /var ext4 defaults,discard 0 2" in text
 
 
 def test_boot_entry_boots_the_layer_with_image_kargs() -> None:
-    _, entry = step(plan_install(FACTS), "grub-entries").write  # type: ignore[misc]
+    _, entry = step(plan_install(FACTS), "boot-entries").write  # type: ignore[misc]
     assert "--id 'imgbase-node-1.0-1+1'" in entry
     assert "root=/dev/imgbase/imgbase-node-1.0-1+1 rw console=ttyS0,115200" in entry
-    assert step(plan_install(FACTS), "grub-default").argv[-1] == \
+    assert step(plan_install(FACTS), "boot-default").argv[-1] == \
         "saved_entry=imgbase-node-1.0-1+1"
 
 
 def test_nist_profile_adds_tagged_volumes() -> None:
     from dataclasses import replace
 
-    steps = plan_install(replace(FACTS, volumes="nist", pool_size="15G"))
-    volumes = [s for s in steps if s.name.startswith("volume-")]
+    plan = plan_install(replace(FACTS, volumes="nist", pool_size="15G"))
+    volumes = [s for s in plan.steps if s.argv[:1] == ("lvcreate",) and "imgbase:volume" in s.argv]
     assert [s.argv[s.argv.index("-n") + 1] for s in volumes] == [
         "var", "var_log", "var_log_audit", "var_crash", "var_tmp", "home", "tmp"]
-    assert all("imgbase:volume" in s.argv for s in volumes)
-    assert "15G" in step(steps, "pool").argv
+    assert "imgbase:mount=/var/log/audit" in volumes[2].argv
+    assert "15G" in step(plan, "pool").argv
+    _, fstab = step(plan, "layer-fstab").write  # type: ignore[misc]
+    mounts = [line.split()[1] for line in fstab.splitlines()]
+    assert mounts.index("/var") < mounts.index("/var/log") < mounts.index("/var/log/audit")
 
 
 def test_nvme_partitions() -> None:
     from dataclasses import replace
 
-    steps = plan_install(replace(FACTS, disk="/dev/nvme0n1"))
-    assert step(steps, "pv").argv[-1] == "/dev/nvme0n1p4"
+    assert step(plan_install(replace(FACTS, disk="/dev/nvme0n1")), "pv").argv[-1] == \
+        "/dev/nvme0n1p4"
 
 
 def test_bad_nvr_is_refused() -> None:
@@ -70,13 +99,25 @@ def test_bad_nvr_is_refused() -> None:
 
 
 def test_missing_disk_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "img").write_text("x")
     with pytest.raises(InputError, match="no such disk"):
-        gather_facts(str(tmp_path / "nope"), "/dev/null", volumes="minimal", pool_size=None,
-                     wipe=False)
+        gather_facts(str(tmp_path / "nope"), str(tmp_path / "img"), volumes="minimal",
+                     pool_size=None, wipe=False)
+
+
+def test_missing_image_is_refused(tmp_path: Path) -> None:
+    proc = imgbase_cli("install", "--disk", "/dev/null", str(tmp_path / "no.squashfs"))
+    assert proc.returncode == 2 and "no such image" in proc.stderr
+
+
+@pytest.mark.parametrize("size", ["20", "0G", "1.5G", "20GB", "-1G"])
+def test_bad_pool_size_is_refused(size: str) -> None:
+    with pytest.raises(InputError, match="is not a size"):
+        parse_size(size)
 
 
 def test_regular_file_is_not_a_disk(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
-    proc = imgbase_cli("install", "--disk", str(tmp_path / "f"), "/dev/null")
+    proc = imgbase_cli("install", "--disk", str(tmp_path / "f"), str(tmp_path / "f"))
     assert proc.returncode == 2 and "is not a block device" in proc.stderr
     assert (tmp_path / "f").read_text() == "x"

@@ -1,0 +1,102 @@
+"""`imgbase base|layer --list/--add/--remove`: the admin's hands on bases and layers.
+
+Each planner is pure (node facts in, a Plan out) and refuses, before anything
+is written, to touch the booted layer or the base under it, or the default
+layer (the node would boot something unexpected next time).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import bootloader
+from .errors import die
+from .naming import Layer, Nvr
+from .plan import Plan, Step
+from .status import NodeFacts
+from .storage.layout import (
+    WORK,
+    base_from_image_steps,
+    layer_create_steps,
+    layer_finish_steps,
+    mountpoint_of,
+    rewrite_fstab,
+)
+
+
+def _boot_files_step(mnt: Path, boot: Path, layer: str) -> Step:
+    """Copy the newest kernel (and its initrd) of the tree at mnt to /boot/<layer>/."""
+    script = ('k=$(ls -v "$1"/boot/vmlinuz-* | tail -n 1) && v=${k##*/vmlinuz-} && '
+              'install -D -m 0644 "$k" "$2/vmlinuz" && '
+              'install -D -m 0644 "$1/boot/initrd.img-$v" "$2/initrd.img"')
+    return Step("boot-files", ("sh", "-c", script, "boot-files", str(mnt), str(boot / layer)))
+
+
+def plan_layer_add(f: NodeFacts, base: str | None, fstab: str) -> Plan:
+    layout = f.layout
+    base = base or f.booted_base
+    if base is None:
+        die("no base given and the running root is not a layer",
+            hint="name one: imgbase layer --add BASE (imgbase base --list)")
+    if layout.get(base) is None or layout.get(base) not in layout.bases:
+        die(f"{base} is not a base of this node", hint="imgbase base --list names them")
+    layer = layout.next_layer(base)
+    vg, mnt = layout.vg, WORK / "layer-add"
+    volumes = [(mp, lv.path) for lv in layout.volumes if (mp := mountpoint_of(lv))]
+    new_fstab = rewrite_fstab(fstab, f"/dev/{vg}/{layer}", volumes)
+    model = f.entries.get(f.default or "") or next(iter(f.entries.values()), "")
+    kargs = bootloader.kernel_args(model) if model else "rw"
+    entries = {**f.entries, layer: bootloader.entry(layer, f"/dev/{vg}/{layer}", kargs)}
+    steps = [
+        *layer_create_steps(vg, base, layer, mnt, new_fstab),
+        _boot_files_step(mnt, f.boot, layer),
+        Step("boot-entries", write=(str(f.boot / "grub" / bootloader.ENTRIES),
+                                    bootloader.render_entries(entries))),
+        *layer_finish_steps(vg, layer, mnt),
+    ]
+    return Plan("layer-add", tuple(steps))
+
+
+def _refuse_in_use(f: NodeFacts, layer: str, action: str) -> None:
+    if layer == f.booted:
+        die(f"{action}: layer {layer} is booted", hint="boot another layer first")
+    if layer == f.default:
+        die(f"{action}: layer {layer} is the default boot entry",
+            hint="make another layer the default first")
+
+
+def plan_layer_remove(f: NodeFacts, layer: str) -> Plan:
+    Layer.parse(layer)
+    lv = f.layout.get(layer)
+    if lv is None or lv not in f.layout.layers:
+        die(f"{layer} is not a layer of this node", hint="imgbase layer --list names them")
+    _refuse_in_use(f, layer, f"cannot remove {layer}")
+    steps = [*bootloader.remove_entry_steps(f.boot, layer, f.entries),
+             Step("layer-remove", ("lvremove", "-y", lv.path))]
+    return Plan("layer-remove", tuple(steps))
+
+
+def plan_base_add(f: NodeFacts, image: str, nvr: str, size: str) -> Plan:
+    Nvr.parse(nvr)
+    if f.layout.get(nvr) is not None:
+        die(f"{nvr} already exists on this node", hint="imgbase base --list names the bases")
+    steps = base_from_image_steps(f.layout.vg, nvr, image, size, WORK / "base-add")
+    return Plan("base-add", tuple(steps))
+
+
+def plan_base_remove(f: NodeFacts, base: str) -> Plan:
+    Nvr.parse(base)
+    lv = f.layout.get(base)
+    if lv is None or lv not in f.layout.bases:
+        die(f"{base} is not a base of this node", hint="imgbase base --list names them")
+    layers = [la.name for la in f.layout.layers_of(base)]
+    for layer in layers:
+        _refuse_in_use(f, layer, f"cannot remove base {base}")
+    steps: list[Step] = []
+    entries = dict(f.entries)
+    for layer in layers:
+        steps += bootloader.remove_entry_steps(f.boot, layer, entries)
+        entries.pop(layer, None)
+        steps.append(Step(f"remove-{layer}", ("lvremove", "-y", f"{f.layout.vg}/{layer}")))
+    steps.append(Step("remove-base", ("lvremove", "-y", lv.path)))
+    return Plan("base-remove", tuple(steps))

@@ -1,0 +1,160 @@
+"""`imgbase layout --init`: adopt an anaconda install into a base and a layer.
+
+What anaconda leaves with ``autopart --type=thinp`` and ``liveimg``: a root LV
+in a thin pool holding the image, /boot on a partition (holding the image's
+kernel and initrd), perhaps swap. From that, run in the kickstart's ``%post``
+(chrooted, so ``--from /``) or from a rescue system (``--from /mnt/sysimage``):
+
+1. tag the VG and the pool (found through the root LV), attach the autoextend profile;
+2. snapshot the root LV into the base ``<nvr>`` (read-only, activation skipped);
+3. move /var onto its own thin volume, unless it already is one;
+4. snapshot the base into the first layer ``<nvr>+1`` with its fstab;
+5. give the layer a grub entry and make it the default;
+6. tag the old root LV ``imgbase:retired``: it is no longer booted, and
+   ``imgbase recover`` removes it once nothing holds it open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cmp_to_key
+from pathlib import Path
+from typing import Any
+
+from . import bootloader
+from .errors import die
+from .naming import Layer, Nvr, vercmp
+from .plan import Plan, Step
+from .run import run
+from .storage import lvm
+from .storage.layout import (
+    MOUNT_TAG,
+    TAG_RETIRED,
+    THIN_PROFILE,
+    WORK,
+    base_from_lv_steps,
+    layer_create_steps,
+    layer_finish_steps,
+    rewrite_fstab,
+    volume_steps,
+)
+from .storage.lvm import TAG_BASE, TAG_POOL, TAG_VG, TAG_VOLUME
+
+VAR_SIZE = "4G"
+
+
+@dataclass(frozen=True)
+class AdoptFacts:
+    root: str  # the tree being adopted, "/" in %post
+    vg: str
+    pool: str
+    root_lv: str
+    nvr: str
+    kernel: str
+    fstab: str
+    kernel_args: tuple[str, ...] = ()
+    var_lv: str | None = None  # an existing separate /var LV in the VG (tagged, kept)
+    boot_uuid: str | None = None  # filesystem UUID of /boot, for grub's search
+
+
+def plan_adopt(f: AdoptFacts) -> Plan:
+    nvr = str(Nvr.parse(f.nvr))
+    layer = str(Layer(Nvr.parse(nvr), 1))
+    vg, root = f.vg, Path(f.root)
+    boot, mnt = root / "boot", WORK / "adopt"
+    steps = [
+        Step("tag-vg", ("vgchange", "--addtag", TAG_VG, vg)),
+        Step("tag-pool", ("lvchange", "--addtag", TAG_POOL, "--metadataprofile", THIN_PROFILE,
+                          f"{vg}/{f.pool}")),
+        Step("sync", ("sync",)),
+        *base_from_lv_steps(vg, nvr, f.root_lv),
+    ]
+    if f.var_lv:
+        steps.append(Step("tag-var", ("lvchange", "--addtag", TAG_VOLUME, "--addtag",
+                                      f"{MOUNT_TAG}/var", f"{vg}/{f.var_lv}")))
+        var_dev = f"/dev/{vg}/{f.var_lv}"
+    else:
+        steps += volume_steps(vg, "var", "/var", VAR_SIZE, root / "var", WORK / "adopt-var")
+        var_dev = f"/dev/{vg}/var"
+    fstab = rewrite_fstab(f.fstab, f"/dev/{vg}/{layer}", [("/var", var_dev)])
+    steps += layer_create_steps(vg, nvr, layer, mnt, fstab)
+    kargs = " ".join(["rw", *f.kernel_args])
+    steps += [
+        Step("grub-cfg", write=(str(boot / "grub/grub.cfg"),
+                                bootloader.grub_cfg(layer, boot_uuid=f.boot_uuid))),
+        *bootloader.add_entry_steps(boot, layer, f"/dev/{vg}/{layer}", kargs,
+                                    boot / f"vmlinuz-{f.kernel}",
+                                    boot / f"initrd.img-{f.kernel}",
+                                    bootloader.read_entries(boot)),
+        bootloader.set_default_step(boot, layer),
+        *layer_finish_steps(vg, layer, mnt),
+        Step("retire-root", ("lvchange", "--addtag", TAG_RETIRED, f"{vg}/{f.root_lv}"),
+             note="imgbase recover removes it once it is not in use"),
+    ]
+    return Plan("layout-init", tuple(steps),
+                failure_hint="the anaconda root is untouched and still boots; "
+                "run imgbase recover, then layout --init again")
+
+
+def _findmnt(target: Path) -> dict[str, Any] | None:
+    proc = run(["findmnt", "-J", "-n", "-o", "SOURCE,TARGET,FSTYPE,UUID", "--mountpoint",
+                str(target)], check=False)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return None
+    fs: dict[str, Any] = json.loads(proc.stdout)["filesystems"][0]
+    return fs
+
+
+def _lv_of(device: str) -> lvm.LogicalVolume | None:
+    proc = run(["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o",
+                lvm.LV_FIELDS, device], check=False)
+    if proc.returncode != 0:
+        return None
+    found = lvm.parse_lvs(proc.stdout)
+    return found[0] if found else None
+
+
+def gather_facts(root: str, nvr: str | None) -> AdoptFacts:
+    top = Path(root)
+    if nvr is not None:
+        Nvr.parse(nvr)
+    fs = _findmnt(top)
+    if fs is None:
+        die(f"{root} is not a mount point", hint="give the root of the installed system, "
+            "e.g. --from /mnt/sysimage")
+    lv = _lv_of(os.path.realpath(fs["source"]))
+    if lv is None:
+        die(f"{root} is on {fs['source']}, which is not an LVM logical volume",
+            hint="install with autopart --type=thinp")
+    if not lv.pool:
+        die(f"{root} is on {lv.vg}/{lv.name}, which is not a thin volume",
+            hint="install with autopart --type=thinp")
+    if TAG_BASE in lv.tags or lv.vg in lvm.vgs_with_tag(TAG_VG):
+        die(f"{root} is already on an imgbase node (volume group {lv.vg} is tagged {TAG_VG})",
+            hint="imgbase status shows its layout")
+    info_path = top / "usr/lib/imgbase/image.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except FileNotFoundError:
+        die(f"{info_path} is missing: {root} was not installed from an imgbase image",
+            hint="install with liveimg --url=<the .squashfs made by imgbase compose>")
+    kernels = sorted((p.name.removeprefix("vmlinuz-") for p in (top / "boot").glob("vmlinuz-*")),
+                     key=cmp_to_key(vercmp))
+    if not kernels:
+        die(f"no kernel in {top / 'boot'}", hint="is /boot mounted?")
+    var = _findmnt(top / "var")
+    var_lv = None
+    if var is not None:
+        found = _lv_of(os.path.realpath(var["source"]))
+        if found is None or found.vg != lv.vg or found.pool != lv.pool:
+            die(f"{top / 'var'} is on {var['source']}, not a thin volume of {lv.vg}/{lv.pool}",
+                hint="let imgbase make /var: install without a separate /var")
+        var_lv = found.name
+    boot = _findmnt(top / "boot")
+    return AdoptFacts(
+        root=root, vg=lv.vg, pool=lv.pool, root_lv=lv.name, nvr=nvr or info["nvr"],
+        kernel=kernels[-1], fstab=(top / "etc/fstab").read_text(),
+        kernel_args=tuple(info.get("kernel_args", [])), var_lv=var_lv,
+        boot_uuid=boot["uuid"] if boot else None)

@@ -1,0 +1,136 @@
+"""grub on /boot: one static grub.cfg, and one menu entry per layer.
+
+``grub.cfg`` never changes after install: it loads ``grubenv`` (``saved_entry``
+is the default layer) and sources ``imgbase-entries.cfg``, which imgbase
+rewrites atomically whenever a layer comes or goes. Each layer's kernel and
+initrd live in ``/boot/<layer>/``, so removing a layer never touches another's.
+
+>>> text = render_entries({name: entry(name, f"/dev/vg/{name}", "rw")
+...                        for name in ("n-1-1+1", "n-1-1+10", "n-1-1+2")})
+>>> list(parse_entries(text))
+['n-1-1+10', 'n-1-1+2', 'n-1-1+1']
+>>> print(parse_entries(text)["n-1-1+1"], end="")
+menuentry 'imgbase n-1-1+1' --id 'n-1-1+1' {
+  linux /n-1-1+1/vmlinuz root=/dev/vg/n-1-1+1 rw
+  initrd /n-1-1+1/initrd.img
+}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import ImgbaseError
+from .naming import Layer
+from .plan import Step
+
+GRUB_DIR = "grub"
+ENTRIES = "imgbase-entries.cfg"
+GRUBENV = "grubenv"
+ENTRY_RE = re.compile(r"^menuentry [^\n]*--id '([^']+)' \{\n.*?^\}\n", re.M | re.S)
+
+
+def grub_cfg(default: str, boot_uuid: str | None = None) -> str:
+    """grub.cfg; /boot is found by its filesystem UUID if given, else by label 'boot'."""
+    search = f"--fs-uuid --set=root {boot_uuid}" if boot_uuid else "--label --set=root boot"
+    return (
+        "# imgbase: written by imgbase; the entries live in imgbase-entries.cfg\n"
+        "serial --unit=0 --speed=115200\nterminal_input serial console\n"
+        "terminal_output serial console\nset timeout=2\n"
+        "insmod part_gpt\ninsmod part_msdos\ninsmod ext2\n"
+        f"search --no-floppy {search}\n"
+        "load_env\n"
+        f'if [ -n "${{saved_entry}}" ]; then set default="${{saved_entry}}"; '
+        f'else set default="{default}"; fi\n'
+        f"source /{GRUB_DIR}/{ENTRIES}\n"
+    )
+
+
+def entry(layer: str, root: str, kargs: str) -> str:
+    return (f"menuentry 'imgbase {layer}' --id '{layer}' {{\n"
+            f"  linux /{layer}/vmlinuz root={root} {kargs}\n"
+            f"  initrd /{layer}/initrd.img\n}}\n")
+
+
+def parse_entries(text: str) -> dict[str, str]:
+    """Menu entries by id, in file order."""
+    return {m.group(1): m.group(0) for m in ENTRY_RE.finditer(text)}
+
+
+def _order(name: str) -> tuple[int, object]:
+    try:
+        layer = Layer.parse(name)
+    except ImgbaseError:
+        return (1, name)
+    return (0, (layer.nvr, layer.index))
+
+
+def render_entries(entries: dict[str, str]) -> str:
+    """All entries, newest layer first."""
+    return "".join(entries[k] for k in sorted(entries, key=_order, reverse=True))
+
+
+def read_entries(boot: Path) -> dict[str, str]:
+    try:
+        return parse_entries((boot / GRUB_DIR / ENTRIES).read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def kernel_args(block: str) -> str:
+    """The kernel arguments after root=... of an entry.
+
+    >>> kernel_args(entry("a+1", "/dev/vg/a+1", "rw quiet"))
+    'rw quiet'
+    """
+    m = re.search(r"^\s*linux \S+ root=\S+ ?(.*)$", block, re.M)
+    return m.group(1).strip() if m else "rw"
+
+
+def add_entry_steps(boot: Path, layer: str, root: str, kargs: str, kernel: Path, initrd: Path,
+                    current: dict[str, str]) -> list[Step]:
+    """Copy the layer's kernel and initrd to /boot/<layer>/ and list it in the menu."""
+    entries = {**current, layer: entry(layer, root, kargs)}
+    return [
+        Step("boot-kernel", ("install", "-D", "-m", "0644", str(kernel),
+                             str(boot / layer / "vmlinuz"))),
+        Step("boot-initrd", ("install", "-D", "-m", "0644", str(initrd),
+                             str(boot / layer / "initrd.img"))),
+        Step("boot-entries", write=(str(boot / GRUB_DIR / ENTRIES), render_entries(entries))),
+    ]
+
+
+def remove_entry_steps(boot: Path, layer: str, current: dict[str, str]) -> list[Step]:
+    """Drop the layer from the menu first, then its files."""
+    entries = {k: v for k, v in current.items() if k != layer}
+    return [
+        Step("boot-entries", write=(str(boot / GRUB_DIR / ENTRIES), render_entries(entries))),
+        Step("boot-files", ("rm", "-rf", "--one-file-system", str(boot / layer))),
+    ]
+
+
+def set_default_step(boot: Path, layer: str) -> Step:
+    return Step("boot-default", ("grub-editenv", str(boot / GRUB_DIR / GRUBENV), "set",
+                                 f"saved_entry={layer}"))
+
+
+def read_grubenv(path: Path) -> dict[str, str]:
+    """Variables of a grubenv block (``#`` padding ignored).
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "grubenv"
+    >>> _ = p.write_text("# GRUB Environment Block\\nsaved_entry=n-1-1+1\\n" + "#" * 40)
+    >>> read_grubenv(p)
+    {'saved_entry': 'n-1-1+1'}
+    """
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return {}
+    env = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            env[key] = value
+    return env

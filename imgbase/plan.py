@@ -1,0 +1,141 @@
+"""Plan, then apply: the steps of a state-changing command and their journaled executor.
+
+A planner is a pure function from facts to a :class:`Plan`; ``--dry-run`` prints
+it and ``--json`` emits it. :func:`execute` runs the steps in order through the
+one runner and journals each one (fsync'd JSON lines), so that after a crash
+``imgbase recover`` can say which operation was cut short, and where.
+
+>>> p = Plan("layer-add", (Step("snap", ("lvcreate", "-s", "vg/a")),
+...                        Step("cfg", write=("/boot/x.cfg", "x\\n"))))
+>>> print(p.describe())
+layer-add:
+  1. snap: lvcreate -s vg/a
+  2. cfg: write /boot/x.cfg
+>>> json.loads(p.to_json())["steps"][1]["write"]
+['/boot/x.cfg', 'x\\n']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ImgbaseError
+from .progress import Progress
+from .run import run
+
+JOURNAL = Path("/var/lib/imgbase/journal.jsonl")
+# Test hook: end the process (as a crash would) right after the named step.
+CRASH_AFTER_ENV = "IMGBASE_CRASH_AFTER_STEP"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step: a command to run, or a file to write atomically (path, content)."""
+
+    name: str
+    argv: tuple[str, ...] = ()
+    write: tuple[str, str] | None = None
+    note: str = ""
+
+    def describe(self) -> str:
+        if self.write:
+            return f"{self.name}: write {self.write[0]}"
+        return f"{self.name}: {shlex.join(self.argv)}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    operation: str
+    steps: tuple[Step, ...]
+    failure_hint: str = "run imgbase recover to clean up"
+
+    def describe(self) -> str:
+        lines = [f"{self.operation}:"]
+        lines += [f"  {i}. {s.describe()}" for i, s in enumerate(self.steps, 1)]
+        if not self.steps:
+            lines.append("  nothing to do")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps({"operation": self.operation,
+                           "steps": [asdict(s) for s in self.steps]}, indent=2)
+
+
+def write_atomic(path: Path, content: str) -> None:
+    """Write a file so that a crash leaves either the old or the new content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.imgbase-tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dirfd = os.open(path.parent, os.O_DIRECTORY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+class Journal:
+    """Append-only JSON lines, fsync'd; removed when the operation completes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def record(self, **fields: Any) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def read_journal(path: Path = JOURNAL) -> list[dict[str, Any]]:
+    """The records of an operation that did not complete ([] if none)."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line: the crash came mid-write
+    return records
+
+
+def execute(plan: Plan, progress: Progress, journal: Path | None = JOURNAL) -> None:
+    """Run the plan's steps in order; the first failure stops it with a hint."""
+    j = Journal(journal)
+    j.record(event="begin", operation=plan.operation, steps=[s.name for s in plan.steps])
+    crash_after = os.environ.get(CRASH_AFTER_ENV)
+    for step in plan.steps:
+        with progress.step(step.name):
+            j.record(event="start", step=step.name)
+            try:
+                if step.write:
+                    write_atomic(Path(step.write[0]), step.write[1])
+                else:
+                    run(step.argv)
+            except ImgbaseError as exc:
+                j.record(event="failed", step=step.name, error=exc.message)
+                raise ImgbaseError(f"{plan.operation}: step {step.name!r} failed: "
+                                   f"{exc.message}", hint=plan.failure_hint) from exc
+            j.record(event="done", step=step.name)
+        if crash_after == step.name:
+            os._exit(137)
+    j.close()
