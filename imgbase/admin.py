@@ -80,7 +80,11 @@ def plan_base_add(f: NodeFacts, image: str, nvr: str, size: str) -> Plan:
     Nvr.parse(nvr)
     if f.layout.get(nvr) is not None:
         die(f"{nvr} already exists on this node", hint="imgbase base --list names the bases")
-    steps = base_from_image_steps(f.layout.vg, nvr, image, size, WORK / "base-add")
+    pool = f.layout.pool
+    if pool is None:
+        die(f"volume group {f.layout.vg} has no thin pool tagged imgbase:pool",
+            hint="imgbase check tells what is wrong")
+    steps = base_from_image_steps(f.layout.vg, nvr, image, size, WORK / "base-add", pool.name)
     return Plan("base-add", tuple(steps))
 
 

@@ -5,13 +5,15 @@ in a thin pool holding the image, /boot on a partition (holding the image's
 kernel and initrd), perhaps swap. From that, run in the kickstart's ``%post``
 (chrooted, so ``--from /``) or from a rescue system (``--from /mnt/sysimage``):
 
-1. tag the VG and the pool (found through the root LV), attach the autoextend profile;
+1. remove what an earlier, interrupted attempt left (LVs with imgbase tags in an
+   untagged VG), attach the autoextend profile to the pool (found through the root LV);
 2. snapshot the root LV into the base ``<nvr>`` (read-only, activation skipped);
 3. move /var onto its own thin volume, unless it already is one;
 4. snapshot the base into the first layer ``<nvr>+1`` with its fstab;
 5. give the layer a grub entry and make it the default;
-6. tag the old root LV ``imgbase:retired``: it is no longer booted, and
-   ``imgbase recover`` removes it once nothing holds it open.
+6. tag the old root LV ``imgbase:retired`` (it is no longer booted; ``imgbase
+   recover`` removes it once nothing holds it open), then the pool and, last, the
+   VG: until then this is not a node, and running layout --init again is the fix.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from .storage.layout import (
 from .storage.lvm import TAG_BASE, TAG_POOL, TAG_VG, TAG_VOLUME
 
 VAR_SIZE = "4G"
+# Not /var/lib/imgbase: /var is being copied onto its own volume while this runs.
+JOURNAL = Path("/run/imgbase/layout-init.journal")
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class AdoptFacts:
     fstab: str
     kernel_args: tuple[str, ...] = ()
     var_lv: str | None = None  # an existing separate /var LV in the VG (tagged, kept)
+    leftovers: tuple[str, ...] = ()  # LVs an interrupted attempt made (snapshots first)
     boot_uuid: str | None = None  # filesystem UUID of /boot, for grub's search
 
 
@@ -65,9 +70,8 @@ def plan_adopt(f: AdoptFacts) -> Plan:
     vg, root = f.vg, Path(f.root)
     boot, mnt = root / "boot", WORK / "adopt"
     steps = [
-        Step("tag-vg", ("vgchange", "--addtag", TAG_VG, vg)),
-        Step("tag-pool", ("lvchange", "--addtag", TAG_POOL, "--metadataprofile", THIN_PROFILE,
-                          f"{vg}/{f.pool}")),
+        *(Step(f"leftover-{lv}", ("lvremove", "-y", f"{vg}/{lv}")) for lv in f.leftovers),
+        Step("pool-profile", ("lvchange", "--metadataprofile", THIN_PROFILE, f"{vg}/{f.pool}")),
         Step("sync", ("sync",)),
         *base_from_lv_steps(vg, nvr, f.root_lv),
     ]
@@ -76,7 +80,8 @@ def plan_adopt(f: AdoptFacts) -> Plan:
                                       f"{MOUNT_TAG}/var", f"{vg}/{f.var_lv}")))
         var_dev = f"/dev/{vg}/{f.var_lv}"
     else:
-        steps += volume_steps(vg, "var", "/var", VAR_SIZE, root / "var", WORK / "adopt-var")
+        steps += volume_steps(vg, "var", "/var", VAR_SIZE, root / "var", WORK / "adopt-var",
+                              f.pool)
         var_dev = f"/dev/{vg}/var"
     fstab = rewrite_fstab(f.fstab, f"/dev/{vg}/{layer}", [("/var", var_dev)])
     steps += layer_create_steps(vg, nvr, layer, mnt, fstab)
@@ -92,10 +97,12 @@ def plan_adopt(f: AdoptFacts) -> Plan:
         *layer_finish_steps(vg, layer, mnt),
         Step("retire-root", ("lvchange", "--addtag", TAG_RETIRED, f"{vg}/{f.root_lv}"),
              note="imgbase recover removes it once it is not in use"),
+        Step("tag-pool", ("lvchange", "--addtag", TAG_POOL, f"{vg}/{f.pool}")),
+        Step("tag-vg", ("vgchange", "--addtag", TAG_VG, vg), note="now it is a node"),
     ]
     return Plan("layout-init", tuple(steps),
-                failure_hint="the anaconda root is untouched and still boots; "
-                "run imgbase recover, then layout --init again")
+                failure_hint="the anaconda root is untouched; run imgbase layout --init "
+                "again, it removes what this attempt left")
 
 
 def _findmnt(target: Path) -> dict[str, Any] | None:
@@ -108,12 +115,14 @@ def _findmnt(target: Path) -> dict[str, Any] | None:
 
 
 def _lv_of(device: str) -> lvm.LogicalVolume | None:
-    proc = run(["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o",
-                lvm.LV_FIELDS, device], check=False)
-    if proc.returncode != 0:
-        return None
-    found = lvm.parse_lvs(proc.stdout)
-    return found[0] if found else None
+    """The LV behind a device path (/dev/mapper/vg-lv, /dev/vg/lv, /dev/dm-N), if any."""
+    real = os.path.realpath(device)
+    rows = json.loads(run(["lvs", "--reportformat", "json", "-o", "vg_name,lv_name,lv_dm_path"]
+                          ).stdout)["report"][0]["lv"]
+    for row in rows:
+        if row["lv_dm_path"] and os.path.realpath(row["lv_dm_path"]) == real:
+            return next(lv for lv in lvm.lvs(row["vg_name"]) if lv.name == row["lv_name"])
+    return None
 
 
 def gather_facts(root: str, nvr: str | None) -> AdoptFacts:
@@ -124,7 +133,7 @@ def gather_facts(root: str, nvr: str | None) -> AdoptFacts:
     if fs is None:
         die(f"{root} is not a mount point", hint="give the root of the installed system, "
             "e.g. --from /mnt/sysimage")
-    lv = _lv_of(os.path.realpath(fs["source"]))
+    lv = _lv_of(fs["source"])
     if lv is None:
         die(f"{root} is on {fs['source']}, which is not an LVM logical volume",
             hint="install with autopart --type=thinp")
@@ -147,14 +156,17 @@ def gather_facts(root: str, nvr: str | None) -> AdoptFacts:
     var = _findmnt(top / "var")
     var_lv = None
     if var is not None:
-        found = _lv_of(os.path.realpath(var["source"]))
+        found = _lv_of(var["source"])
         if found is None or found.vg != lv.vg or found.pool != lv.pool:
             die(f"{top / 'var'} is on {var['source']}, not a thin volume of {lv.vg}/{lv.pool}",
                 hint="let imgbase make /var: install without a separate /var")
         var_lv = found.name
     boot = _findmnt(top / "boot")
+    ours = [x for x in lvm.lvs(lv.vg) if x.name not in (lv.name, var_lv, lv.pool)
+            and any(t.startswith("imgbase:") for t in x.tags)]
+    leftovers = tuple(x.name for x in sorted(ours, key=lambda x: not x.origin))
     return AdoptFacts(
         root=root, vg=lv.vg, pool=lv.pool, root_lv=lv.name, nvr=nvr or info["nvr"],
         kernel=kernels[-1], fstab=(top / "etc/fstab").read_text(),
         kernel_args=tuple(info.get("kernel_args", [])), var_lv=var_lv,
-        boot_uuid=boot["uuid"] if boot else None)
+        boot_uuid=boot["uuid"] if boot else None, leftovers=leftovers)

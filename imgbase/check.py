@@ -261,10 +261,11 @@ def load_limits(path: Path = CONFIG, **overrides: float | None) -> Limits:
 def _mounts() -> dict[str, Mount]:
     fss = json.loads(run(["findmnt", "-J", "-l", "-o", "TARGET,SOURCE,OPTIONS"]).stdout)
     out = {}
-    for fs in fss["filesystems"]:
-        if fs["source"].startswith("/dev/"):
-            out[fs["target"]] = Mount(os.path.realpath(fs["source"]),
-                                      tuple(fs["options"].split(",")))
+    for fs in fss["filesystems"]:  # in mount order: the top mount of a target wins
+        source = fs["source"].split("[", 1)[0]  # a bind mount reads "DEV[/path]"
+        if source.startswith("/dev/"):
+            source = os.path.realpath(source)
+        out[fs["target"]] = Mount(source, tuple(fs["options"].split(",")))
     return out
 
 

@@ -123,7 +123,7 @@ def cmd_layout(args: argparse.Namespace) -> int:
     from . import adopt
 
     facts = adopt.gather_facts(args.root, args.nvr)
-    return _apply(adopt.plan_adopt(facts), args)
+    return _apply(adopt.plan_adopt(facts), args, journal=adopt.JOURNAL)
 
 
 def _names(status: dict[str, object], key: str) -> list[dict[str, object]]:

@@ -119,11 +119,12 @@ def fsck_step(name: str, dev: str) -> Step:
     return Step(name, ("sh", "-c", 'e2fsck -fy "$1"; test $? -le 1', "e2fsck", dev))
 
 
-def base_from_image_steps(vg: str, nvr: str, image: str, size: str, mnt: Path) -> list[Step]:
+def base_from_image_steps(vg: str, nvr: str, image: str, size: str, mnt: Path,
+                          pool: str = "pool") -> list[Step]:
     """A new base LV holding the squashfs image, left read-only and inactive."""
     dev = f"/dev/{vg}/{nvr}"
     return [
-        Step("base-create", ("lvcreate", "-y", "-V", size, "-T", f"{vg}/pool", "-n", nvr,
+        Step("base-create", ("lvcreate", "-y", "-V", size, "-T", f"{vg}/{pool}", "-n", nvr,
                              "--addtag", TAG_BASE, "--addtag", TAG_INCOMPLETE)),
         Step("base-mkfs", ("mkfs.ext4", "-q", "-E", "nodiscard", dev)),
         Step("base-mount", ("sh", "-c", 'mkdir -p "$2" && mount "$1" "$2"', "mount", dev,
@@ -180,11 +181,11 @@ def layer_finish_steps(vg: str, layer: str, mnt: Path) -> list[Step]:
 
 
 def volume_steps(vg: str, lv: str, mountpoint: str, size: str, source: Path | None,
-                 mnt: Path) -> list[Step]:
+                 mnt: Path, pool: str = "pool") -> list[Step]:
     """A thin volume for mountpoint, filled from source (the layer's copy) if given."""
     dev = f"/dev/{vg}/{lv}"
     steps = [
-        Step(f"volume-{lv}", ("lvcreate", "-y", "-V", size, "-T", f"{vg}/pool", "-n", lv,
+        Step(f"volume-{lv}", ("lvcreate", "-y", "-V", size, "-T", f"{vg}/{pool}", "-n", lv,
                               "--addtag", TAG_VOLUME, "--addtag", f"{MOUNT_TAG}{mountpoint}",
                               "--addtag", TAG_INCOMPLETE)),
         Step(f"mkfs-{lv}", ("mkfs.ext4", "-q", "-E", "nodiscard", dev)),

@@ -7,6 +7,8 @@ and has the tail of its serial console attached to the report of a failing test.
 
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,68 @@ def _boot(spec: VmSpec, rundir: Path, registry: list[Guest]) -> Guest:
     guest.start()
     guest.wait_ssh()
     return guest
+
+
+@pytest.fixture(scope="session")
+def installed_disks(node_image: Path, tmp_path_factory: pytest.TempPathFactory
+                    ) -> dict[str, Path]:
+    """Two nodes installed by `imgbase install` in one live guest, after the refusals.
+
+    "minimal": a blank 20G disk, default options. "nist": a 10G disk that held an active
+    volume group, installed over with --wipe --volumes nist --vg node2.
+    """
+    work = tmp_path_factory.mktemp("install")
+    disks = {"minimal": work / "minimal.qcow2", "nist": work / "nist.qcow2"}
+    for disk, size in ((disks["minimal"], "20G"), (disks["nist"], "10G"),
+                       (work / "small.qcow2", "1G")):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), size], check=True)
+    attach = (disks["minimal"], disks["nist"], work / "small.qcow2")  # vdb, vdc, vdd
+    with Guest(VmSpec(live=node_image, attach=attach), rundir=work / "installer") as guest:
+        not_yet = guest.run("imgbase status --json", check=False)
+        assert not_yet.rc == 2 and "this is not an imgbase node" in not_yet.stderr
+        refuse_bad_installs(guest)
+        dry = json.loads(guest.run("imgbase install --disk /dev/vdb --dry-run --json").stdout)
+        assert [s["name"] for s in dry["steps"]][:2] == ["wipe", "partition"]
+        assert guest.run("blkid -p /dev/vdb", check=False).rc == 2  # the dry run wrote nothing
+        guest.run("imgbase install --disk /dev/vdb --json", timeout=1200)
+        again = guest.run("imgbase install --disk /dev/vdb", check=False)
+        assert again.rc == 2 and "in use by LVM" in again.stderr
+        # vdc holds an active volume group with an LV: refused, then wiped with --wipe
+        guest.run("pvcreate -q /dev/vdc && vgcreate -q stale /dev/vdc && "
+                  "lvcreate -q -L 64M -n old stale")
+        held = guest.run("imgbase install --disk /dev/vdc", check=False)
+        assert held.rc == 2 and "in use by LVM: physical volume /dev/vdc" in held.stderr
+        clash = guest.run("imgbase install --disk /dev/vdc --wipe", check=False)
+        assert clash.rc == 2 and "volume group named imgbase already exists" in clash.stderr
+        assert guest.run("lvs --noheadings -o lv_name stale").stdout.split() == ["old"]
+        guest.run("imgbase install --disk /dev/vdc --wipe --volumes nist --vg node2",
+                  timeout=1200)
+        assert guest.run("vgs stale", check=False).rc != 0
+    return disks
+
+
+def refuse_bad_installs(guest: Guest) -> None:
+    """Each bad install is refused with a one-line error, exit 2, and nothing written."""
+    guest.run("mkfs.ext4 -q /dev/vdc && mkdir -p /mnt/c && mount /dev/vdc /mnt/c && "
+              "mkdir -p /tmp/notimg/etc && mksquashfs /tmp/notimg /tmp/notimg.squashfs -quiet "
+              "-no-progress")
+    cases = [
+        ("--disk /dev/vdd", "/dev/vdd is too small: 1.0 GiB, at least 8 GiB needed"),
+        ("--disk /dev/vdc", "/dev/vdc is in use: /dev/vdc on /mnt/c mounted"),
+        ("--disk /dev/vdb /tmp/notimg.squashfs", "is not an imgbase image"),
+        ("--disk /dev/vdb /tmp/nothere.squashfs", "no such image"),
+        ("--disk /dev/vdb --pool-size 30G", "--pool-size 30G does not fit on /dev/vdb"),
+        ("--disk /dev/vdb --pool-size 30", "'30' is not a size"),
+        ("--disk /dev/nope", "/dev/nope: no such disk"),
+    ]
+    for args, message in cases:
+        proc = guest.run(f"imgbase install {args}", check=False)
+        assert proc.rc == 2, (args, proc.stderr)
+        assert message in proc.stderr and proc.stderr.count("\n") == 1, (args, proc.stderr)
+    assert guest.run("blkid -p /dev/vdb", check=False).rc == 2  # still blank
+    assert guest.run("blkid -p /dev/vdd", check=False).rc == 2
+    assert guest.run("findmnt -n -o SOURCE /mnt/c").stdout.strip() == "/dev/vdc"
+    guest.run("umount /mnt/c && wipefs -q -a /dev/vdc")
 
 
 @pytest.fixture

@@ -6,41 +6,21 @@ Real LVM thin pool, real grub, real boot: all inside qemu guests.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import jsonschema
 import pytest
 
-from imgbase.vm import Guest, VmSpec
+from imgbase.vm import Guest
 from tests.conftest import ROOT
+from tests.vm.nodes import NVR, same_device
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
-NVR = "imgbase-node-1.0-1"
-
-
 @pytest.fixture(scope="module")
-def installed_disk(node_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("install")
-    disk = work / "node.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "20G"], check=True)
-    with Guest(VmSpec(live=node_image, attach=(disk,)), rundir=work / "installer") as guest:
-        not_yet = guest.run("imgbase status --json", check=False)
-        assert not_yet.rc == 2 and "this is not an imgbase node" in not_yet.stderr
-        dry = guest.run("imgbase install --disk /dev/vdb --dry-run --json").stdout
-        assert [s["name"] for s in json.loads(dry)][:2] == ["wipe", "partition"]
-        guest.run("imgbase install --disk /dev/vdb --json", timeout=1200)
-        again = guest.run("imgbase install --disk /dev/vdb", check=False)
-        assert again.rc == 2 and "holds LVM physical volumes" in again.stderr
-    return disk
-
-
-def same_device(host, a: str, b: str) -> bool:  # type: ignore[no-untyped-def]
-    """/dev/VG/LV and /dev/mapper/VG-LV name the same device-mapper node."""
-    real_a, real_b = (host.check_output(f"readlink -f '{p}'") for p in (a, b))
-    return bool(real_a.startswith("/dev/dm-") and real_a == real_b)
+def installed_disk(installed_disks: dict[str, Path]) -> Path:
+    return installed_disks["minimal"]
 
 
 def test_disk_boots_from_the_layer(installed_disk: Path, boot: Callable[..., Guest]) -> None:
@@ -70,5 +50,32 @@ def test_disk_boots_from_the_layer(installed_disk: Path, boot: Callable[..., Gue
     jsonschema.validate(status, schema)
     assert status["booted_layer"] == status["default_layer"] == f"{NVR}+1"
     assert status["bases"][0]["name"] == NVR and status["bases"][0]["read_only"] is True
-    assert [v["name"] for v in status["volumes"]] == ["var"]
+    assert [(v["name"], v["mountpoint"]) for v in status["volumes"]] == [("var", "/var")]
     assert host.check_output("imgbase w") == f"{NVR}+1"
+    check = json.loads(host.check_output("imgbase check --json"))
+    assert check["ok"] is True, [c for c in check["checks"] if not c["ok"]]
+    assert {c["name"] for c in check["checks"]} >= {
+        "vg", "pool", "bases", "layers", "pool-data", "pool-metadata", "autoextend", "var",
+        "discard", "boot-entries", "booted", "incomplete"}
+
+
+NIST = {"/var": "var", "/var/log": "var_log", "/var/log/audit": "var_log_audit",
+        "/var/crash": "var_crash", "/var/tmp": "var_tmp", "/home": "home", "/tmp": "tmp"}
+
+
+def test_nist_profile_over_a_wiped_disk(installed_disks: dict[str, Path],
+                                        boot: Callable[..., Guest]) -> None:
+    host = boot(disk=installed_disks["nist"]).host()
+    assert host.check_output("systemctl is-system-running --wait") == "running"
+    mounts = {fs["target"]: fs for fs in json.loads(host.check_output(
+        "findmnt -J -l -o TARGET,SOURCE,OPTIONS"))["filesystems"]}
+    for mountpoint, lv in NIST.items():
+        assert same_device(host, mounts[mountpoint]["source"], f"/dev/node2/{lv}"), mountpoint
+        assert "discard" in mounts[mountpoint]["options"].split(","), mountpoint
+    assert host.file("/tmp").mode == 0o1777 and host.file("/var/tmp").mode == 0o1777
+    assert same_device(host, mounts["/"]["source"], f"/dev/node2/{NVR}+1")
+    status = json.loads(host.check_output("imgbase status --json"))
+    assert status["vg"] == "node2"
+    assert {v["mountpoint"]: v["name"] for v in status["volumes"]} == NIST
+    check = json.loads(host.check_output("imgbase check --json"))
+    assert check["ok"] is True, [c for c in check["checks"] if not c["ok"]]

@@ -1,0 +1,164 @@
+"""An installed node in a guest: every `imgbase check` can fail, layers come and go,
+an interrupted operation is cleaned up by `recover`, and a new layer boots.
+
+One guest boots the installed disk through a throw-away overlay; each check test
+breaks one thing, asserts that exactly that check fails, and puts it back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imgbase.vm import Guest, VmSpec
+from tests.vm.nodes import NVR
+
+pytestmark = [pytest.mark.slow, pytest.mark.vm]
+
+LAYER = f"{NVR}+1"
+ENTRIES = "/boot/grub/imgbase-entries.cfg"
+
+
+@pytest.fixture(scope="module")
+def node(request: pytest.FixtureRequest, installed_disks: dict[str, Path],
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+    guests: list[Guest] = []
+    request.module._imgbase_guests = guests
+    guest = Guest(VmSpec(disk=installed_disks["minimal"]),
+                  rundir=tmp_path_factory.mktemp("node") / "run")
+    guests.append(guest)
+    guest.start()
+    guest.wait_ssh()
+    guest.run("systemctl is-system-running --wait", check=False)
+    yield guest
+    guest.stop()
+
+
+def check(guest: Guest) -> dict[str, dict[str, object]]:
+    proc = guest.run("imgbase check --json", check=False)
+    report = json.loads(proc.stdout)
+    assert proc.rc == (0 if report["ok"] else 1)
+    return {c["name"]: c for c in report["checks"]}
+
+
+# (check, how to break it, how to put it back, other checks that fail along with it)
+BREAKS = [
+    ("vg", "vgchange --deltag imgbase:vg imgbase", "vgchange --addtag imgbase:vg imgbase",
+     {"pool", "bases", "layers", "pool-data", "pool-metadata", "autoextend", "var", "booted"}),
+    ("pool", "lvchange --deltag imgbase:pool imgbase/pool",
+     "lvchange --addtag imgbase:pool imgbase/pool",
+     {"pool-data", "pool-metadata", "autoextend"}),
+    ("bases", f"lvchange -y --permission rw imgbase/{NVR}",
+     f"lvchange -y --permission r imgbase/{NVR}", set()),
+    ("layers", "lvcreate -q -y -V 1G -T imgbase/pool -n stray --addtag imgbase:layer",
+     "lvremove -q -y imgbase/stray", set()),
+    ("pool-data", "mkdir -p /etc/imgbase && echo '[check]\npool_data_max = 0.01' "
+     "> /etc/imgbase/imgbase.toml", "rm /etc/imgbase/imgbase.toml", set()),
+    ("pool-metadata", "mkdir -p /etc/imgbase && echo '[check]\npool_metadata_max = 0.01' "
+     "> /etc/imgbase/imgbase.toml", "rm /etc/imgbase/imgbase.toml", set()),
+    ("autoextend", "lvchange --detachprofile imgbase/pool",
+     "lvchange --metadataprofile imgbase-thin imgbase/pool", set()),
+    ("autoextend", "lvchange --monitor n imgbase/pool", "lvchange --monitor y imgbase/pool",
+     set()),
+    ("var", "mkdir -p /run/fakevar && mount --bind /run/fakevar /var", "umount /var", set()),
+    ("discard", "mount -o remount,nodiscard /", "mount -o remount,discard /", set()),
+    ("boot-entries", f"lvcreate -q -y -s -kn -n {NVR}+7 --addtag imgbase:layer imgbase/{NVR}",
+     f"lvremove -q -y imgbase/{NVR}+7", set()),
+    ("boot-entries", f"cp {ENTRIES} /run/entries && printf \"menuentry 'x' --id '{NVR}+9' "
+     f"{{\\n}}\\n\" >> {ENTRIES}", f"mv /run/entries {ENTRIES}", set()),
+    ("booted", f"lvchange --deltag imgbase:layer imgbase/{LAYER}",
+     f"lvchange --addtag imgbase:layer imgbase/{LAYER}", {"layers", "boot-entries"}),
+    ("incomplete", "lvchange --addtag imgbase:incomplete imgbase/var",
+     "lvchange --deltag imgbase:incomplete imgbase/var", set()),
+]
+
+
+def test_node_passes_every_check(node: Guest) -> None:
+    failed = {k: v for k, v in check(node).items() if not v["ok"]}
+    assert not failed
+
+
+@pytest.mark.parametrize(("name", "breaks", "mends", "also"), BREAKS,
+                         ids=[f"{b[0]}-{i}" for i, b in enumerate(BREAKS)])
+def test_each_check_can_fail(node: Guest, name: str, breaks: str, mends: str,
+                             also: set[str]) -> None:
+    node.run(breaks)
+    try:
+        results = check(node)
+    finally:
+        node.run(mends)
+    failed = {k for k, v in results.items() if not v["ok"]}
+    assert failed == {name} | also, results
+    assert results[name]["detail"]
+    assert all(v["ok"] for v in check(node).values())  # put back
+
+
+def test_check_refuses_a_bad_config(node: Guest) -> None:
+    node.run("mkdir -p /etc/imgbase && echo '[check]\npool_data_max = 150' "
+             "> /etc/imgbase/imgbase.toml")
+    try:
+        proc = node.run("imgbase check", check=False)
+    finally:
+        node.run("rm /etc/imgbase/imgbase.toml")
+    assert proc.rc == 2 and "pool_data_max = 150 is not a percentage" in proc.stderr
+
+
+def test_booted_layer_and_its_base_cannot_be_removed(node: Guest) -> None:
+    for command, message in (
+        (f"imgbase layer --remove {LAYER}", f"cannot remove {LAYER}: layer {LAYER} is booted"),
+        (f"imgbase base --remove {NVR}", f"cannot remove base {NVR}: layer {LAYER} is booted"),
+        ("imgbase layer --remove nope", "'nope' is not a layer name"),
+        ("imgbase layer --remove nope-1-1+1", "nope-1-1+1 is not a layer of this node"),
+        ("imgbase base --remove nope", "'nope' is not a name-version-release"),
+    ):
+        proc = node.run(command, check=False)
+        assert proc.rc == 2 and message in proc.stderr, (command, proc.stderr)
+    assert [la["name"] for la in json.loads(node.run("imgbase status --json").stdout)
+            ["layers"]] == [LAYER]
+
+
+def test_interrupted_layer_add_is_recovered(node: Guest) -> None:
+    crashed = node.run("IMGBASE_CRASH_AFTER_STEP=layer-fstab imgbase layer --add", check=False)
+    assert crashed.rc == 137
+    status = json.loads(node.run("imgbase status --json").stdout)
+    assert status["incomplete"] == [f"{NVR}+2"]
+    results = check(node)
+    assert not results["incomplete"]["ok"] and not results["boot-entries"]["ok"]
+    dry = node.run("imgbase recover --dry-run").stdout
+    assert "interrupted: layer-add, after step layer-fstab" in dry
+    assert f"lvremove -y imgbase/{NVR}+2" in dry and "umount -l /run/imgbase/work/layer-add" in dry
+    assert f"{NVR}+2" in node.run("lvs --noheadings -o lv_name imgbase").stdout  # dry: kept
+    node.run("imgbase recover")
+    status = json.loads(node.run("imgbase status --json").stdout)
+    assert status["incomplete"] == [] and [la["name"] for la in status["layers"]] == [LAYER]
+    assert all(v["ok"] for v in check(node).values())
+    assert "no interrupted operation" in node.run("imgbase recover --dry-run").stdout
+
+
+def test_added_layer_boots_then_the_old_one_goes(node: Guest) -> None:
+    node.run("imgbase layer --add")
+    added = f"{NVR}+2"
+    status = json.loads(node.run("imgbase status --json").stdout)
+    assert [(la["name"], la["boot_entry"]) for la in status["layers"]] == [
+        (LAYER, True), (added, True)]
+    assert all(v["ok"] for v in check(node).values())
+    # the new layer has its own filesystem UUID
+    uuids = {node.run(f"blkid -s UUID -o value /dev/imgbase/{name}").stdout for name in
+             (LAYER, added)}
+    assert len(uuids) == 2
+    node.run(f"touch /etc/only-in-the-old-layer && echo kept > /var/lib/shared-var && "
+             f"grub-editenv /boot/grub/grubenv set saved_entry={added}")
+    node.reboot()
+    assert node.run("imgbase w").stdout.strip() == added
+    assert node.run("cat /var/lib/shared-var").stdout.strip() == "kept"  # /var is shared
+    assert node.run("test -e /etc/only-in-the-old-layer", check=False).rc == 1
+    assert all(v["ok"] for v in check(node).values())
+    node.run(f"imgbase layer --remove {LAYER}")
+    status = json.loads(node.run("imgbase status --json").stdout)
+    assert [la["name"] for la in status["layers"]] == [added]
+    assert node.run(f"test -e /boot/{LAYER}", check=False).rc == 1
+    assert LAYER not in node.run(f"cat {ENTRIES}").stdout
+    assert all(v["ok"] for v in check(node).values())
