@@ -1,0 +1,181 @@
+"""The node's planners and checks are pure: synthetic facts in, plans and verdicts out."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from imgbase import admin, bootloader, check, recover
+from imgbase.adopt import AdoptFacts, plan_adopt
+from imgbase.errors import InputError
+from imgbase.status import NodeFacts
+from imgbase.storage.layout import NodeLayout
+from imgbase.storage.lvm import LogicalVolume
+
+NVR = "n-1.0-1"
+
+
+def lv(name: str, attr: str = "Vwi-aotz--", origin: str = "", tags: str = "",
+       data: float | None = None, meta: float | None = None) -> LogicalVolume:
+    return LogicalVolume(name, "vg", attr, 1 << 30, "" if attr[0] == "t" else "pool", origin,
+                         frozenset(t for t in tags.split(",") if t), data, meta)
+
+
+POOL = lv("pool", "twi-aotz--", tags="imgbase:pool", data=10.0, meta=5.0)
+BASE = lv(NVR, "Vri---tz-k", tags="imgbase:base")
+LAYER1 = lv(f"{NVR}+1", origin=NVR, tags="imgbase:layer")
+VAR = lv("var", tags="imgbase:volume,imgbase:mount=/var")
+
+
+def node(*extra: LogicalVolume, booted: str | None = f"{NVR}+1",
+         entries: tuple[str, ...] = (f"{NVR}+1",)) -> NodeFacts:
+    layout = NodeLayout("vg", (POOL, BASE, LAYER1, VAR, *extra), 0)
+    return NodeFacts(layout, booted, {"saved_entry": f"{NVR}+1"},
+                     {e: bootloader.entry(e, f"/dev/vg/{e}", "rw quiet") for e in entries},
+                     Path("/boot"))
+
+
+def names(plan) -> list[str]:  # type: ignore[no-untyped-def]
+    return [s.name for s in plan.steps]
+
+
+def test_layer_add_names_the_next_layer_and_writes_its_fstab_from_volume_tags() -> None:
+    f = node(lv(f"{NVR}+3", origin=NVR, tags="imgbase:layer"), entries=(f"{NVR}+1", f"{NVR}+3"))
+    plan = admin.plan_layer_add(f, None, "LABEL=boot /boot ext4 defaults 0 2\n")
+    create = plan.steps[0].argv
+    assert f"{NVR}+4" in create and f"vg/{NVR}" == create[-1]
+    fstab = next(s for s in plan.steps if s.name == "layer-fstab").write
+    assert fstab is not None
+    assert fstab[1].splitlines() == [f"/dev/vg/{NVR}+4 / ext4 defaults,discard 0 1",
+                                     "LABEL=boot /boot ext4 defaults 0 2",
+                                     "/dev/vg/var /var ext4 defaults,discard 0 2"]
+    entries = next(s for s in plan.steps if s.name == "boot-entries").write
+    assert entries is not None and f"root=/dev/vg/{NVR}+4 rw quiet" in entries[1]
+    assert list(bootloader.parse_entries(entries[1])) == [f"{NVR}+4", f"{NVR}+3", f"{NVR}+1"]
+    assert names(plan)[-1] == "layer-complete" and "boot-default" not in names(plan)
+
+
+@pytest.mark.parametrize(("remove", "message"), [
+    (f"{NVR}+1", "is booted"),
+    ("x-1-1+1", "is not a layer of this node"),
+    ("nolayer", "is not a layer name"),
+])
+def test_layer_remove_refuses(remove: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        admin.plan_layer_remove(node(), remove)
+
+
+def test_layer_remove_refuses_the_default_even_if_not_booted() -> None:
+    with pytest.raises(InputError, match="is the default boot entry"):
+        admin.plan_layer_remove(node(booted=None), f"{NVR}+1")
+
+
+def test_base_remove_drops_entries_then_layers_then_the_base() -> None:
+    other = lv("m-2.0-1", "Vri---tz-k", tags="imgbase:base")
+    layer = lv("m-2.0-1+1", origin="m-2.0-1", tags="imgbase:layer")
+    plan = admin.plan_base_remove(node(other, layer, entries=(f"{NVR}+1", "m-2.0-1+1")),
+                                  "m-2.0-1")
+    assert names(plan) == ["boot-entries", "boot-files", "remove-m-2.0-1+1", "remove-base"]
+    with pytest.raises(InputError, match=f"cannot remove base {NVR}: layer {NVR}\\+1 is booted"):
+        admin.plan_base_remove(node(), NVR)
+
+
+def test_recover_removes_leftovers_but_never_the_booted_layer_or_its_base() -> None:
+    f = node(lv(f"{NVR}+2", origin=NVR, tags="imgbase:layer,imgbase:incomplete"),
+             lv(f"{NVR}+3", origin=NVR, tags="imgbase:layer"),  # no boot entry
+             lv("old", "Vwi-a-tz--", tags="imgbase:retired"),
+             lv("busy", "Vwi-aotz--", tags="imgbase:retired"),  # open: kept
+             entries=(f"{NVR}+1", f"{NVR}+9"))  # +9: an entry without a layer
+    f = replace(f, layout=replace(f.layout, lvs=(*f.layout.lvs, replace(
+        BASE, tags=frozenset({"imgbase:base", "imgbase:incomplete"})))))
+    plan = recover.plan_recover(f, ["/run/imgbase/work/layer-add"],
+                                [{"event": "begin", "operation": "layer-add"}])
+    argvs = [" ".join(s.argv) for s in plan.steps]
+    assert argvs[0] == "umount -l /run/imgbase/work/layer-add"
+    removed = [a.split("/")[-1] for a in argvs if a.startswith("lvremove")]
+    assert removed == [f"{NVR}+2", f"{NVR}+3", "old"]
+    assert "boot-entries" in names(plan) and names(plan)[-1] == "clear-journal"
+    entries = next(s for s in plan.steps if s.name == "boot-entries").write
+    assert entries is not None and list(bootloader.parse_entries(entries[1])) == [f"{NVR}+1"]
+
+
+def test_recover_on_a_clean_node_plans_nothing() -> None:
+    assert recover.plan_recover(node(), [], []).steps == ()
+
+
+ADOPT = AdoptFacts(root="/", vg="rhel", pool="pool00", root_lv="root", nvr=NVR,
+                   kernel="6.1", fstab="/dev/mapper/rhel-root / xfs defaults 0 0\n")
+
+
+def test_adopt_tags_the_vg_last_and_removes_leftovers_first() -> None:
+    plan = plan_adopt(replace(ADOPT, leftovers=(f"{NVR}+1", NVR)))
+    n = names(plan)
+    assert n[:2] == [f"leftover-{NVR}+1", f"leftover-{NVR}"] and n[-1] == "tag-vg"
+    assert n.index("base-snapshot") < n.index("volume-var") < n.index("layer-create")
+    assert plan.steps[n.index("base-snapshot")].argv[-1] == "rhel/root"
+    assert "rhel/pool00" in plan.steps[n.index("volume-var")].argv
+    fstab = plan.steps[n.index("layer-fstab")].write
+    assert fstab is not None and "rhel-root" not in fstab[1]
+    assert "/dev/rhel/var /var ext4 defaults,discard 0 2" in fstab[1]
+
+
+def test_adopt_keeps_an_existing_var_volume() -> None:
+    n = names(plan_adopt(replace(ADOPT, var_lv="home_var")))
+    assert "tag-var" in n and "volume-var" not in n
+
+
+def test_adopt_finds_boot_by_uuid_when_given() -> None:
+    plan = plan_adopt(replace(ADOPT, boot_uuid="ab-cd"))
+    cfg = next(s for s in plan.steps if s.name == "grub-cfg").write
+    assert cfg is not None and "search --no-floppy --fs-uuid --set=root ab-cd" in cfg[1]
+
+
+GOOD = check.CheckFacts(
+    tagged_vgs=("vg",), layout=node().layout, entries=node().entries,
+    boot_files=frozenset({f"{NVR}+1"}), booted=f"{NVR}+1",
+    mounts={"/": check.Mount("/dev/dm-3", ("rw", "discard")),
+            "/var": check.Mount("/dev/dm-4", ("rw", "discard"))},
+    lv_devices={"/dev/dm-3": f"{NVR}+1", "/dev/dm-4": "var"}, autoextend=(70, 20),
+    monitored=True)
+
+
+def failed(f: check.CheckFacts) -> set[str]:
+    return {r.name for r in check.run_checks(f) if not r.ok}
+
+
+def test_a_good_node_passes_every_check() -> None:
+    assert failed(GOOD) == set()
+
+
+@pytest.mark.parametrize(("change", "fails"), [
+    ({"tagged_vgs": ("a", "b")}, "vg"),
+    ({"layout": replace(GOOD.layout, lvs=(BASE, LAYER1, VAR))}, "pool"),
+    ({"layout": replace(GOOD.layout, lvs=(POOL, replace(BASE, attr="Vwi---tz-k"), LAYER1,
+                                          VAR))}, "bases"),
+    ({"layout": replace(GOOD.layout, lvs=(*GOOD.layout.lvs, lv("x", tags="imgbase:layer")))},
+     "layers"),
+    ({"limits": check.Limits(pool_data_max=10)}, "pool-data"),
+    ({"limits": check.Limits(pool_metadata_max=4)}, "pool-metadata"),
+    ({"autoextend": (100, 20)}, "autoextend"),
+    ({"monitored": False}, "autoextend"),
+    ({"mounts": {"/": GOOD.mounts["/"], "/var": check.Mount("tmpfs", ("rw",))}}, "var"),
+    ({"mounts": {**GOOD.mounts, "/": check.Mount("/dev/dm-3", ("rw",))}}, "discard"),
+    ({"boot_files": frozenset()}, "boot-entries"),
+    ({"booted": None}, "booted"),
+    ({"layout": replace(GOOD.layout, lvs=(POOL, BASE, LAYER1, replace(
+        VAR, tags=VAR.tags | {"imgbase:incomplete"})))}, "incomplete"),
+])
+def test_each_check_fails_on_its_fault(change: dict[str, object], fails: str) -> None:
+    assert fails in failed(replace(GOOD, **change))  # type: ignore[arg-type]
+
+
+def test_limits_come_from_the_config_then_the_command_line(tmp_path: Path) -> None:
+    conf = tmp_path / "imgbase.toml"
+    conf.write_text("[check]\npool_data_max = 60\n")
+    assert check.load_limits(conf) == check.Limits(60.0, 80.0)
+    assert check.load_limits(conf, pool_data_max=70.0).pool_data_max == 70.0
+    conf.write_text("[check]\npool_data_mx = 60\n")
+    with pytest.raises(InputError, match="has no setting 'pool_data_mx'"):
+        check.load_limits(conf)
