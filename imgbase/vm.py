@@ -203,10 +203,15 @@ class Guest:
         while time.monotonic() - t0 < timeout:
             time.sleep(3)
             self.wait_ssh(timeout - (time.monotonic() - t0))
-            if self.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() != old:
-                return time.monotonic() - t0
-            self._ssh.close()
-            self._ssh = None
+            try:  # the old boot may still answer, or drop us, while it goes down
+                if self.run("cat /proc/sys/kernel/random/boot_id",
+                            timeout=30).stdout.strip() != old:
+                    return time.monotonic() - t0
+            except Exception:  # noqa: BLE001 - any SSH failure here means: not up yet
+                pass
+            if self._ssh is not None:
+                self._ssh.close()
+                self._ssh = None
         raise self._failure(f"the guest did not come back within {timeout:.0f} s")
 
     # -- using the guest ------------------------------------------------------
