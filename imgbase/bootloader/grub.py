@@ -21,9 +21,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import ImgbaseError
-from .naming import Layer
-from .plan import Step
+from ..errors import ImgbaseError
+from ..naming import Layer
+from ..plan import Step
 
 GRUB_DIR = "grub"
 ENTRIES = "imgbase-entries.cfg"
@@ -31,8 +31,31 @@ GRUBENV = "grubenv"
 ENTRY_RE = re.compile(r"^menuentry [^\n]*--id '([^']+)' \{\n.*?^\}\n", re.M | re.S)
 
 
+MAX_TRIES = 9
+
+
+def _countdown() -> str:
+    """GRUB script has no arithmetic: one branch per count."""
+    lines = ['  if [ "${imgbase_tries}" = "0" ]; then\n'
+             '    set default="${imgbase_fallback}"\n']
+    lines += [f'  elif [ "${{imgbase_tries}}" = "{n}" ]; then\n'
+              f"    set imgbase_tries={n - 1}\n    save_env imgbase_tries\n"
+              for n in range(1, MAX_TRIES + 1)]
+    return "".join(lines) + "  fi\n"
+
+
 def grub_cfg(default: str, boot_uuid: str | None = None) -> str:
-    """grub.cfg; /boot is found by its filesystem UUID if given, else by label 'boot'."""
+    """grub.cfg; /boot is found by its filesystem UUID if given, else by label 'boot'.
+
+    The default is grubenv's ``saved_entry``. A one-time ``next_entry`` wins and is
+    cleared. Otherwise, while ``imgbase_tries`` is set the default layer is on trial:
+    each boot counts it down, and at 0 GRUB boots ``imgbase_fallback`` instead (also
+    GRUB's own fallback if the default entry cannot even be loaded).
+
+    >>> cfg = grub_cfg("n-1-1+1")
+    >>> 'set imgbase_tries=2' in cfg and 'set default="${imgbase_fallback}"' in cfg
+    True
+    """
     search = f"--fs-uuid --set=root {boot_uuid}" if boot_uuid else "--label --set=root boot"
     return (
         "# imgbase: written by imgbase; the entries live in imgbase-entries.cfg\n"
@@ -41,8 +64,14 @@ def grub_cfg(default: str, boot_uuid: str | None = None) -> str:
         "insmod part_gpt\ninsmod part_msdos\ninsmod ext2\n"
         f"search --no-floppy {search}\n"
         "load_env\n"
-        f'if [ -n "${{saved_entry}}" ]; then set default="${{saved_entry}}"; '
-        f'else set default="{default}"; fi\n'
+        f'set default="{default}"\n'
+        'if [ -n "${saved_entry}" ]; then set default="${saved_entry}"; fi\n'
+        'if [ -n "${imgbase_fallback}" ]; then set fallback="${imgbase_fallback}"; fi\n'
+        'if [ -n "${next_entry}" ]; then\n'
+        '  set default="${next_entry}"\n  set next_entry=\n  save_env next_entry\n'
+        'elif [ -n "${imgbase_tries}" ]; then\n'
+        + _countdown() +
+        "fi\n"
         f"source /{GRUB_DIR}/{ENTRIES}\n"
     )
 
