@@ -7,6 +7,7 @@ layer (the node would boot something unexpected next time).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from . import bootloader
@@ -26,10 +27,25 @@ from .storage.layout import (
 
 def _boot_files_step(mnt: Path, boot: Path, layer: str) -> Step:
     """Copy the newest kernel (and its initrd) of the tree at mnt to /boot/<layer>/."""
-    script = ('k=$(ls -v "$1"/boot/vmlinuz-* | tail -n 1) && v=${k##*/vmlinuz-} && '
+    script = ('k=$(ls -v "$1"/boot/vmlinuz-* 2>/dev/null | tail -n 1); v=${k##*/vmlinuz-}; '
+              '[ -n "$k" ] && [ -f "$1/boot/initrd.img-$v" ] || '
+              '{ echo "the layer has no kernel and initrd in its /boot" >&2; exit 1; }; '
               'install -D -m 0644 "$k" "$2/vmlinuz" && '
               'install -D -m 0644 "$1/boot/initrd.img-$v" "$2/initrd.img"')
     return Step("boot-files", ("sh", "-c", script, "boot-files", str(mnt), str(boot / layer)))
+
+
+def check_boot_space(boot: Path, model: str | None) -> None:
+    """Refuse, before any entry changes, when /boot cannot take another kernel and initrd
+    (as large as model's, plus 10 %)."""
+    if model is None or not (boot / model).is_dir():
+        return
+    need = sum(p.stat().st_size for p in (boot / model).iterdir() if p.is_file()) * 11 // 10
+    st = os.statvfs(boot)
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        die(f"/boot is too full for another layer: {free >> 20} MiB free, {need >> 20} MiB "
+            "needed", hint="remove a layer (imgbase layer --remove) or grow /boot")
 
 
 def plan_layer_add(f: NodeFacts, base: str | None, fstab: str) -> Plan:
@@ -44,7 +60,9 @@ def plan_layer_add(f: NodeFacts, base: str | None, fstab: str) -> Plan:
     vg, mnt = layout.vg, WORK / "layer-add"
     volumes = [(mp, lv.path) for lv in layout.volumes if (mp := mountpoint_of(lv))]
     new_fstab = rewrite_fstab(fstab, f"/dev/{vg}/{layer}", volumes)
-    model = f.entries.get(f.default or "") or next(iter(f.entries.values()), "")
+    # carried over from the booted layer if it is of the same base, else from the default
+    source = f.booted if base == f.booted_base else f.default
+    model = f.entries.get(source or "") or next(iter(f.entries.values()), "")
     kargs = bootloader.kernel_args(model) if model else "rw"
     entries = {**f.entries, layer: bootloader.entry(layer, f"/dev/{vg}/{layer}", kargs)}
     steps = [

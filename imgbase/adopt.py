@@ -27,6 +27,7 @@ from typing import Any
 
 from . import bootloader
 from .errors import die
+from .kargs import for_new_node
 from .naming import Layer, Nvr, vercmp
 from .plan import Plan, Step
 from .run import run
@@ -85,7 +86,7 @@ def plan_adopt(f: AdoptFacts) -> Plan:
         var_dev = f"/dev/{vg}/var"
     fstab = rewrite_fstab(f.fstab, f"/dev/{vg}/{layer}", [("/var", var_dev)])
     steps += layer_create_steps(vg, nvr, layer, mnt, fstab)
-    kargs = " ".join(["rw", *f.kernel_args])
+    kargs = for_new_node(f.kernel_args)
     steps += [
         Step("grub-cfg", write=(str(boot / "grub/grub.cfg"),
                                 bootloader.grub_cfg(layer, boot_uuid=f.boot_uuid))),

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bootloader.grub import ENTRIES, unrecognised
 from .errors import ImgbaseError, die
 from .naming import Layer, Nvr
 from .run import run
@@ -53,6 +54,7 @@ class CheckFacts:
     layout: NodeLayout | None
     entries: dict[str, str] = field(default_factory=dict)
     boot_files: frozenset[str] = frozenset()  # layers with /boot/<layer>/{vmlinuz,initrd.img}
+    entries_junk: str = ""  # text in the entries file that is not an entry
     booted: str | None = None
     mounts: dict[str, Mount] = field(default_factory=dict)
     lv_devices: dict[str, str] = field(default_factory=dict)  # real device path -> LV name
@@ -212,6 +214,9 @@ def check_boot_entries(f: CheckFacts) -> Result:
     problems += [f"boot entry {name} has no layer" for name in sorted(set(f.entries) - layers)]
     problems += [f"boot entry {name} has no kernel or initrd in /boot/{name}"
                  for name in sorted(set(f.entries) - f.boot_files)]
+    if f.entries_junk:
+        problems.append(f"the entries file holds text that is not an entry (ignored): "
+                        f"{f.entries_junk.splitlines()[0][:60]!r}")
     return _result("boot-entries", problems, f"{len(f.entries)} entries, one per layer",
                    "imgbase recover removes leftover layers and entries")
 
@@ -298,7 +303,12 @@ def gather(limits: Limits, boot: Path = Path("/boot")) -> CheckFacts:
                       if (boot / name / "vmlinuz").is_file()
                       and (boot / name / "initrd.img").is_file())
     devices = {os.path.realpath(lv.path): lv.name for lv in layout.lvs if lv.active}
+    try:
+        junk = unrecognised((boot / "grub" / ENTRIES).read_text(errors="replace"))
+    except OSError:
+        junk = ""
     return CheckFacts(tagged_vgs=tagged, layout=layout, entries=node.entries, boot_files=files,
+                      entries_junk=junk,
                       booted=node.booted, mounts=_mounts(), lv_devices=devices,
                       autoextend=autoextend, monitored=monitored, limits=limits)
 

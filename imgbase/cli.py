@@ -15,6 +15,7 @@ from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_NO_RESULT, ImgbaseError, die
 from .plan import JOURNAL, Plan, execute
 from .progress import Progress
+from .run import run
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
@@ -158,6 +159,7 @@ def cmd_layer(args: argparse.Namespace) -> int:
     facts = NodeFacts.gather()
     if args.add is not None:
         fstab = Path("/etc/fstab").read_text()
+        admin.check_boot_space(facts.boot, facts.booted or facts.default)
         return _apply(admin.plan_layer_add(facts, args.add or None, fstab), args)
     if args.remove:
         return _apply(admin.plan_layer_remove(facts, args.remove), args)
@@ -188,6 +190,83 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"interrupted: {what}" if what else "no interrupted operation in the journal")
     return _apply(plan, args, journal=None)
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    from . import boot
+    from .status import NodeFacts
+
+    facts = NodeFacts.gather()
+    if args.next:
+        return _apply(boot.plan_next(facts, args.next), args)
+    if args.set_default:
+        tries = None if args.no_trial else args.tries
+        return _apply(boot.plan_set_default(facts, args.set_default, tries), args)
+    state = {"booted": facts.booted, "default": facts.default,
+             "next": facts.env.get("next_entry") or None,
+             "tries_left": facts.env.get("imgbase_tries") or None,
+             "fallback": facts.env.get("imgbase_fallback") or None}
+    print(json.dumps(state, indent=2) if args.json
+          else "\n".join(f"{k}: {v}" for k, v in state.items()))
+    return 0
+
+
+def cmd_kargs(args: argparse.Namespace) -> int:
+    from . import kargs
+    from .bootloader.grub import ENTRIES, entry, kernel_args, render_entries
+    from .plan import Step
+    from .status import NodeFacts
+
+    facts = NodeFacts.gather()
+    layer = args.layer or facts.booted
+    if layer is None or layer not in facts.entries:
+        die(f"{layer or 'the running root'} has no boot entry",
+            hint="name a layer with --layer (imgbase layer --list)")
+    current = kernel_args(facts.entries[layer]).split()
+    if not (args.append or args.delete or args.replace):
+        print(json.dumps(current) if args.json else " ".join(current))
+        return 0
+    new = kargs.edit(current, append=args.append, delete=args.delete, replace=args.replace)
+    lv = facts.layout.get(layer)
+    assert lv is not None
+    entries = {**facts.entries, layer: entry(layer, lv.path, " ".join(new))}
+    plan = Plan("kargs", (Step("boot-entries", write=(str(facts.boot / "grub" / ENTRIES),
+                                                      render_entries(entries))),))
+    return _apply(plan, args)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from . import boot, health
+    from .bootloader import grubenv
+    from .plan import write_atomic
+    from .status import NodeFacts
+
+    config = health.load_config()
+    results = health.run_checks(config)
+    facts = NodeFacts.gather()
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    rec = health.record(facts.booted, boot_id, results)
+    health.append_history(rec)
+    verdict = boot.assess(facts.env, facts.booted, rec["good"], rec["reason"],
+                          health.read_history())
+    for event in verdict.events:
+        health.append_history({"time": rec["time"], "boot_id": boot_id, **event})
+    if verdict.env != facts.env:
+        write_atomic(facts.boot / "grub/grubenv", grubenv.render(verdict.env))
+    if args.json:
+        print(json.dumps({**rec, "events": verdict.events, "reboot": verdict.reboot}, indent=2))
+    else:
+        for r in results:
+            print(f"{'ok  ' if r.ok else 'FAIL'} {r.tier:<8} {r.name:<20} {r.reason}")
+        for event in verdict.events:
+            print(f"{event['event']}: {event['layer']}" +
+                  (f" ({event['reason']})" if event.get("reason") else ""))
+        print(f"this boot ({facts.booted}) is {'good' if rec['good'] else 'NOT good'}: "
+              f"{rec['reason']}")
+    if verdict.reboot and args.act:
+        print("on trial and not healthy: rebooting to count the try down", flush=True)
+        run(["systemctl", "reboot"])
+    return 0 if rec["good"] else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -328,6 +407,39 @@ def build_parser() -> argparse.ArgumentParser:
                        "layer, retired LVs. Never the booted layer or its base.")
     _plan_args(p)
     p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("boot", help="which layer boots: default, next boot once, trials",
+                       description="Without options, show the boot state. --next boots a "
+                       "layer once. --set-default makes a layer the default on trial: GRUB "
+                       "counts its boots down (--tries, default 3) until imgbase health marks "
+                       "one good, and at 0 falls back to the previous good layer.")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--next", metavar="LAYER", help="boot LAYER once, at the next boot")
+    how.add_argument("--set-default", metavar="LAYER", help="make LAYER the default")
+    p.add_argument("--tries", type=int, default=3, help="boots on trial (1-9, default 3)")
+    p.add_argument("--no-trial", action="store_true", help="--set-default without a trial")
+    _plan_args(p)
+    p.set_defaults(func=cmd_boot)
+
+    p = sub.add_parser("kargs", help="a layer's kernel arguments",
+                       description="List or edit the kernel arguments of a layer (default: "
+                       "the booted one); a layer added later from it carries them over.")
+    p.add_argument("--layer", help="the layer (default: the booted one)")
+    p.add_argument("--list", action="store_true", help="the default")
+    p.add_argument("--append", action="append", metavar="ARG")
+    p.add_argument("--delete", action="append", metavar="ARG")
+    p.add_argument("--replace", action="append", metavar="OLD=NEW")
+    _plan_args(p)
+    p.set_defaults(func=cmd_kargs)
+
+    p = sub.add_parser("health", help="run the boot health checks (imgbase-health.service)",
+                       description="Run the required and wanted checks, record them in "
+                       "/var/lib/imgbase/health.json, mark a layer on trial good, or record "
+                       "one that was abandoned. Exit 1 if a required check failed.")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--act", action="store_true",
+                   help="reboot when a layer on trial is not healthy (the boot service does)")
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("status", help="bases, layers, pool and volumes of this node",
                        description="Show the node's bases and layers (booted, default and "

@@ -24,6 +24,7 @@ from typing import Any
 
 from . import bootloader
 from .errors import die
+from .kargs import for_new_node
 from .naming import Layer, Nvr
 from .plan import Plan, Step
 from .run import run
@@ -105,7 +106,7 @@ def plan_install(f: InstallFacts) -> Plan:
     for mountpoint, lv, size in VOLUME_PROFILES[f.volumes]:
         steps += volume_steps(vg, lv, mountpoint, size, root_mnt / mountpoint.lstrip("/"),
                               WORK / f"vol-{lv}")
-    kargs = " ".join(["rw", *f.kernel_args])
+    kargs = for_new_node(f.kernel_args)
     steps += [
         Step("mount-boot", ("sh", "-c", 'mkdir -p "$2" && mount "$1" "$2"', "mount", boot_part,
                             str(boot_mnt))),

@@ -48,13 +48,28 @@ class NodeFacts:
         return lv.origin if lv else None
 
 
-def collect(facts: NodeFacts | None = None) -> dict[str, Any]:
+def _last_health(history: list[dict[str, Any]], layer: str) -> dict[str, Any] | None:
+    last = next((h for h in reversed(history)
+                 if h.get("event") == "health" and h.get("layer") == layer), None)
+    return None if last is None else {k: last.get(k) for k in ("time", "good", "reason")}
+
+
+def collect(facts: NodeFacts | None = None,
+            history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    from .health import read_history
+
     f = facts or NodeFacts.gather()
+    history = read_history() if history is None else history
     layout = f.layout
+    trial = f.default if f.env.get("imgbase_tries") else None
     layers = [{
         "name": lv.name, "base": lv.origin, "active": lv.active,
         "booted": lv.name == f.booted, "default": f.default == lv.name,
         "next_boot": f.env.get("next_entry") == lv.name, "boot_entry": lv.name in f.entries,
+        "kargs": (bootloader.kernel_args(f.entries[lv.name]).split()
+                  if lv.name in f.entries else []),
+        "tries_left": int(f.env["imgbase_tries"]) if lv.name == trial else None,
+        "last_health": _last_health(history, lv.name),
         "data_percent": lv.data_percent, "size": lv.size,
     } for lv in layout.layers]
     bases = [{"name": lv.name, "read_only": lv.read_only, "active": lv.active,
@@ -77,6 +92,9 @@ def collect(facts: NodeFacts | None = None) -> dict[str, Any]:
                      "data_percent": lv.data_percent} for lv in layout.volumes],
         "incomplete": sorted(lv.name for lv in layout.tagged(TAG_INCOMPLETE)),
         "retired": sorted(lv.name for lv in layout.tagged(TAG_RETIRED)),
+        "fallback_layer": f.env.get("imgbase_fallback") or None,
+        "abandoned": [{k: h.get(k) for k in ("time", "layer", "reason")}
+                      for h in history if h.get("event") == "abandoned"],
         "vg_free": layout.vg_free,
     }
 
@@ -92,6 +110,10 @@ def render(status: dict[str, Any]) -> str:
         for layer in status["layers"]:
             if layer["base"] == base["name"]:
                 marks = [m for m in ("booted", "default", "next_boot") if layer[m]]
+                if layer["tries_left"] is not None:
+                    marks.append(f"on trial, {layer['tries_left']} boots left")
+                if layer["last_health"] and not layer["last_health"]["good"]:
+                    marks.append(f"unhealthy: {layer['last_health']['reason']}")
                 if not layer["boot_entry"]:
                     marks.append("no boot entry")
                 lines.append(f"  layer {layer['name']}"
@@ -99,6 +121,8 @@ def render(status: dict[str, Any]) -> str:
     for vol in status["volumes"]:
         lines.append(f"volume {vol['name']} on {vol['mountpoint']}: "
                      f"{vol['size'] / (1 << 30):.1f} GiB, {vol['data_percent']}% used")
+    for event in status["abandoned"][-3:]:
+        lines.append(f"abandoned {event['layer']}: {event['reason']}")
     for key, what in (("incomplete", "left by an interrupted operation"),
                       ("retired", "no longer booted")):
         if status[key]:

@@ -100,6 +100,15 @@ def render_entries(entries: dict[str, str]) -> str:
     return "".join(entries[k] for k in sorted(entries, key=_order, reverse=True))
 
 
+def unrecognised(text: str) -> str:
+    """What of an entries file is not a menu entry imgbase wrote (whitespace aside).
+
+    >>> unrecognised(entry("a+1", "/dev/v/a+1", "rw") + "garbage }\\n")
+    'garbage }'
+    """
+    return ENTRY_RE.sub("", text).strip()
+
+
 def read_entries(boot: Path) -> dict[str, str]:
     try:
         return parse_entries((boot / GRUB_DIR / ENTRIES).read_text())

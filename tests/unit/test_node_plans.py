@@ -163,6 +163,7 @@ def test_a_good_node_passes_every_check() -> None:
     ({"mounts": {"/": GOOD.mounts["/"], "/var": check.Mount("tmpfs", ("rw",))}}, "var"),
     ({"mounts": {**GOOD.mounts, "/": check.Mount("/dev/dm-3", ("rw",))}}, "discard"),
     ({"boot_files": frozenset()}, "boot-entries"),
+    ({"entries_junk": "menuentry broken {"}, "boot-entries"),
     ({"booted": None}, "booted"),
     ({"layout": replace(GOOD.layout, lvs=(POOL, BASE, LAYER1, replace(
         VAR, tags=VAR.tags | {"imgbase:incomplete"})))}, "incomplete"),

@@ -16,11 +16,14 @@ GOOD = {
     "bases": [{"name": "n-1-1", "read_only": True, "active": False, "activation_skip": True,
                "size": 1, "layers": ["n-1-1+1"]}],
     "layers": [{"name": "n-1-1+1", "base": "n-1-1", "active": True, "booted": True,
-                "default": True, "next_boot": False, "boot_entry": True, "data_percent": 1.5,
+                "default": True, "next_boot": False, "boot_entry": True, "kargs": ["rw"],
+                "tries_left": None, "last_health": {"time": 1, "good": True, "reason": "ok"},
+                "data_percent": 1.5,
                 "size": 1}],
     "pool": {"name": "pool", "size": 1, "data_percent": 5.0, "metadata_percent": 1.0},
     "volumes": [{"name": "var", "mountpoint": "/var", "size": 1, "data_percent": None}],
-    "incomplete": [], "retired": [],
+    "incomplete": [], "retired": [], "fallback_layer": None,
+    "abandoned": [{"time": 1, "layer": "n-1-2+1", "reason": "unhealthy: units: x"}],
 }
 
 

@@ -1,0 +1,100 @@
+"""Which layer boots: the default, a one-time next boot, trials with a boot counter.
+
+grubenv holds it all (see :func:`imgbase.bootloader.grub.grub_cfg`):
+``saved_entry`` the default layer, ``next_entry`` a one-time boot, and while a
+new default is on trial ``imgbase_tries`` (boots left, counted down by GRUB) and
+``imgbase_fallback`` (the good layer GRUB goes back to at 0).
+
+:func:`assess` is the pure decision ``imgbase health`` takes after each boot:
+fell back → record the abandoned layer and make the fallback the default again;
+on trial and healthy → mark good (clear the counter); on trial and not → reboot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .bootloader import grubenv
+from .errors import die
+from .plan import Plan, Step
+from .status import NodeFacts
+
+DEFAULT_TRIES = 3
+TRIAL_KEYS = ("imgbase_tries", "imgbase_fallback")
+
+
+def _env_step(boot: Path, env: dict[str, str]) -> Step:
+    return Step("grubenv", write=(str(boot / "grub/grubenv"), grubenv.render(env)))
+
+
+def _need_layer(f: NodeFacts, layer: str) -> None:
+    if f.layout.get(layer) not in f.layout.layers:
+        die(f"{layer} is not a layer of this node", hint="imgbase layer --list names them")
+    if layer not in f.entries:
+        die(f"layer {layer} has no boot entry", hint="imgbase recover, then layer --add")
+
+
+def plan_next(f: NodeFacts, layer: str) -> Plan:
+    """Boot layer once, at the next boot; the default stays."""
+    _need_layer(f, layer)
+    return Plan("boot-next", (_env_step(f.boot, {**f.env, "next_entry": layer}),))
+
+
+def plan_set_default(f: NodeFacts, layer: str, tries: int | None = DEFAULT_TRIES) -> Plan:
+    """Make layer the default; with tries, on trial: GRUB falls back after that many boots."""
+    _need_layer(f, layer)
+    if tries is not None and not 1 <= tries <= 9:
+        die(f"--tries {tries} is out of range", hint="give 1 to 9, or --no-trial")
+    env = {k: v for k, v in f.env.items() if k not in TRIAL_KEYS and k != "next_entry"}
+    env["saved_entry"] = layer
+    good = f.booted if f.booted and f.env.get("imgbase_tries", "") == "" else f.default
+    if tries is not None and good and good != layer:
+        env.update(imgbase_tries=str(tries), imgbase_fallback=good)
+    return Plan("boot-default", (_env_step(f.boot, env),))
+
+
+@dataclass(frozen=True)
+class Assessment:
+    env: dict[str, str]  # the grubenv to write (== the old one when nothing changes)
+    events: list[dict[str, Any]] = field(default_factory=list)  # for the history
+    reboot: bool = False
+
+
+def assess(env: dict[str, str], booted: str | None, healthy: bool, reason: str,
+           history: list[dict[str, Any]]) -> Assessment:
+    """What to do after a boot, given its health.
+
+    >>> env = {"saved_entry": "n-2-1+1", "imgbase_tries": "0", "imgbase_fallback": "n-1-1+1"}
+    >>> a = assess(env, "n-1-1+1", True, "ok", [])
+    >>> a.env, a.events[0]["event"], a.events[0]["layer"]
+    ({'saved_entry': 'n-1-1+1'}, 'abandoned', 'n-2-1+1')
+    >>> a = assess({**env, "imgbase_tries": "2"}, "n-2-1+1", True, "ok", [])
+    >>> a.env, a.reboot
+    ({'saved_entry': 'n-2-1+1'}, False)
+    >>> assess({**env, "imgbase_tries": "2"}, "n-2-1+1", False, "units: x", []).reboot
+    True
+    """
+    tries = env.get("imgbase_tries", "")
+    trial, fallback = env.get("saved_entry"), env.get("imgbase_fallback")
+    new = dict(env)
+    events: list[dict[str, Any]] = []
+    if tries and booted is not None and booted == fallback and trial != booted:
+        if tries == "0":
+            last = next((h for h in reversed(history) if h.get("layer") == trial
+                         and h.get("event") == "health"), None)
+            why = (f"unhealthy: {last['reason']}" if last and not last.get("good")
+                   else "did not come up to its health checks")
+            events.append({"event": "abandoned", "layer": trial, "fallback": booted,
+                           "reason": why})
+            new = {k: v for k, v in env.items() if k not in TRIAL_KEYS}
+            new["saved_entry"] = booted
+        return Assessment(new, events)
+    if tries and booted == trial:
+        if healthy:
+            new = {k: v for k, v in env.items() if k not in TRIAL_KEYS}
+            events.append({"event": "marked-good", "layer": booted})
+            return Assessment(new, events)
+        return Assessment(new, events, reboot=True)
+    return Assessment(new, events)

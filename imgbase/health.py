@@ -1,0 +1,163 @@
+"""`imgbase-health` (``imgbase health``): is this boot good? Two tiers of checks.
+
+*Required* checks decide: all green marks the boot good (the boot counter is
+cleared); one red on a layer still on trial reboots, so the bootloader counts
+the try down and, when none are left, falls back to the previous good layer.
+*Wanted* checks are reported, never acted on.
+
+Checks are built-ins plus executables in ``/etc/imgbase/health.d/{required,wanted}/``
+(run in name order; exit 0 is green; stdout/stderr's last line is the reason).
+Every check has a timeout (``[health] timeout`` in /etc/imgbase/imgbase.toml,
+default 60 s); a check that times out is red.
+
+Results are appended to ``/var/lib/imgbase/health.json`` (on the shared /var, so
+the layer that falls back can still read why the other one failed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import die
+
+HEALTH_D = Path("/etc/imgbase/health.d")
+HISTORY = Path("/var/lib/imgbase/health.json")
+CONFIG = Path("/etc/imgbase/imgbase.toml")
+HISTORY_KEEP = 50
+DEFAULT_TIMEOUT = 60.0
+# Units whose failure makes a boot bad (the [health] required_units setting replaces them).
+REQUIRED_UNITS = ("local-fs.target", "systemd-journald.service", "libvirtd.service")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    tier: str  # "required" | "wanted"
+    ok: bool
+    reason: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    timeout: float = DEFAULT_TIMEOUT
+    required_units: tuple[str, ...] = REQUIRED_UNITS
+
+
+def load_config(path: Path = CONFIG) -> HealthConfig:
+    if not path.exists():
+        return HealthConfig()
+    try:
+        table = tomllib.loads(path.read_text()).get("health", {})
+    except tomllib.TOMLDecodeError as exc:
+        die(f"{path}: {exc}", hint="fix the TOML syntax")
+    known = {"timeout", "required_units"}
+    for key in table:
+        if key not in known:
+            die(f"{path}: [health] has no setting {key!r}", hint=f"known: {', '.join(known)}")
+    timeout = table.get("timeout", DEFAULT_TIMEOUT)
+    if not isinstance(timeout, int | float) or timeout <= 0:
+        die(f"{path}: [health] timeout = {timeout!r} is not a number of seconds",
+            hint="e.g. timeout = 60")
+    units = table.get("required_units", list(REQUIRED_UNITS))
+    if not isinstance(units, list) or not all(isinstance(u, str) for u in units):
+        die(f"{path}: [health] required_units must be a list of unit names",
+            hint='e.g. required_units = ["libvirtd.service"]')
+    return HealthConfig(float(timeout), tuple(units))
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def run_command(name: str, tier: str, argv: list[str], timeout: float) -> CheckResult:
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return CheckResult(name, tier, False, f"timed out after {timeout:g} s",
+                           round(time.monotonic() - t0, 2))
+    except OSError as exc:
+        return CheckResult(name, tier, False, f"cannot run: {exc}", 0.0)
+    reason = _last_line(proc.stdout + "\n" + proc.stderr) or f"exit status {proc.returncode}"
+    return CheckResult(name, tier, proc.returncode == 0,
+                       reason if proc.returncode else (reason or "ok"),
+                       round(time.monotonic() - t0, 2))
+
+
+def builtin_checks(config: HealthConfig) -> list[tuple[str, str, list[str]]]:
+    """(name, tier, argv) of the built-in checks."""
+    units = " ".join(config.required_units)
+    failed_units = (f'bad=""; for u in {units}; do systemctl is-failed --quiet "$u" && '
+                    'bad="$bad $u"; done; [ -z "$bad" ] || { echo "failed units:$bad"; exit 1; }')
+    return [
+        ("units", "required", ["sh", "-c", failed_units]),
+        ("libvirt", "required", ["virsh", "--connect", "qemu:///system", "uri"]),
+        # not is-system-running --wait: this check runs as part of the boot it would wait for
+        ("failed-units", "wanted", ["sh", "-c", 'f=$(systemctl --failed --plain --no-legend '
+                                    '| cut -d" " -f1 | xargs); [ -z "$f" ] || '
+                                    '{ echo "failed: $f"; exit 1; }']),
+    ]
+
+
+def directory_checks(root: Path = HEALTH_D) -> list[tuple[str, str, list[str]]]:
+    found = []
+    for tier in ("required", "wanted"):
+        d = root / tier
+        if d.is_dir():
+            for path in sorted(d.iterdir()):
+                if path.is_file() and os.access(path, os.X_OK):
+                    found.append((f"{tier}/{path.name}", tier, [str(path)]))
+    return found
+
+
+def run_checks(config: HealthConfig, root: Path = HEALTH_D,
+               runner: Callable[[str, str, list[str], float], CheckResult] = run_command
+               ) -> list[CheckResult]:
+    return [runner(name, tier, argv, config.timeout)
+            for name, tier, argv in [*builtin_checks(config), *directory_checks(root)]]
+
+
+def verdict(results: list[CheckResult]) -> tuple[bool, str]:
+    """Good when every required check is green; the reason names the red ones.
+
+    >>> verdict([CheckResult("a", "required", True, "ok", 0),
+    ...          CheckResult("b", "wanted", False, "slow", 0)])
+    (True, 'all required checks passed')
+    >>> verdict([CheckResult("a", "required", False, "libvirtd down", 0)])
+    (False, 'a: libvirtd down')
+    """
+    red = [r for r in results if r.tier == "required" and not r.ok]
+    if not red:
+        return True, "all required checks passed"
+    return False, "; ".join(f"{r.name}: {r.reason}" for r in red)
+
+
+def read_history(path: Path = HISTORY) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return data if isinstance(data, list) else []
+
+
+def append_history(record: dict[str, Any], path: Path = HISTORY) -> None:
+    from .plan import write_atomic
+
+    history = [*read_history(path), record][-HISTORY_KEEP:]
+    write_atomic(path, json.dumps(history, indent=1) + "\n")
+
+
+def record(layer: str | None, boot_id: str, results: list[CheckResult]) -> dict[str, Any]:
+    good, reason = verdict(results)
+    return {"time": round(time.time()), "event": "health", "layer": layer, "boot_id": boot_id,
+            "good": good, "reason": reason, "checks": [asdict(r) for r in results]}

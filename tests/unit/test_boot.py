@@ -1,0 +1,122 @@
+"""Boot selection, kernel arguments and health: pure decisions, tested on the host.
+
+The same behaviour in a guest booting its own disk: tests/vm/test_boot_counting.py.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from imgbase import boot, health, kargs
+from imgbase.bootloader import grubenv
+from imgbase.errors import InputError
+from imgbase.status import collect
+from tests.unit.test_node_plans import NVR, lv, node
+
+A, B = f"{NVR}+1", f"{NVR}+2"
+
+
+def two_layers(**env: str):  # type: ignore[no-untyped-def]
+    f = node(lv(B, origin=NVR, tags="imgbase:layer"), entries=(A, B))
+    return replace(f, env={"saved_entry": A, **env})
+
+
+def written_env(plan) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    (step,) = plan.steps
+    assert step.write[0] == "/boot/grub/grubenv" and len(step.write[1]) == 1024
+    return grubenv.parse(step.write[1])
+
+
+def test_next_boot_sets_next_entry_and_keeps_the_default() -> None:
+    assert written_env(boot.plan_next(two_layers(), B)) == {"saved_entry": A, "next_entry": B}
+
+
+def test_set_default_puts_the_layer_on_trial_with_the_booted_one_as_fallback() -> None:
+    env = written_env(boot.plan_set_default(two_layers(), B, tries=2))
+    assert env == {"saved_entry": B, "imgbase_tries": "2", "imgbase_fallback": A}
+    assert written_env(boot.plan_set_default(two_layers(), B, tries=None)) == {"saved_entry": B}
+
+
+def test_set_default_from_a_layer_on_trial_falls_back_to_the_old_default() -> None:
+    f = replace(two_layers(imgbase_tries="1", imgbase_fallback="x"), booted=B,
+                env={"saved_entry": A, "imgbase_tries": "1"})
+    assert written_env(boot.plan_set_default(f, B, 3))["imgbase_fallback"] == A
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda f: boot.plan_next(f, "n-1.0-1+7"), "is not a layer of this node"),
+    (lambda f: boot.plan_set_default(f, B, 0), "--tries 0 is out of range"),
+    (lambda f: boot.plan_set_default(replace(f, entries={A: f.entries[A]}), B),
+     "has no boot entry"),
+])
+def test_boot_refuses(call, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InputError, match=message):
+        call(two_layers())
+
+
+def test_assess_records_why_a_fallen_back_layer_was_abandoned() -> None:
+    history = [{"event": "health", "layer": B, "good": False, "reason": "libvirt: down"}]
+    env = {"saved_entry": B, "imgbase_tries": "0", "imgbase_fallback": A}
+    a = boot.assess(env, A, True, "ok", history)
+    assert a.env == {"saved_entry": A} and not a.reboot
+    assert a.events == [{"event": "abandoned", "layer": B, "fallback": A,
+                         "reason": "unhealthy: libvirt: down"}]
+
+
+def test_assess_leaves_a_one_time_boot_alone() -> None:
+    env = {"saved_entry": A}
+    assert boot.assess(env, B, False, "x", []) == boot.Assessment(env, [], False)
+
+
+def test_grubenv_refuses_what_grub_could_not_store() -> None:
+    with pytest.raises(InputError, match="over 1024"):
+        grubenv.render({"k": "v" * 1100})
+    with pytest.raises(InputError, match="cannot be stored"):
+        grubenv.render({"k": "a\nb"})
+
+
+@pytest.mark.parametrize("arg", ["a\nb", 'x"y', "$(reboot)", "a b", "x{", "c\\d", ""])
+def test_unsafe_kargs_are_refused(arg: str) -> None:
+    with pytest.raises(InputError):
+        kargs.edit(["rw"], append=[arg])
+
+
+def test_health_runs_directory_checks_with_a_timeout(tmp_path: Path) -> None:
+    req = tmp_path / "required"
+    req.mkdir()
+    (req / "fails").write_text("#!/bin/sh\necho first\necho 'the reason' >&2\nexit 3\n")
+    (req / "hangs").write_text("#!/bin/sh\nsleep 30\n")
+    (req / "not-executable").write_text("#!/bin/sh\nexit 1\n")
+    for name in ("fails", "hangs"):
+        os.chmod(req / name, 0o755)
+    found = health.directory_checks(tmp_path)
+    assert [n for n, _, _ in found] == ["required/fails", "required/hangs"]
+    results = [health.run_command(n, t, argv, 1.0) for n, t, argv in found]
+    assert [(r.ok, r.reason) for r in results] == [(False, "the reason"),
+                                                   (False, "timed out after 1 s")]
+    assert health.verdict(results)[0] is False
+
+
+def test_health_config_is_validated(tmp_path: Path) -> None:
+    conf = tmp_path / "imgbase.toml"
+    conf.write_text('[health]\ntimeout = 5\nrequired_units = ["a.service"]\n')
+    assert health.load_config(conf) == health.HealthConfig(5.0, ("a.service",))
+    conf.write_text("[health]\ntimeout = -1\n")
+    with pytest.raises(InputError, match="is not a number of seconds"):
+        health.load_config(conf)
+
+
+def test_status_shows_trial_kargs_and_abandoned_layers() -> None:
+    f = replace(two_layers(imgbase_tries="2", imgbase_fallback=A), env={
+        "saved_entry": B, "imgbase_tries": "2", "imgbase_fallback": A})
+    history = [{"event": "health", "layer": B, "good": False, "reason": "r", "time": 1},
+               {"event": "abandoned", "layer": "old+1", "reason": "did not come up", "time": 2}]
+    st = collect(f, history)
+    b = next(la for la in st["layers"] if la["name"] == B)
+    assert (b["tries_left"], b["kargs"], b["last_health"]["good"]) == (2, ["rw", "quiet"], False)
+    assert st["fallback_layer"] == A
+    assert st["abandoned"] == [{"time": 2, "layer": "old+1", "reason": "did not come up"}]
