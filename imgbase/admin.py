@@ -64,12 +64,11 @@ def plan_layer_add(f: NodeFacts, base: str | None, fstab: str) -> Plan:
     source = f.booted if base == f.booted_base else f.default
     model = f.entries.get(source or "") or next(iter(f.entries.values()), "")
     kargs = bootloader.kernel_args(model) if model else "rw"
-    entries = {**f.entries, layer: bootloader.entry(layer, f"/dev/{vg}/{layer}", kargs)}
+    new_entry = bootloader.entry(f.boot, layer, f"/dev/{vg}/{layer}", kargs)
     steps = [
         *layer_create_steps(vg, base, layer, mnt, new_fstab),
         _boot_files_step(mnt, f.boot, layer),
-        Step("boot-entries", write=(str(f.boot / "grub" / bootloader.ENTRIES),
-                                    bootloader.render_entries(entries))),
+        *bootloader.write_entry_steps(f.boot, f.entries, {layer: new_entry}),
         *layer_finish_steps(vg, layer, mnt),
     ]
     return Plan("layer-add", tuple(steps))

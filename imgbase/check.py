@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bootloader.grub import ENTRIES, unrecognised
+from .bootloader import ENTRIES, uses_bls
+from .bootloader.grub import unrecognised
 from .errors import ImgbaseError, die
 from .naming import Layer, Nvr
 from .run import run
@@ -304,7 +305,8 @@ def gather(limits: Limits, boot: Path = Path("/boot")) -> CheckFacts:
                       and (boot / name / "initrd.img").is_file())
     devices = {os.path.realpath(lv.path): lv.name for lv in layout.lvs if lv.active}
     try:
-        junk = unrecognised((boot / "grub" / ENTRIES).read_text(errors="replace"))
+        junk = "" if uses_bls(boot) else unrecognised(
+            (boot / "grub" / ENTRIES).read_text(errors="replace"))
     except OSError:
         junk = ""
     return CheckFacts(tagged_vgs=tagged, layout=layout, entries=node.entries, boot_files=files,

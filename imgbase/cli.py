@@ -213,8 +213,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 def cmd_kargs(args: argparse.Namespace) -> int:
     from . import kargs
-    from .bootloader.grub import ENTRIES, entry, kernel_args, render_entries
-    from .plan import Step
+    from .bootloader import entry, kernel_args, write_entry_steps
     from .status import NodeFacts
 
     facts = NodeFacts.gather()
@@ -229,10 +228,9 @@ def cmd_kargs(args: argparse.Namespace) -> int:
     new = kargs.edit(current, append=args.append, delete=args.delete, replace=args.replace)
     lv = facts.layout.get(layer)
     assert lv is not None
-    entries = {**facts.entries, layer: entry(layer, lv.path, " ".join(new))}
-    plan = Plan("kargs", (Step("boot-entries", write=(str(facts.boot / "grub" / ENTRIES),
-                                                      render_entries(entries))),))
-    return _apply(plan, args)
+    changed: dict[str, str | None] = {layer: entry(facts.boot, layer, lv.path, " ".join(new))}
+    return _apply(Plan("kargs", tuple(write_entry_steps(facts.boot, facts.entries, changed))),
+                  args)
 
 
 def cmd_health(args: argparse.Namespace) -> int:

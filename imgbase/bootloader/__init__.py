@@ -1,21 +1,71 @@
-"""Boot entries for layers: the GRUB menu imgbase owns (Debian's grub has no blscfg),
-Boot Loader Spec entries for Fedora-style GRUB, and the grubenv that holds the default,
-the one-time next entry and the boot counter."""
+"""Boot entries for layers, whatever the bootloader reads them from.
 
-from .grub import (
-    ENTRIES,
-    add_entry_steps,
-    entry,
-    grub_cfg,
-    kernel_args,
-    parse_entries,
-    read_entries,
-    read_grubenv,
-    remove_entry_steps,
-    render_entries,
-    set_default_step,
-)
+Two menus: the GRUB menu imgbase owns on Debian (``grub/imgbase-entries.cfg``; Debian's
+grub has no blscfg) and Boot Loader Spec files for Fedora-style GRUB with blscfg
+(``loader/entries/<layer>.conf``), chosen by what /boot holds. Either way an entry is
+keyed by the layer name, its kernel and initrd live in ``/boot/<layer>/``, and
+grubenv's ``saved_entry`` names the default layer.
+"""
 
-__all__ = ["ENTRIES", "add_entry_steps", "entry", "grub_cfg", "kernel_args", "parse_entries",
-           "read_entries", "read_grubenv", "remove_entry_steps", "render_entries",
-           "set_default_step"]
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..plan import Step
+from . import bls, grub
+from .grub import ENTRIES, grub_cfg, read_grubenv, render_entries
+
+__all__ = ["ENTRIES", "add_entry_steps", "entry", "grub_cfg", "kernel_args", "read_entries",
+           "read_grubenv", "remove_entry_steps", "render_entries", "set_default_step",
+           "uses_bls", "write_entry_steps"]
+
+
+def uses_bls(boot: Path) -> bool:
+    """A Fedora-style /boot (loader/entries exists) takes BLS files."""
+    return (boot / bls.ENTRIES_DIR).is_dir()
+
+
+def read_entries(boot: Path) -> dict[str, str]:
+    """imgbase's entries, by layer name."""
+    return bls.read(boot) if uses_bls(boot) else grub.read_entries(boot)
+
+
+def entry(boot: Path, layer: str, root: str, kargs: str) -> str:
+    return bls.render(layer, root, kargs) if uses_bls(boot) else grub.entry(layer, root, kargs)
+
+
+def kernel_args(text: str) -> str:
+    """The kernel arguments after root= of an entry of either kind."""
+    return grub.kernel_args(text)
+
+
+def write_entry_steps(boot: Path, current: dict[str, str], changes: dict[str, str | None]
+                      ) -> list[Step]:
+    """Steps that set (text) or remove (None) the changed layers' entries."""
+    if uses_bls(boot):
+        return bls.write_steps(boot, changes)
+    return grub.write_steps(boot, current, changes)
+
+
+def add_entry_steps(boot: Path, layer: str, root: str, kargs: str, kernel: Path, initrd: Path,
+                    current: dict[str, str]) -> list[Step]:
+    """Copy the layer's kernel and initrd to /boot/<layer>/, then give it its entry."""
+    return [
+        Step("boot-kernel", ("install", "-D", "-m", "0644", str(kernel),
+                             str(boot / layer / "vmlinuz"))),
+        Step("boot-initrd", ("install", "-D", "-m", "0644", str(initrd),
+                             str(boot / layer / "initrd.img"))),
+        *write_entry_steps(boot, current, {layer: entry(boot, layer, root, kargs)}),
+    ]
+
+
+def remove_entry_steps(boot: Path, layer: str, current: dict[str, str]) -> list[Step]:
+    """Drop the layer's entry first, then its files."""
+    return [
+        *write_entry_steps(boot, current, {layer: None}),
+        Step("boot-files", ("rm", "-rf", "--one-file-system", str(boot / layer))),
+    ]
+
+
+def set_default_step(boot: Path, layer: str) -> Step:
+    return grub.set_default_step(boot, layer)

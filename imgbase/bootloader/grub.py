@@ -122,30 +122,16 @@ def kernel_args(block: str) -> str:
     >>> kernel_args(entry("a+1", "/dev/vg/a+1", "rw quiet"))
     'rw quiet'
     """
-    m = re.search(r"^\s*linux \S+ root=\S+ ?(.*)$", block, re.M)
+    m = re.search(r"^\s*(?:linux \S+|options) root=\S+ ?(.*)$", block, re.M)
     return m.group(1).strip() if m else "rw"
 
 
-def add_entry_steps(boot: Path, layer: str, root: str, kargs: str, kernel: Path, initrd: Path,
-                    current: dict[str, str]) -> list[Step]:
-    """Copy the layer's kernel and initrd to /boot/<layer>/ and list it in the menu."""
-    entries = {**current, layer: entry(layer, root, kargs)}
-    return [
-        Step("boot-kernel", ("install", "-D", "-m", "0644", str(kernel),
-                             str(boot / layer / "vmlinuz"))),
-        Step("boot-initrd", ("install", "-D", "-m", "0644", str(initrd),
-                             str(boot / layer / "initrd.img"))),
-        Step("boot-entries", write=(str(boot / GRUB_DIR / ENTRIES), render_entries(entries))),
-    ]
-
-
-def remove_entry_steps(boot: Path, layer: str, current: dict[str, str]) -> list[Step]:
-    """Drop the layer from the menu first, then its files."""
-    entries = {k: v for k, v in current.items() if k != layer}
-    return [
-        Step("boot-entries", write=(str(boot / GRUB_DIR / ENTRIES), render_entries(entries))),
-        Step("boot-files", ("rm", "-rf", "--one-file-system", str(boot / layer))),
-    ]
+def write_steps(boot: Path, current: dict[str, str], changes: dict[str, str | None]
+                ) -> list[Step]:
+    """Rewrite the entries file with the changed entries (None: removed)."""
+    entries = {k: v for k, v in {**current, **changes}.items() if v is not None}
+    return [Step("boot-entries", write=(str(boot / GRUB_DIR / ENTRIES),
+                                        render_entries(entries)))]
 
 
 def set_default_step(boot: Path, layer: str) -> Step:

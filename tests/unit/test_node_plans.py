@@ -9,6 +9,7 @@ import pytest
 
 from imgbase import admin, bootloader, check, recover
 from imgbase.adopt import AdoptFacts, plan_adopt
+from imgbase.bootloader.grub import parse_entries
 from imgbase.errors import InputError
 from imgbase.status import NodeFacts
 from imgbase.storage.layout import NodeLayout
@@ -33,7 +34,8 @@ def node(*extra: LogicalVolume, booted: str | None = f"{NVR}+1",
          entries: tuple[str, ...] = (f"{NVR}+1",)) -> NodeFacts:
     layout = NodeLayout("vg", (POOL, BASE, LAYER1, VAR, *extra), 0)
     return NodeFacts(layout, booted, {"saved_entry": f"{NVR}+1"},
-                     {e: bootloader.entry(e, f"/dev/vg/{e}", "rw quiet") for e in entries},
+                     {e: bootloader.entry(Path("/boot"), e, f"/dev/vg/{e}", "rw quiet")
+                      for e in entries},
                      Path("/boot"))
 
 
@@ -53,7 +55,7 @@ def test_layer_add_names_the_next_layer_and_writes_its_fstab_from_volume_tags() 
                                      "/dev/vg/var /var ext4 defaults,discard 0 2"]
     entries = next(s for s in plan.steps if s.name == "boot-entries").write
     assert entries is not None and f"root=/dev/vg/{NVR}+4 rw quiet" in entries[1]
-    assert list(bootloader.parse_entries(entries[1])) == [f"{NVR}+4", f"{NVR}+3", f"{NVR}+1"]
+    assert list(parse_entries(entries[1])) == [f"{NVR}+4", f"{NVR}+3", f"{NVR}+1"]
     assert names(plan)[-1] == "layer-complete" and "boot-default" not in names(plan)
 
 
@@ -98,7 +100,7 @@ def test_recover_removes_leftovers_but_never_the_booted_layer_or_its_base() -> N
     assert removed == [f"{NVR}+2", f"{NVR}+3", "old"]
     assert "boot-entries" in names(plan) and names(plan)[-1] == "clear-journal"
     entries = next(s for s in plan.steps if s.name == "boot-entries").write
-    assert entries is not None and list(bootloader.parse_entries(entries[1])) == [f"{NVR}+1"]
+    assert entries is not None and list(parse_entries(entries[1])) == [f"{NVR}+1"]
 
 
 def test_recover_on_a_clean_node_plans_nothing() -> None:
