@@ -21,9 +21,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import ImgbaseError
-from ..naming import Layer
 from ..plan import Step
+from ..storage.layout import layer_key
+from . import grubenv
 
 GRUB_DIR = "grub"
 ENTRIES = "imgbase-entries.cfg"
@@ -87,17 +87,9 @@ def parse_entries(text: str) -> dict[str, str]:
     return {m.group(1): m.group(0) for m in ENTRY_RE.finditer(text)}
 
 
-def _order(name: str) -> tuple[int, object]:
-    try:
-        layer = Layer.parse(name)
-    except ImgbaseError:
-        return (1, name)
-    return (0, (layer.nvr, layer.index))
-
-
 def render_entries(entries: dict[str, str]) -> str:
     """All entries, newest layer first."""
-    return "".join(entries[k] for k in sorted(entries, key=_order, reverse=True))
+    return "".join(entries[k] for k in sorted(entries, key=layer_key, reverse=True))
 
 
 def unrecognised(text: str) -> str:
@@ -140,21 +132,5 @@ def set_default_step(boot: Path, layer: str) -> Step:
 
 
 def read_grubenv(path: Path) -> dict[str, str]:
-    """Variables of a grubenv block (``#`` padding ignored).
-
-    >>> import tempfile, pathlib
-    >>> p = pathlib.Path(tempfile.mkdtemp()) / "grubenv"
-    >>> _ = p.write_text("# GRUB Environment Block\\nsaved_entry=n-1-1+1\\n" + "#" * 40)
-    >>> read_grubenv(p)
-    {'saved_entry': 'n-1-1+1'}
-    """
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return {}
-    env = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            env[key] = value
-    return env
+    """Variables of a grubenv block ({} if there is none)."""
+    return grubenv.read(path)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
+
+from imgbase.vm import Guest, VmSpec
 
 NVR = "imgbase-node-1.0-1"
 
@@ -11,3 +17,15 @@ def same_device(host: Any, a: str, b: str) -> bool:
     """/dev/VG/LV and /dev/mapper/VG-LV name the same device-mapper node."""
     real_a, real_b = (host.check_output(f"readlink -f '{p}'") for p in (a, b))
     return bool(real_a.startswith("/dev/dm-") and real_a == real_b)
+
+
+def module_node(request: pytest.FixtureRequest, disk: Path, rundir: Path) -> Iterator[Guest]:
+    """A guest booted from an installed disk (through an overlay) for a module's tests."""
+    guests: list[Guest] = []
+    request.module._imgbase_guests = guests
+    guest = Guest(VmSpec(disk=disk), rundir=rundir)
+    guests.append(guest)
+    guest.start()
+    guest.wait_ssh()
+    yield guest
+    guest.stop()

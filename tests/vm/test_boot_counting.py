@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from imgbase.vm import Guest, VmSpec
-from tests.vm.nodes import NVR
+from imgbase.vm import Guest
+from tests.vm.nodes import NVR, module_node
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
@@ -24,15 +24,8 @@ A, B, C = f"{NVR}+1", f"{NVR}+2", f"{NVR}+3"
 @pytest.fixture(scope="module")
 def node(request: pytest.FixtureRequest, installed_disks: dict[str, Path],
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
-    guests: list[Guest] = []
-    request.module._imgbase_guests = guests
-    guest = Guest(VmSpec(disk=installed_disks["minimal"]),
-                  rundir=tmp_path_factory.mktemp("ab") / "run")
-    guests.append(guest)
-    guest.start()
-    guest.wait_ssh()
-    yield guest
-    guest.stop()
+    yield from module_node(request, installed_disks["minimal"],
+                           tmp_path_factory.mktemp("ab") / "run")
 
 
 def status(guest: Guest) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from imgbase.vm import Guest, VmSpec
-from tests.vm.nodes import NVR
+from imgbase.vm import Guest
+from tests.vm.nodes import NVR, module_node
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
@@ -25,16 +25,8 @@ ENTRIES = "/boot/grub/imgbase-entries.cfg"
 @pytest.fixture(scope="module")
 def node(request: pytest.FixtureRequest, installed_disks: dict[str, Path],
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
-    guests: list[Guest] = []
-    request.module._imgbase_guests = guests
-    guest = Guest(VmSpec(disk=installed_disks["minimal"]),
-                  rundir=tmp_path_factory.mktemp("node") / "run")
-    guests.append(guest)
-    guest.start()
-    guest.wait_ssh()
-    guest.run("systemctl is-system-running --wait", check=False)
-    yield guest
-    guest.stop()
+    yield from module_node(request, installed_disks["minimal"],
+                           tmp_path_factory.mktemp("node") / "run")
 
 
 def check(guest: Guest) -> dict[str, dict[str, object]]:
