@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cmp_to_key
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ class AdoptFacts:
     kernel_args: tuple[str, ...] = ()
     var_lv: str | None = None  # an existing separate /var LV in the VG (tagged, kept)
     leftovers: tuple[str, ...] = ()  # LVs an interrupted attempt made (snapshots first)
+    grubenv: dict[str, str] = field(default_factory=dict)  # what anaconda's grubenv holds
     boot_uuid: str | None = None  # filesystem UUID of /boot, for grub's search
 
 
@@ -94,7 +95,7 @@ def plan_adopt(f: AdoptFacts) -> Plan:
                                     boot / f"vmlinuz-{f.kernel}",
                                     boot / f"initrd.img-{f.kernel}",
                                     bootloader.read_entries(boot)),
-        bootloader.set_default_step(boot, layer),
+        bootloader.set_default_step(boot, layer, f.grubenv),
         *layer_finish_steps(vg, layer, mnt),
         Step("retire-root", ("lvchange", "--addtag", TAG_RETIRED, f"{vg}/{f.root_lv}"),
              note="imgbase recover removes it once it is not in use"),
@@ -170,4 +171,5 @@ def gather_facts(root: str, nvr: str | None) -> AdoptFacts:
         root=root, vg=lv.vg, pool=lv.pool, root_lv=lv.name, nvr=nvr or info["nvr"],
         kernel=kernels[-1], fstab=(top / "etc/fstab").read_text(),
         kernel_args=tuple(info.get("kernel_args", [])), var_lv=var_lv,
-        boot_uuid=boot["uuid"] if boot else None, leftovers=leftovers)
+        boot_uuid=boot["uuid"] if boot else None, leftovers=leftovers,
+        grubenv=bootloader.read_grubenv(top / "boot/grub/grubenv"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..plan import Step
-from . import bls, grub
+from . import bls, grub, grubenv
 from .grub import ENTRIES, grub_cfg, read_grubenv, render_entries
 
 __all__ = ["ENTRIES", "add_entry_steps", "entry", "grub_cfg", "kernel_args", "read_entries",
@@ -67,5 +67,7 @@ def remove_entry_steps(boot: Path, layer: str, current: dict[str, str]) -> list[
     ]
 
 
-def set_default_step(boot: Path, layer: str) -> Step:
-    return grub.set_default_step(boot, layer)
+def set_default_step(boot: Path, layer: str, env: dict[str, str] | None = None) -> Step:
+    """grubenv with saved_entry=layer (other variables of env kept), written atomically."""
+    new = {**(env or {}), "saved_entry": layer}
+    return Step("boot-default", write=(str(boot / "grub" / grub.GRUBENV), grubenv.render(new)))

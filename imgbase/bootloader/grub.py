@@ -126,11 +126,6 @@ def write_steps(boot: Path, current: dict[str, str], changes: dict[str, str | No
                                         render_entries(entries)))]
 
 
-def set_default_step(boot: Path, layer: str) -> Step:
-    return Step("boot-default", ("grub-editenv", str(boot / GRUB_DIR / GRUBENV), "set",
-                                 f"saved_entry={layer}"))
-
-
 def read_grubenv(path: Path) -> dict[str, str]:
     """Variables of a grubenv block ({} if there is none)."""
     return grubenv.read(path)

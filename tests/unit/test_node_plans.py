@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -182,3 +183,33 @@ def test_limits_come_from_the_config_then_the_command_line(tmp_path: Path) -> No
     conf.write_text("[check]\npool_data_mx = 60\n")
     with pytest.raises(InputError, match="has no setting 'pool_data_mx'"):
         check.load_limits(conf)
+
+
+def test_layer_add_stops_before_the_entries_when_the_layer_has_no_kernel(
+        tmp_path: Path) -> None:
+    import subprocess
+
+    plan = admin.plan_layer_add(node(), None, "")
+    files = next(s for s in plan.steps if s.name == "boot-files")
+    tree, boot = tmp_path / "layer", tmp_path / "boot"
+    (tree / "boot").mkdir(parents=True)
+    argv = [*files.argv[:4], str(tree), str(boot / "x")]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == 1 and "no kernel and initrd" in proc.stderr
+    (tree / "boot/vmlinuz-6.1.0-9").write_text("k9")
+    (tree / "boot/vmlinuz-6.1.0-10").write_text("k10")
+    (tree / "boot/initrd.img-6.1.0-10").write_text("i10")
+    subprocess.run(argv, check=True)
+    assert (boot / "x/vmlinuz").read_text() == "k10" and (boot / "x/initrd.img").exists()
+    names = [s.name for s in plan.steps]
+    assert names.index("boot-files") < names.index("boot-entries")
+
+
+def test_a_full_boot_is_refused_with_the_sizes(tmp_path: Path) -> None:
+    (tmp_path / "a+1").mkdir()
+    st = os.statvfs(tmp_path)
+    with open(tmp_path / "a+1/initrd.img", "wb") as f:  # sparse, larger than the free space
+        f.truncate(st.f_bavail * st.f_frsize + (1 << 30))
+    with pytest.raises(InputError, match=r"/boot is too full for another layer: \d+ MiB free"):
+        admin.check_boot_space(tmp_path, "a+1")
+    admin.check_boot_space(tmp_path, None)

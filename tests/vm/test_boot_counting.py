@@ -126,3 +126,16 @@ def test_a_layer_that_cannot_boot_is_abandoned(node: Guest) -> None:
     assert [a["layer"] for a in st["abandoned"]] == [B, C]
     assert "did not come up" in st["abandoned"][1]["reason"]
     assert node.run("imgbase check --json", check=False).rc == 0
+
+
+def test_a_full_boot_is_refused_before_anything_changes(node: Guest) -> None:
+    before = node.run("imgbase status --json").stdout
+    node.run("fallocate -l $(( $(df --output=avail -B1 /boot | tail -1) - (4 << 20) )) "
+             "/boot/filler")
+    try:
+        proc = node.run("imgbase layer --add", check=False)
+    finally:
+        node.run("rm /boot/filler")
+    assert proc.rc == 2 and "/boot is too full for another layer" in proc.stderr, proc.stderr
+    assert "MiB free" in proc.stderr and "MiB needed" in proc.stderr
+    assert node.run("imgbase status --json").stdout == before
