@@ -279,25 +279,25 @@ def _autoextend(layout: NodeLayout) -> tuple[tuple[int, int] | None, bool]:
     pool = layout.pool
     if pool is None:
         return None, False
-    row = json.loads(run(["lvs", "--reportformat", "json", "-o", "lv_profile,seg_monitor",
-                          f"{pool.vg}/{pool.name}"]).stdout)["report"][0]["lv"][0]
-    profile = ["--metadataprofile", row["lv_profile"]] if row["lv_profile"] else []
+    profile = ["--metadataprofile", pool.profile] if pool.profile else []
     out = run(["lvmconfig", *profile, "--type", "full",
                "activation/thin_pool_autoextend_threshold",
                "activation/thin_pool_autoextend_percent"]).stdout
     conf = dict(line.strip().split("=", 1) for line in out.splitlines() if "=" in line)
     setting = (int(conf.get("thin_pool_autoextend_threshold", 100)),
                int(conf.get("thin_pool_autoextend_percent", 0)))
-    return setting, row["seg_monitor"] == "monitored"
+    return setting, pool.monitored
 
 
 def gather(limits: Limits, boot: Path = Path("/boot")) -> CheckFacts:
     from .status import NodeFacts
 
-    tagged = tuple(lvm.vgs_with_tag(lvm.TAG_VG))
+    found = lvm.vg_free_with_tag(lvm.TAG_VG)
+    tagged = tuple(found)
     if len(tagged) != 1:
         return CheckFacts(tagged_vgs=tagged, layout=None, limits=limits, mounts=_mounts())
-    node = NodeFacts.gather(boot)
+    node = NodeFacts.gather(boot, NodeLayout(tagged[0], tuple(lvm.lvs(tagged[0])),
+                                             found[tagged[0]]))
     layout = node.layout
     autoextend, monitored = _autoextend(layout)
     files = frozenset(name for name in node.entries

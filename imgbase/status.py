@@ -30,8 +30,8 @@ class NodeFacts:
     boot: Path = BOOT
 
     @classmethod
-    def gather(cls, boot: Path = BOOT) -> NodeFacts:
-        layout = NodeLayout.discover()
+    def gather(cls, boot: Path = BOOT, layout: NodeLayout | None = None) -> NodeFacts:
+        layout = layout or NodeLayout.discover()
         root = os.path.realpath(run(["findmnt", "-n", "-o", "SOURCE", "/"]).stdout.strip())
         booted = next((lv.name for lv in layout.layers
                        if lv.active and os.path.realpath(lv.path) == root), None)

@@ -12,7 +12,6 @@ set self-describing: every new layer's fstab is written from it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ from pathlib import Path
 from ..errors import ImgbaseError, die
 from ..naming import Layer, Nvr
 from ..plan import Step
-from ..run import run
 from . import lvm
 from .lvm import TAG_BASE, TAG_LAYER, TAG_POOL, TAG_VG, TAG_VOLUME, LogicalVolume
 
@@ -59,7 +57,8 @@ class NodeLayout:
 
     @classmethod
     def discover(cls) -> NodeLayout:
-        vgs = lvm.vgs_with_tag(TAG_VG)
+        found = lvm.vg_free_with_tag(TAG_VG)
+        vgs = list(found)
         if not vgs:
             die("this is not an imgbase node (no volume group tagged imgbase:vg)",
                 hint="install one with imgbase install, or adopt one with imgbase layout --init")
@@ -67,9 +66,7 @@ class NodeLayout:
             die(f"more than one volume group is tagged {TAG_VG}: {', '.join(vgs)}",
                 hint=f"remove the tag from the stray one: vgchange --deltag {TAG_VG} VG")
         vg = vgs[0]
-        free = json.loads(run(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix",
-                               "-o", "vg_free", vg]).stdout)["report"][0]["vg"][0]["vg_free"]
-        return cls(vg, tuple(lvm.lvs(vg)), int(free))
+        return cls(vg, tuple(lvm.lvs(vg)), found[vg])
 
     def tagged(self, tag: str) -> list[LogicalVolume]:
         return [lv for lv in self.lvs if tag in lv.tags]

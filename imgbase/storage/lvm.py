@@ -20,7 +20,8 @@ TAG_BASE = "imgbase:base"
 TAG_LAYER = "imgbase:layer"
 TAG_VOLUME = "imgbase:volume"
 
-LV_FIELDS = "lv_name,vg_name,lv_attr,lv_size,pool_lv,origin,lv_tags,data_percent,metadata_percent"
+LV_FIELDS = ("lv_name,vg_name,lv_attr,lv_size,pool_lv,origin,lv_tags,data_percent,"
+             "metadata_percent,lv_profile,seg_monitor")
 
 SAMPLE_LVS = """{"report": [{"lv": [
  {"lv_name":"pool", "vg_name":"node", "lv_attr":"twi-aotz--", "lv_size":"10737418240",
@@ -46,6 +47,8 @@ class LogicalVolume:
     tags: frozenset[str]
     data_percent: float | None
     metadata_percent: float | None
+    profile: str = ""  # the LVM metadata profile attached (a pool's autoextend policy)
+    monitored: bool = False  # dmeventd watches it (a pool: autoextend can happen)
 
     @property
     def path(self) -> str:
@@ -85,6 +88,7 @@ def parse_lvs(text: str) -> list[LogicalVolume]:
             pool=r["pool_lv"], origin=r["origin"],
             tags=frozenset(t for t in r["lv_tags"].split(",") if t),
             data_percent=_pct(r["data_percent"]), metadata_percent=_pct(r["metadata_percent"]),
+            profile=r.get("lv_profile", ""), monitored=r.get("seg_monitor") == "monitored",
         )
         for r in rows
     ]
@@ -98,14 +102,20 @@ def lvs(vg: str | None = None) -> list[LogicalVolume]:
 def vgs_with_tag(tag: str) -> list[str]:
     """Names of volume groups carrying ``tag``.
 
-    >>> import json
-    >>> _vg_names('{"report":[{"vg":[{"vg_name":"node","vg_tags":"imgbase:vg"}]}]}', "imgbase:vg")
-    ['node']
+    >>> _vg_rows('{"report":[{"vg":[{"vg_name":"node","vg_tags":"imgbase:vg",'
+    ...          '"vg_free":"1024"}]}]}', "imgbase:vg")
+    {'node': 1024}
     """
-    out = run(["vgs", "--reportformat", "json", "-o", "vg_name,vg_tags"]).stdout
-    return _vg_names(out, tag)
+    return list(vg_free_with_tag(tag))
 
 
-def _vg_names(text: str, tag: str) -> list[str]:
+def vg_free_with_tag(tag: str) -> dict[str, int]:
+    """Volume groups carrying ``tag``, with their free bytes (one vgs call)."""
+    out = run(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix",
+               "-o", "vg_name,vg_tags,vg_free"]).stdout
+    return _vg_rows(out, tag)
+
+
+def _vg_rows(text: str, tag: str) -> dict[str, int]:
     rows = json.loads(text)["report"][0]["vg"]
-    return [r["vg_name"] for r in rows if tag in r["vg_tags"].split(",")]
+    return {r["vg_name"]: int(r["vg_free"]) for r in rows if tag in r["vg_tags"].split(",")}
