@@ -189,8 +189,11 @@ def volume_steps(vg: str, lv: str, mountpoint: str, size: str, source: Path | No
     ]
     if source is not None:
         steps.append(Step(f"fill-{lv}", (
+            # the volume's root takes the mode and owner of the directory it replaces
+            # (/tmp and /var/tmp are 1777), then its contents
             "sh", "-c", 'mkdir -p "$2" && mount "$1" "$2" && { [ ! -d "$3" ] || '
-            'cp -a "$3/." "$2/"; }; s=$?; umount "$2"; exit $s', "fill", dev, str(mnt),
+            '{ chmod --reference="$3" "$2" && chown --reference="$3" "$2" && '
+            'cp -a "$3/." "$2/"; }; }; s=$?; umount "$2"; exit $s', "fill", dev, str(mnt),
             str(source))))
     steps.append(Step(f"volume-{lv}-complete", ("lvchange", "--deltag", TAG_INCOMPLETE,
                                                 f"{vg}/{lv}")))
