@@ -267,6 +267,28 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if rec["good"] else 1
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from . import gc
+    from .health import read_history
+    from .status import NodeFacts
+
+    return _apply(gc.plan_rollback(NodeFacts.gather(), read_history(), args.to), args)
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    from . import gc
+    from .status import NodeFacts
+
+    return _apply(gc.plan_pin(NodeFacts.gather(), args.base, args.verb == "pin"), args)
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from . import gc
+    from .status import NodeFacts
+
+    return _apply(gc.plan_gc(NodeFacts.gather(), args.keep), args)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import collect, render
 
@@ -438,6 +460,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act", action="store_true",
                    help="reboot when a layer on trial is not healthy (the boot service does)")
     p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("rollback", help="make the previous good layer the default again",
+                       description="Make the layer most recently found healthy (other than "
+                       "the booted one) the default, with no trial; --to names another.")
+    p.add_argument("--to", metavar="LAYER")
+    _plan_args(p)
+    p.set_defaults(func=cmd_rollback)
+
+    for verb in ("pin", "unpin"):
+        p = sub.add_parser(verb, help=f"{verb} a base: gc never removes a pinned base")
+        p.add_argument("base", metavar="BASE")
+        _plan_args(p)
+        p.set_defaults(func=cmd_pin)
+
+    p = sub.add_parser("gc", help="remove old images (bases and their layers)",
+                       description="Keep the N newest bases (default 2), the bases of the "
+                       "booted and default layers and the pinned ones; remove the rest.")
+    p.add_argument("--keep", type=int, default=2, metavar="N")
+    _plan_args(p)
+    p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("status", help="bases, layers, pool and volumes of this node",
                        description="Show the node's bases and layers (booted, default and "

@@ -120,3 +120,32 @@ def test_status_shows_trial_kargs_and_abandoned_layers() -> None:
     assert (b["tries_left"], b["kargs"], b["last_health"]["good"]) == (2, ["rw", "quiet"], False)
     assert st["fallback_layer"] == A
     assert st["abandoned"] == [{"time": 2, "layer": "old+1", "reason": "did not come up"}]
+
+
+def test_rollback_goes_to_the_last_layer_found_healthy_not_the_previous_nvr() -> None:
+    from imgbase import gc
+
+    f = replace(two_layers(), booted=B, env={"saved_entry": B})
+    history = [{"event": "health", "layer": A, "good": True},
+               {"event": "health", "layer": "gone+1", "good": True},
+               {"event": "health", "layer": B, "good": True}]
+    assert written_env(gc.plan_rollback(f, history, None)) == {"saved_entry": A}
+    with pytest.raises(InputError, match="no earlier good layer"):
+        gc.plan_rollback(f, history[2:], None)
+    with pytest.raises(InputError, match="is not a layer of this node"):
+        gc.plan_rollback(f, history, "gone+1")
+
+
+def test_gc_keeps_newest_booted_default_and_pinned_bases() -> None:
+    from imgbase import gc
+
+    extra = []
+    for v in ("0.8", "0.9", "2.0", "3.0"):
+        extra += [lv(f"n-{v}-1", "Vri---tz-k", tags="imgbase:base"),
+                  lv(f"n-{v}-1+1", origin=f"n-{v}-1", tags="imgbase:layer")]
+    extra[2] = replace(extra[2], tags=extra[2].tags | {"imgbase:pinned"})  # n-0.9-1 pinned
+    f = node(*extra, entries=(A, "n-0.8-1+1", "n-3.0-1+1"))  # booted/default: n-1.0-1+1
+    plan = gc.plan_gc(f, keep=2)
+    removed = [s.argv[-1].split("/")[-1] for s in plan.steps if s.argv[:1] == ("lvremove",)]
+    assert removed == ["n-0.8-1+1", "n-0.8-1"]
+    assert gc.plan_gc(f, keep=5).steps == ()
