@@ -40,7 +40,7 @@ boot: compose
 
 # the whole suite: unit tests, doctests, real composes and (later) qemu guests
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 # the quick part, to run while working
 test-quick: setup
