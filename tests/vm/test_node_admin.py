@@ -62,6 +62,10 @@ BREAKS = [
      f"lvremove -q -y imgbase/{NVR}+7", set()),
     ("boot-entries", f"cp {ENTRIES} /run/entries && printf \"menuentry 'x' --id '{NVR}+9' "
      f"{{\\n}}\\n\" >> {ENTRIES}", f"mv /run/entries {ENTRIES}", set()),
+    ("boot-entries", f"mv /boot/{LAYER}/vmlinuz /run/vmlinuz",
+     f"mv /run/vmlinuz /boot/{LAYER}/vmlinuz", set()),  # an entry pointing at no kernel
+    ("boot-entries", f"cp {ENTRIES} /run/entries && echo 'menuentry {{ garbage' >> {ENTRIES}",
+     f"mv /run/entries {ENTRIES}", set()),  # edited into nonsense: reported, not a crash
     ("booted", f"lvchange --deltag imgbase:layer imgbase/{LAYER}",
      f"lvchange --addtag imgbase:layer imgbase/{LAYER}", {"layers", "boot-entries"}),
     ("incomplete", "lvchange --addtag imgbase:incomplete imgbase/var",
@@ -86,6 +90,11 @@ def test_each_check_can_fail(node: Guest, name: str, breaks: str, mends: str,
     failed = {k for k, v in results.items() if not v["ok"]}
     assert failed == {name} | also, results
     assert results[name]["detail"]
+    if "vmlinuz" in breaks:
+        assert f"boot entry {LAYER} has no kernel or initrd" in str(results[name]["detail"])
+    if "garbage" in breaks:
+        assert "not an entry" in str(results[name]["detail"])
+        assert node.run("imgbase status --json", check=False).rc == 0
     # put back: the next test asserts its own check alone fails, the later ones that all pass
 
 
