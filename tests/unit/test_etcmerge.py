@@ -1,0 +1,62 @@
+"""The 3-way /etc merge on real directory trees."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from imgbase.etcmerge import merge
+
+
+def tree(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if text.startswith("->"):
+            os.symlink(text[2:], path)
+        else:
+            path.write_text(text)
+    return root
+
+
+def test_three_way_merge(tmp_path: Path) -> None:
+    base = {"motd": "v1", "same": "s", "edited": "a", "gone-in-v2": "x", "both": "o",
+            "passwd": "root:x:0:0\n", "link": "->motd"}
+    old_factory = tree(tmp_path / "of", base)
+    old_etc = tree(tmp_path / "oe", {**base, "edited": "local edit", "both": "mine",
+                                     "admin.conf": "new file",
+                                     "passwd": "root:x:0:0\nann:x:1001:1001\n"})
+    os.chmod(old_etc / "motd", 0o600)  # a local mode change is a local change
+    new = {"motd": "v2", "same": "s", "edited": "a", "both": "theirs", "added-in-v2": "n",
+           "passwd": "root:x:0:0\nlibvirt:x:120:120\n", "link": "->same"}
+    new_factory = tree(tmp_path / "nf", new)
+    target = tmp_path / "t"
+    shutil.copytree(new_factory, target, symlinks=True)
+    report = merge(old_factory, old_etc, new_factory, target)
+    assert (target / "edited").read_text() == "local edit"  # kept local
+    # changed on both sides (local: mode, image: content): a conflict, local wins
+    assert (target / "motd").read_text() == "v1"
+    assert (target / "motd").stat().st_mode & 0o777 == 0o600
+    assert (target / "added-in-v2").read_text() == "n"
+    assert not (target / "gone-in-v2").exists() and report.removed == ["gone-in-v2"]
+    assert (target / "admin.conf").read_text() == "new file"
+    assert os.readlink(target / "link") == "same" and "link" in report.taken_new
+    assert report.conflicts == ["both", "motd"] and (target / "both").read_text() == "mine"
+    assert (target / "passwd").read_text() == (
+        "root:x:0:0\nlibvirt:x:120:120\nann:x:1001:1001\n")
+    assert report.accounts_kept == ["passwd:ann"]
+    saved = json.loads((target / "imgbase/etc-merge.json").read_text())
+    assert saved["conflicts"] == ["both", "motd"]
+    assert report.kept_local == ["admin.conf", "edited"]
+
+
+def test_take_new_policy_resolves_conflicts_for_the_image(tmp_path: Path) -> None:
+    of = tree(tmp_path / "of", {"c": "o"})
+    oe = tree(tmp_path / "oe", {"c": "mine"})
+    nf = tree(tmp_path / "nf", {"c": "theirs"})
+    target = tmp_path / "t"
+    shutil.copytree(nf, target)
+    assert merge(of, oe, nf, target, policy="take-new").conflicts == ["c"]
+    assert (target / "c").read_text() == "theirs"
