@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_NO_RESULT, ImgbaseError, die
-from .plan import JOURNAL, Plan, execute
+from .plan import JOURNAL, Plan, execute, locked
 from .progress import Progress
 from .run import run
 
@@ -108,7 +108,8 @@ def _apply(plan: Plan, args: argparse.Namespace, journal: Path | None = JOURNAL)
     if args.dry_run:
         print(plan.to_json() if args.json else plan.describe())
         return 0
-    execute(plan, Progress(json_lines=args.json), journal=journal)
+    with locked():
+        execute(plan, Progress(json_lines=args.json), journal=journal)
     return 0
 
 
@@ -287,6 +288,32 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from .status import NodeFacts
 
     return _apply(gc.plan_gc(NodeFacts.gather(), args.keep), args)
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    from . import update
+
+    with locked():
+        facts = update.gather_facts(args.source, insecure=args.insecure,
+                                    allow_downgrade=args.allow_downgrade, tries=args.tries)
+        plan = update.plan_update(facts)
+        if args.dry_run:
+            print(plan.to_json() if args.json else plan.describe())
+            return 0
+        execute(plan, Progress(json_lines=args.json))
+    if not args.json:
+        print(f"updated: {facts.nvr} boots next, on trial ({args.tries} tries); reboot to use it")
+    return 0
+
+
+def cmd_etc_merge(args: argparse.Namespace) -> int:
+    from .etcmerge import merge
+
+    report = merge(Path(args.old_factory), Path(args.old_etc), Path(args.new_factory),
+                   Path(args.target), policy=args.policy)
+    for rel in report.conflicts:
+        print(f"conflict: /etc/{rel} ({args.policy})")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -480,6 +507,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=2, metavar="N")
     _plan_args(p)
     p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("update", help="a new base and layer from an image; boots next, on trial",
+                       description="Verify the image (sha256, product, version, space), "
+                       "make a new base as a delta of the closest one, a new layer with /etc "
+                       "merged and the kernel arguments carried, and make it the default on "
+                       "trial. Exit 77 when the image is already on the node.")
+    p.add_argument("source", metavar="IMAGE.squashfs")
+    p.add_argument("--insecure", action="store_true", help="accept an image without .sha256")
+    p.add_argument("--allow-downgrade", action="store_true")
+    p.add_argument("--tries", type=int, default=3, help="boots on trial (default 3)")
+    _plan_args(p)
+    p.set_defaults(func=cmd_update)
+
+    p = sub.add_parser("etc-merge", help="(used by update) 3-way merge of /etc")
+    for name in ("old_factory", "old_etc", "new_factory", "target"):
+        p.add_argument(name)
+    p.add_argument("--policy", choices=["keep-local", "take-new"], default="keep-local")
+    p.set_defaults(func=cmd_etc_merge)
 
     p = sub.add_parser("status", help="bases, layers, pool and volumes of this node",
                        description="Show the node's bases and layers (booted, default and "

@@ -17,19 +17,23 @@ layer-add:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shlex
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ImgbaseError
+from .errors import ImgbaseError, InputError
 from .progress import Progress
 from .run import run
 
 JOURNAL = Path("/var/lib/imgbase/journal.jsonl")
+LOCK = Path("/run/imgbase/lock")
 # Test hook: end the process (as a crash would) right after the named step.
 CRASH_AFTER_ENV = "IMGBASE_CRASH_AFTER_STEP"
 
@@ -101,6 +105,28 @@ class Journal:
     def close(self) -> None:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked(path: Path = LOCK) -> Iterator[None]:
+    """One state-changing imgbase command at a time (a second is refused, not queued)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise InputError(f"another imgbase operation is running (pid {holder})",
+                             hint="wait for it to finish; imgbase recover if it was killed"
+                             ) from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
 
 
 def read_journal(path: Path = JOURNAL) -> list[dict[str, Any]]:

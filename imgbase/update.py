@@ -1,0 +1,197 @@
+"""`imgbase update SOURCE`: a new base and layer from an image, the node's state carried.
+
+Facts first, every refusal before anything is written: the image is readable and an
+imgbase image of the same product, its sha256 matches ``SOURCE.sha256`` (or
+``--insecure``), it is newer than every base (or ``--allow-downgrade``; the same NVR
+exits 77, "already up to date"), and pool and /boot have room.
+
+The new base is a thin snapshot of the closest existing base, synced from the mounted
+squashfs with rsync (contents, modes, owners, xattrs, ACLs, hard links, deletions), so
+its cost follows the change, not the image; with no base to start from it is a full
+unpack. The new layer gets /etc merged three ways (:mod:`imgbase.etcmerge`), an fstab
+from the volume tags, the kernel arguments of the booted layer plus the new image's,
+and its boot entry. Last, one grubenv write makes it the default on trial: the next
+boot is counted, and a layer that does not come up healthy is abandoned by GRUB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import bootloader
+from .admin import _boot_files_step
+from .boot import DEFAULT_TRIES
+from .bootloader import grubenv
+from .errors import ImgbaseError, die
+from .naming import Layer, Nvr
+from .plan import Plan, Step
+from .run import run
+from .status import NodeFacts
+from .storage.layout import (
+    WORK,
+    base_from_image_steps,
+    base_seal_steps,
+    layer_create_steps,
+    layer_finish_steps,
+    mountpoint_of,
+    rewrite_fstab,
+)
+from .storage.lvm import TAG_BASE
+
+EXIT_UP_TO_DATE = 77
+BASE_SIZE = "8G"
+
+
+class UpToDate(ImgbaseError):
+    exit_code = EXIT_UP_TO_DATE
+
+
+@dataclass(frozen=True)
+class UpdateFacts:
+    node: NodeFacts
+    image: str
+    nvr: str
+    image_kargs: tuple[str, ...]
+    origin: str | None  # the base to snapshot; None: a full unpack
+    fstab: str  # the booted layer's
+    tries: int = DEFAULT_TRIES
+
+
+def merge_kargs(carried: str, image_args: tuple[str, ...]) -> str:
+    """The booted layer's arguments, plus the new image's that are not set yet (by key).
+
+    >>> merge_kargs("rw console=ttyS0 quiet", ("console=tty1", "mitigations=auto"))
+    'rw console=ttyS0 quiet mitigations=auto'
+    """
+    args = carried.split()
+    keys = {a.split("=", 1)[0] for a in args}
+    return " ".join(args + [a for a in image_args if a.split("=", 1)[0] not in keys])
+
+
+def plan_update(f: UpdateFacts) -> Plan:
+    node, layout = f.node, f.node.layout
+    vg, nvr = layout.vg, f.nvr
+    layer = str(Layer(Nvr.parse(nvr), 1))
+    base_mnt, img_mnt, mnt = WORK / "update-base", WORK / "update-image", WORK / "update-layer"
+    pool = layout.pool.name if layout.pool else "pool"
+    if f.origin is None:
+        steps = base_from_image_steps(vg, nvr, f.image, BASE_SIZE, base_mnt, pool)
+    else:
+        steps = [
+            Step("base-snapshot", ("lvcreate", "-y", "-s", "-kn", "-prw", "--addtag", TAG_BASE,
+                                   "--addtag", "imgbase:incomplete", "-n", nvr,
+                                   f"{vg}/{f.origin}"),
+                 note=f"delta: starts as {f.origin}, only the changes are written"),
+            Step("base-activate", ("lvchange", "-ay", "-K", f"{vg}/{nvr}")),
+            Step("base-mount", ("sh", "-c", 'mkdir -p "$2" "$3" && mount "$1" "$2" && '
+                                'mount -t squashfs -o loop,ro "$4" "$3"', "mount",
+                                f"/dev/{vg}/{nvr}", str(base_mnt), str(img_mnt), f.image)),
+            Step("base-sync", ("rsync", "-aHAXS", "--delete", "--numeric-ids", "--inplace",
+                               "--no-whole-file", f"{img_mnt}/", f"{base_mnt}/")),
+            Step("base-umount", ("umount", str(img_mnt), str(base_mnt))),
+            *base_seal_steps(vg, nvr),
+        ]
+    volumes = [(mp, lv.path) for lv in layout.volumes if (mp := mountpoint_of(lv))]
+    create = layer_create_steps(vg, nvr, layer, mnt,
+                                rewrite_fstab(f.fstab, f"/dev/{vg}/{layer}", volumes))
+    fstab_at = [s.name for s in create].index("layer-fstab")
+    steps += create[:fstab_at]
+    steps.append(Step("etc-merge", ("imgbase", "etc-merge", "/usr/share/factory/etc", "/etc",
+                                    f"{mnt}/usr/share/factory/etc", f"{mnt}/etc"),
+                      note="3-way: old factory, this layer's /etc, new factory"))
+    steps += create[fstab_at:]
+    model = node.entries.get(node.booted or "") or node.entries.get(node.default or "") or ""
+    kargs = merge_kargs(bootloader.kernel_args(model) if model else "rw", f.image_kargs)
+    steps += [
+        _boot_files_step(mnt, node.boot, layer),
+        *bootloader.write_entry_steps(node.boot, node.entries, {
+            layer: bootloader.entry(node.boot, layer, f"/dev/{vg}/{layer}", kargs)}),
+        *layer_finish_steps(vg, layer, mnt),
+    ]
+    env = {k: v for k, v in node.env.items()
+           if k not in ("imgbase_tries", "imgbase_fallback", "next_entry")}
+    env.update(saved_entry=layer, imgbase_tries=str(f.tries),
+               imgbase_fallback=node.booted or node.default or "")
+    steps.append(Step("boot-default", write=(str(node.boot / "grub/grubenv"),
+                                             grubenv.render(env)),
+                      note="the last step: from here the next boot tries the new layer"))
+    return Plan("update", tuple(steps))
+
+
+# -- facts -----------------------------------------------------------------------------
+
+def image_info(image: str) -> dict[str, Any]:
+    if not os.path.exists(image):
+        die(f"{image}: no such image", hint="give the .squashfs made by imgbase compose")
+    if run(["unsquashfs", "-s", image], check=False).returncode != 0:
+        die(f"{image} is not a readable squashfs (truncated or corrupt?)",
+            hint="download it again and check it against its .sha256")
+    proc = run(["unsquashfs", "-cat", image, "usr/lib/imgbase/image.json"], check=False)
+    if proc.returncode != 0:
+        die(f"{image} is not an imgbase image (no /usr/lib/imgbase/image.json)",
+            hint="update from an image made by imgbase compose")
+    info: dict[str, Any] = json.loads(proc.stdout)
+    return info
+
+
+def _size(path: str) -> int:
+    """Bytes of a file or a block device."""
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
+
+
+def verify_sha256(image: str, insecure: bool) -> None:
+    sums = Path(f"{image}.sha256")
+    if not sums.exists():
+        if insecure:
+            return
+        die(f"{sums} is missing: the image cannot be verified",
+            hint="put the .sha256 compose wrote next to it, or pass --insecure")
+    want = sums.read_text().split()[0] if sums.read_text().split() else ""
+    h = hashlib.sha256()
+    with open(image, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != want:
+        die(f"{image}: sha256 {h.hexdigest()[:16]}… does not match {sums} ({want[:16]}…)",
+            hint="the image is corrupt or not the one published; download it again")
+
+
+def gather_facts(image: str, *, insecure: bool, allow_downgrade: bool, tries: int
+                 ) -> UpdateFacts:
+    node = NodeFacts.gather()
+    info = image_info(image)
+    verify_sha256(image, insecure)
+    new = Nvr.parse(info["nvr"])
+    bases = sorted(Nvr.parse(lv.name) for lv in node.layout.bases)
+    same_product = [b for b in bases if b.name == new.name]
+    if bases and not same_product:
+        die(f"{image} is {new}, an image of another product than this node's "
+            f"({', '.join(str(b) for b in bases)})", hint="update from an image of this product")
+    if any(b == new for b in bases):
+        raise UpToDate(f"{new} is already on this node", hint="nothing to do")
+    newest = same_product[-1] if same_product else None
+    if newest is not None and new < newest and not allow_downgrade:
+        die(f"{new} is older than {newest}", hint="pass --allow-downgrade to go back anyway")
+    origin = max((b for b in same_product if b < new), default=newest)
+    pool = node.layout.pool
+    if pool is None:
+        die("no thin pool tagged imgbase:pool", hint="imgbase check tells what is wrong")
+    free = int(pool.size * (100 - (pool.data_percent or 0)) / 100)
+    size = _size(image)
+    need = size if origin is None else size // 4  # a delta writes what changed
+    if free < need:
+        die(f"the pool is too full for the update: {free >> 20} MiB free, about {need >> 20} "
+            "MiB needed", hint="imgbase gc, or grow the pool (lvextend)")
+    from .admin import check_boot_space
+
+    check_boot_space(node.boot, node.booted or node.default)
+    return UpdateFacts(node=node, image=image, nvr=str(new),
+                       image_kargs=tuple(info.get("kernel_args", [])),
+                       origin=str(origin) if origin else None,
+                       fstab=Path("/etc/fstab").read_text(), tries=tries)

@@ -1,0 +1,86 @@
+"""The update planner: a delta base from the closest one, /etc merged before the fstab is
+written, kernel arguments carried, and the default changed by the very last step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from imgbase import update
+from imgbase.bootloader import grubenv
+from imgbase.errors import InputError
+from imgbase.plan import locked
+from tests.unit.test_node_plans import NVR, node
+
+FACTS = update.UpdateFacts(node=node(), image="/var/tmp/n-2.0-1.squashfs", nvr="n-2.0-1",
+                           image_kargs=("console=ttyS0", "mitigations=auto"), origin=NVR,
+                           fstab="LABEL=boot /boot ext4 defaults 0 2\n")
+
+
+def names(plan: update.Plan) -> list[str]:
+    return [s.name for s in plan.steps]
+
+
+def test_delta_base_is_a_snapshot_synced_from_the_image() -> None:
+    plan = update.plan_update(FACTS)
+    n = names(plan)
+    snap = plan.steps[n.index("base-snapshot")].argv
+    assert snap[-1] == f"vg/{NVR}" and "n-2.0-1" in snap and "imgbase:incomplete" in snap
+    sync = plan.steps[n.index("base-sync")].argv
+    assert sync[0] == "rsync" and "--delete" in sync and "-aHAXS" in sync
+    assert n.index("base-sync") < n.index("base-readonly") < n.index("layer-create")
+
+
+def test_full_unpack_when_there_is_no_base_to_start_from() -> None:
+    n = names(update.plan_update(replace(FACTS, origin=None)))
+    assert "base-unpack" in n and "base-snapshot" not in n
+
+
+def test_etc_merged_then_fstab_then_entry_and_the_default_last() -> None:
+    plan = update.plan_update(FACTS)
+    n = names(plan)
+    assert n.index("layer-mount") < n.index("etc-merge") < n.index("layer-fstab")
+    assert n.index("boot-entries") < n.index("layer-complete") < n.index("boot-default")
+    assert n[-1] == "boot-default"
+    env = grubenv.parse(plan.steps[-1].write[1])  # type: ignore[index]
+    assert env == {"saved_entry": "n-2.0-1+1", "imgbase_tries": "3",
+                   "imgbase_fallback": f"{NVR}+1"}
+    entries = plan.steps[n.index("boot-entries")].write[1]  # type: ignore[index]
+    assert "root=/dev/vg/n-2.0-1+1 rw quiet console=ttyS0 mitigations=auto" in entries
+
+
+def test_sha256_mismatch_and_missing_sums_are_refused(tmp_path: Path) -> None:
+    image = tmp_path / "x.squashfs"
+    image.write_bytes(b"image")
+    with pytest.raises(InputError, match="is missing: the image cannot be verified"):
+        update.verify_sha256(str(image), insecure=False)
+    update.verify_sha256(str(image), insecure=True)
+    (tmp_path / "x.squashfs.sha256").write_text("0" * 64 + "  x.squashfs\n")
+    with pytest.raises(InputError, match="does not match"):
+        update.verify_sha256(str(image), insecure=True)
+    digest = subprocess.run(["sha256sum", str(image)], capture_output=True, text=True,
+                            check=True).stdout.split()[0]
+    (tmp_path / "x.squashfs.sha256").write_text(f"{digest}  x.squashfs\n")
+    update.verify_sha256(str(image), insecure=False)
+
+
+def test_corrupt_image_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.squashfs"
+    bad.write_bytes(b"hsqs" + b"\0" * 100)
+    with pytest.raises(InputError, match="not a readable squashfs"):
+        update.image_info(str(bad))
+
+
+def test_a_second_operation_is_refused_while_one_runs(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    code = ("import sys; from pathlib import Path; from imgbase.plan import locked\n"
+            "with locked(Path(sys.argv[1])): pass")
+    with locked(lock):
+        proc = subprocess.run([sys.executable, "-c", code, str(lock)], capture_output=True,
+                              text=True)
+    assert proc.returncode == 1 and "another imgbase operation is running (pid" in proc.stderr
+    subprocess.run([sys.executable, "-c", code, str(lock)], check=True)  # free again
