@@ -98,13 +98,25 @@ class MmdebstrapBackend(ComposerBackend):
         return ("var/lib/dpkg",)
 
 
+def _packaged_dirs(tree: Path) -> set[str]:
+    """Every path some installed package owns (dpkg's file lists), as /-rooted strings."""
+    owned: set[str] = set()
+    for info in ("var/lib/dpkg/info", "usr/lib/sysimage/dpkg/info"):
+        for listing in (tree / info).glob("*.list"):
+            owned.update(listing.read_text(errors="replace").splitlines())
+    return owned
+
+
 def _remove_copied_deb(tree: Path, deb: Path) -> None:
     """mmdebstrap needs a local .deb at its host path inside the tree too; remove
-    that copy and the directories made for it (they name the cache location)."""
+    that copy and the directories made for it (they name the cache location), but
+    never a directory a package owns: with the cache under /var/tmp, /var/tmp stays."""
     copy = tree / deb.relative_to("/")
     if copy.is_file():
         copy.unlink()
+    owned = _packaged_dirs(tree)
     inside = copy.parent
-    while inside != tree and inside.is_dir() and not any(inside.iterdir()):
+    while (inside != tree and inside.is_dir() and not any(inside.iterdir())
+           and f"/{inside.relative_to(tree)}" not in owned):
         inside.rmdir()
         inside = inside.parent

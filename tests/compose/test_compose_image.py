@@ -47,6 +47,12 @@ def test_node_identity_is_not_baked(host) -> None:  # type: ignore[no-untyped-de
     assert not host.file("/root/.ssh/authorized_keys").exists
 
 
+def test_scratch_dirs_are_empty_and_world_writable(host) -> None:  # type: ignore[no-untyped-def]
+    for path in ("/tmp", "/var/tmp"):
+        assert host.file(path).is_directory and host.file(path).mode == 0o1777, path
+        assert host.check_output(f"ls -A {path}") == "", path
+
+
 def test_factory_etc_and_image_json(host, default_image) -> None:  # type: ignore[no-untyped-def]
     assert host.file("/usr/share/factory/etc/fstab").exists
     assert host.file("/usr/share/factory/etc/ssh/sshd_config").exists

@@ -91,3 +91,19 @@ def test_image_json_carries_the_nvr(tmp_path: Path, root_dir: Path) -> None:
     info = json.loads((tree / postprocess.IMAGE_JSON).read_text())
     assert info["nvr"] == str(image.nvr) and info["inputs_digest"] == "abc"
     assert info["kernel_args"] == ["console=ttyS0,115200"]
+
+
+def test_the_copied_deb_goes_but_packaged_dirs_stay(tmp_path: Path) -> None:
+    """mmdebstrap leaves the local .deb at its host path in the tree; with the cache under
+    /var/tmp, removing it must not take /var/tmp (a base-files directory) along."""
+    from imgbase.compose.mmdebstrap import _remove_copied_deb
+
+    tree = tmp_path / "tree"
+    deb = Path("/var/tmp/cache/work/abc/imgbase_0.1.0_all.deb")
+    copy = tree / deb.relative_to("/")
+    copy.parent.mkdir(parents=True)
+    copy.write_text("deb")
+    (tree / "var/lib/dpkg/info").mkdir(parents=True)
+    (tree / "var/lib/dpkg/info/base-files.list").write_text("/.\n/var\n/var/tmp\n")
+    _remove_copied_deb(tree, deb)
+    assert (tree / "var/tmp").is_dir() and not any((tree / "var/tmp").iterdir())
