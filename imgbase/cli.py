@@ -297,6 +297,10 @@ def cmd_update(args: argparse.Namespace) -> int:
         facts = update.gather_facts(args.source, insecure=args.insecure,
                                     allow_downgrade=args.allow_downgrade, tries=args.tries)
         plan = update.plan_update(facts)
+        if args.check:
+            report = update.check_report(facts, Path("/run/imgbase"))
+            print(json.dumps(report, indent=2) if args.json else update.render_report(report))
+            return 0
         if args.dry_run:
             print(plan.to_json() if args.json else plan.describe())
             return 0
@@ -517,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="accept an image without .sha256")
     p.add_argument("--allow-downgrade", action="store_true")
     p.add_argument("--tries", type=int, default=3, help="boots on trial (default 3)")
+    p.add_argument("--check", action="store_true",
+                   help="report what would change (packages, /etc merge, kargs, space)")
     _plan_args(p)
     p.set_defaults(func=cmd_update)
 

@@ -195,3 +195,86 @@ def gather_facts(image: str, *, insecure: bool, allow_downgrade: bool, tries: in
                        image_kargs=tuple(info.get("kernel_args", [])),
                        origin=str(origin) if origin else None,
                        fstab=Path("/etc/fstab").read_text(), tries=tries)
+
+
+# -- the "what will change" report (--check) ---------------------------------------------
+
+def packages(status_text: str) -> dict[str, str]:
+    """Installed packages and versions from a dpkg status file.
+
+    >>> packages("Package: a\\nStatus: install ok installed\\nVersion: 1\\n\\n"
+    ...          "Package: b\\nStatus: deinstall ok config-files\\nVersion: 2\\n")
+    {'a': '1'}
+    """
+    found = {}
+    for stanza in status_text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines()
+                      if ": " in line and not line.startswith(" "))
+        if fields.get("Status", "").endswith(" installed") and "Package" in fields:
+            found[fields["Package"]] = fields.get("Version", "")
+    return found
+
+
+def package_diff(old: dict[str, str], new: dict[str, str]) -> dict[str, Any]:
+    """Added, removed and changed (old → new version) packages.
+
+    >>> package_diff({"a": "1", "b": "1"}, {"b": "2", "c": "1"})
+    {'added': ['c'], 'removed': ['a'], 'changed': {'b': ['1', '2']}}
+    """
+    return {"added": sorted(set(new) - set(old)), "removed": sorted(set(old) - set(new)),
+            "changed": {p: [old[p], new[p]] for p in sorted(set(old) & set(new))
+                        if old[p] != new[p]}}
+
+
+def check_report(f: UpdateFacts, workdir: Path, root: Path = Path("/")) -> dict[str, Any]:
+    """What the update would change, without changing anything: packages, the /etc merge
+    (run on scratch copies), kernel arguments, space. root: the booted layer's tree."""
+    import shutil
+    import tempfile
+
+    from .etcmerge import merge
+
+    status_path = "usr/lib/sysimage/dpkg/status"
+    old = packages((root / status_path).read_text(errors="replace"))
+    new_status = run(["unsquashfs", "-cat", f.image, status_path], check=False).stdout
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        scratch = Path(tmp)
+        run(["unsquashfs", "-q", "-n", "-d", str(scratch / "new"), f.image,
+             "usr/share/factory/etc"])
+        factory = scratch / "new/usr/share/factory/etc"
+        shutil.copytree(factory, scratch / "target", symlinks=True)
+        report = merge(root / "usr/share/factory/etc", root / "etc", factory,
+                       scratch / "target")
+    node = f.node
+    model = node.entries.get(node.booted or "") or ""
+    pool = node.layout.pool
+    return {
+        "from": node.booted_base, "to": f.nvr, "delta_from": f.origin,
+        "packages": package_diff(old, packages(new_status)),
+        "etc": {"taken_new": report.taken_new, "kept_local": report.kept_local,
+                "removed": report.removed, "conflicts": report.conflicts,
+                "accounts_kept": report.accounts_kept},
+        "kargs": merge_kargs(bootloader.kernel_args(model) if model else "rw",
+                             f.image_kargs).split(),
+        "pool_free": None if pool is None else
+        int(pool.size * (100 - (pool.data_percent or 0)) / 100),
+        "image_size": _size(f.image),
+    }
+
+
+def render_report(r: dict[str, Any]) -> str:
+    pk, etc = r["packages"], r["etc"]
+    lines = [f"update {r['from']} -> {r['to']}"
+             + (f" (a delta of base {r['delta_from']})" if r["delta_from"] else " (full copy)"),
+             f"packages: {len(pk['added'])} added, {len(pk['removed'])} removed, "
+             f"{len(pk['changed'])} changed"]
+    lines += [f"  {p}: {a} -> {b}" for p, (a, b) in list(pk["changed"].items())[:20]]
+    lines += [f"  + {p}" for p in pk["added"][:20]] + [f"  - {p}" for p in pk["removed"][:20]]
+    lines.append(f"/etc: {len(etc['taken_new'])} from the image, {len(etc['kept_local'])} "
+                 f"kept local, {len(etc['removed'])} removed, {len(etc['conflicts'])} "
+                 "conflicts (kept local)")
+    lines += [f"  conflict: /etc/{c}" for c in etc["conflicts"]]
+    lines.append(f"kernel arguments: {' '.join(r['kargs'])}")
+    if r["pool_free"] is not None:
+        lines.append(f"pool free {r['pool_free'] >> 20} MiB; image {r['image_size'] >> 20} MiB")
+    return "\n".join(lines)

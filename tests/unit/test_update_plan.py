@@ -84,3 +84,30 @@ def test_a_second_operation_is_refused_while_one_runs(tmp_path: Path) -> None:
                               text=True)
     assert proc.returncode == 1 and "another imgbase operation is running (pid" in proc.stderr
     subprocess.run([sys.executable, "-c", code, str(lock)], check=True)  # free again
+
+
+def test_check_reports_packages_etc_and_kargs_without_changing_anything(tmp_path: Path) -> None:
+    def status(pkgs: dict[str, str]) -> str:
+        return "\n".join(f"Package: {p}\nStatus: install ok installed\nVersion: {v}\n"
+                         for p, v in pkgs.items())
+
+    old = tmp_path / "root"
+    for rel, text in {"usr/lib/sysimage/dpkg/status": status({"a": "1", "b": "1"}),
+                      "usr/share/factory/etc/motd": "v1\n", "etc/motd": "local\n",
+                      "usr/share/factory/etc/issue": "v1\n", "etc/issue": "v1\n"}.items():
+        (old / rel).parent.mkdir(parents=True, exist_ok=True)
+        (old / rel).write_text(text)
+    new = tmp_path / "new"
+    for rel, text in {"usr/lib/sysimage/dpkg/status": status({"b": "2", "c": "1"}),
+                      "usr/share/factory/etc/motd": "v2\n",
+                      "usr/share/factory/etc/issue": "v2\n"}.items():
+        (new / rel).parent.mkdir(parents=True, exist_ok=True)
+        (new / rel).write_text(text)
+    image = tmp_path / "n-2.0-1.squashfs"
+    subprocess.run(["mksquashfs", str(new), str(image), "-quiet", "-no-progress"], check=True)
+    r = update.check_report(replace(FACTS, image=str(image)), tmp_path, root=old)
+    assert r["packages"] == {"added": ["c"], "removed": ["a"], "changed": {"b": ["1", "2"]}}
+    assert r["etc"]["conflicts"] == ["motd"] and r["etc"]["taken_new"] == ["issue"]
+    assert r["kargs"] == ["rw", "quiet", "console=ttyS0", "mitigations=auto"]
+    assert (old / "etc/motd").read_text() == "local\n"  # nothing changed
+    assert "1 added, 1 removed, 1 changed" in update.render_report(r)
