@@ -310,6 +310,17 @@ def cmd_update(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    diffs = verify(args.base, args.image)
+    if args.json:
+        print(json.dumps({"base": args.base, "matches": not diffs, "differing": diffs}))
+    else:
+        print("\n".join(diffs) if diffs else f"{args.base} matches {args.image}")
+    return 1 if diffs else 0
+
+
 def cmd_etc_merge(args: argparse.Namespace) -> int:
     from .etcmerge import merge
 
@@ -525,6 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report what would change (packages, /etc merge, kargs, space)")
     _plan_args(p)
     p.set_defaults(func=cmd_update)
+
+    p = sub.add_parser("verify", help="prove a base holds exactly its image (read-only)")
+    p.add_argument("base", metavar="BASE")
+    p.add_argument("image", metavar="IMAGE.squashfs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("etc-merge", help="(used by update) 3-way merge of /etc")
     for name in ("old_factory", "old_etc", "new_factory", "target"):
