@@ -34,13 +34,13 @@ from .storage import lvm
 from .storage.layout import TAG_INCOMPLETE, NodeLayout, mountpoint_of
 
 CONFIG = Path("/etc/imgbase/imgbase.toml")
-DEFAULT_LIMITS = {"pool_data_max": 80.0, "pool_metadata_max": 80.0}
-
-
 @dataclass(frozen=True)
 class Limits:
     pool_data_max: float = 80.0
     pool_metadata_max: float = 80.0
+
+
+DEFAULT_LIMITS = asdict(Limits())
 
 
 @dataclass(frozen=True)

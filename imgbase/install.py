@@ -202,11 +202,9 @@ def _walk(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _image_info(image: str) -> dict[str, Any]:
-    proc = run(["unsquashfs", "-cat", image, "usr/lib/imgbase/image.json"], check=False)
-    if proc.returncode != 0:
-        die(f"{image} is not an imgbase image (no /usr/lib/imgbase/image.json)",
-            hint="install an image made by imgbase compose")
-    info: dict[str, Any] = json.loads(proc.stdout)
+    from .update import image_info
+
+    info = image_info(image)  # readable, and an imgbase image
     listing = run(["unsquashfs", "-l", "-d", "", image, "boot"]).stdout.split()
     kernels = sorted(p.removeprefix("/boot/vmlinuz-") for p in listing
                      if p.startswith("/boot/vmlinuz-"))

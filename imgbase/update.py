@@ -134,7 +134,7 @@ def image_info(image: str) -> dict[str, Any]:
     proc = run(["unsquashfs", "-cat", image, "usr/lib/imgbase/image.json"], check=False)
     if proc.returncode != 0:
         die(f"{image} is not an imgbase image (no /usr/lib/imgbase/image.json)",
-            hint="update from an image made by imgbase compose")
+            hint="use an image made by imgbase compose")
     info: dict[str, Any] = json.loads(proc.stdout)
     return info
 
