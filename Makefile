@@ -5,13 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 export IMGBASE_CACHE ?= /var/cache/imgbase
 APT_PACKAGES := mmdebstrap squashfs-tools qemu-system-x86 qemu-utils dpkg-dev e2fsprogs \
-                util-linux openssh-client
+                util-linux openssh-client gpg gpgv rpm etcd-server openssl
 IMAGE ?= images/node.toml
 OUT ?= out
 
 NVR := imgbase-node-1.0-1
 
-.PHONY: setup image compose boot test test-quick test-slow lint bench clean
+.PHONY: setup image compose boot test test-quick test-slow test-powercut lint bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -38,16 +38,21 @@ compose: setup
 boot: compose
 	$(BIN)/imgbase vm --live $(OUT)/$(NVR).squashfs
 
-# the whole suite: unit tests, doctests, real composes and (later) qemu guests
+# the whole suite: unit tests, doctests, real composes and qemu guests -- all but the
+# power-cut campaign, which takes as long again (test-powercut)
 test: setup
-	$(BIN)/pytest --durations=15
+	$(BIN)/pytest -m "not powercut" --durations=15
 
 # the quick part, to run while working
 test-quick: setup
 	$(BIN)/pytest -m "not slow"
 
 test-slow: setup
-	$(BIN)/pytest -m slow
+	$(BIN)/pytest -m "slow and not powercut"
+
+# kill the power at 20+ points of an update; after each the node boots and recovers
+test-powercut: setup
+	$(BIN)/pytest -m powercut --durations=5 -s
 
 lint: setup
 	$(BIN)/ruff check imgbase tests bench
@@ -55,6 +60,8 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/compose.py
+	$(BIN)/python bench/update.py
+	$(BIN)/python bench/fleet.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache

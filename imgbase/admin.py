@@ -71,7 +71,7 @@ def plan_layer_add(f: NodeFacts, base: str | None, fstab: str) -> Plan:
         *bootloader.write_entry_steps(f.boot, f.entries, {layer: new_entry}),
         *layer_finish_steps(vg, layer, mnt),
     ]
-    return Plan("layer-add", tuple(steps))
+    return Plan("layer-add", tuple(bootloader.committed(f.boot, steps)))
 
 
 def _refuse_in_use(f: NodeFacts, layer: str, action: str) -> None:
@@ -90,7 +90,7 @@ def plan_layer_remove(f: NodeFacts, layer: str) -> Plan:
     _refuse_in_use(f, layer, f"cannot remove {layer}")
     steps = [*bootloader.remove_entry_steps(f.boot, layer, f.entries),
              Step("layer-remove", ("lvremove", "-y", lv.path))]
-    return Plan("layer-remove", tuple(steps))
+    return Plan("layer-remove", tuple(bootloader.committed(f.boot, steps)))
 
 
 def plan_base_add(f: NodeFacts, image: str, nvr: str, size: str) -> Plan:
@@ -120,4 +120,4 @@ def plan_base_remove(f: NodeFacts, base: str) -> Plan:
         entries.pop(layer, None)
         steps.append(Step(f"remove-{layer}", ("lvremove", "-y", f"{f.layout.vg}/{layer}")))
     steps.append(Step("remove-base", ("lvremove", "-y", lv.path)))
-    return Plan("base-remove", tuple(steps))
+    return Plan("base-remove", tuple(bootloader.committed(f.boot, steps)))

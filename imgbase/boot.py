@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bootloader import grubenv
+from .bootloader import committed, grubenv
 from .errors import die
 from .plan import Plan, Step
 from .status import NodeFacts
@@ -39,7 +39,8 @@ def _need_layer(f: NodeFacts, layer: str) -> None:
 def plan_next(f: NodeFacts, layer: str) -> Plan:
     """Boot layer once, at the next boot; the default stays."""
     _need_layer(f, layer)
-    return Plan("boot-next", (_env_step(f.boot, {**f.env, "next_entry": layer}),))
+    return Plan("boot-next", tuple(committed(f.boot, [
+        _env_step(f.boot, {**f.env, "next_entry": layer})])))
 
 
 def plan_set_default(f: NodeFacts, layer: str, tries: int | None = DEFAULT_TRIES) -> Plan:
@@ -52,7 +53,7 @@ def plan_set_default(f: NodeFacts, layer: str, tries: int | None = DEFAULT_TRIES
     good = f.booted if f.booted and f.env.get("imgbase_tries", "") == "" else f.default
     if tries is not None and good and good != layer:
         env.update(imgbase_tries=str(tries), imgbase_fallback=good)
-    return Plan("boot-default", (_env_step(f.boot, env),))
+    return Plan("boot-default", tuple(committed(f.boot, [_env_step(f.boot, env)])))
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,15 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_NO_RESULT, ImgbaseError, die
 from .plan import JOURNAL, Plan, execute, locked
 from .progress import Progress
+
+if TYPE_CHECKING:
+    from .agent.etcd import Etcd
 from .run import run
 
 
@@ -116,8 +120,14 @@ def _apply(plan: Plan, args: argparse.Namespace, journal: Path | None = JOURNAL)
 def cmd_install(args: argparse.Namespace) -> int:
     from . import install
 
+    join = None
+    if args.join:
+        join = install.join_config(args.join, args.group, args.ca, args.cert, args.key)
+    elif args.ca or args.cert or args.key:
+        die("--ca, --cert and --key go with --join", hint="add --join ENDPOINTS")
     facts = install.gather_facts(args.disk, args.image, volumes=args.volumes,
-                                 pool_size=args.pool_size, wipe=args.wipe, vg=args.vg)
+                                 pool_size=args.pool_size, wipe=args.wipe, vg=args.vg,
+                                 join=join)
     return _apply(install.plan_install(facts), args, journal=install.JOURNAL)
 
 
@@ -187,7 +197,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     journal = read_journal()
     what = recover.interrupted(journal)
-    plan = recover.plan_recover(NodeFacts.gather(), recover.work_mounts(), journal)
+    facts = NodeFacts.gather()
+    plan = recover.plan_recover(facts, recover.work_mounts(), journal,
+                                boot_dirs=recover.layer_dirs(facts.boot))
     if not args.json:
         print(f"interrupted: {what}" if what else "no interrupted operation in the journal")
     return _apply(plan, args, journal=None)
@@ -214,7 +226,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 def cmd_kargs(args: argparse.Namespace) -> int:
     from . import kargs
-    from .bootloader import entry, kernel_args, write_entry_steps
+    from .bootloader import committed, entry, kernel_args, write_entry_steps
     from .status import NodeFacts
 
     facts = NodeFacts.gather()
@@ -230,13 +242,14 @@ def cmd_kargs(args: argparse.Namespace) -> int:
     lv = facts.layout.get(layer)
     assert lv is not None
     changed: dict[str, str | None] = {layer: entry(facts.boot, layer, lv.path, " ".join(new))}
-    return _apply(Plan("kargs", tuple(write_entry_steps(facts.boot, facts.entries, changed))),
+    return _apply(Plan("kargs", tuple(committed(facts.boot, write_entry_steps(
+        facts.boot, facts.entries, changed)))),
                   args)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
     from . import boot, health
-    from .bootloader import grubenv
+    from .bootloader import commit_argv, grubenv
     from .plan import write_atomic
     from .status import NodeFacts
 
@@ -252,6 +265,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         health.append_history({"time": rec["time"], "boot_id": boot_id, **event})
     if verdict.env != facts.env:
         write_atomic(facts.boot / "grub/grubenv", grubenv.render(verdict.env))
+        run(list(commit_argv(facts.boot)))  # so that GRUB reads it, too
     if args.json:
         print(json.dumps({**rec, "events": verdict.events, "reboot": verdict.reboot}, indent=2))
     else:
@@ -265,7 +279,31 @@ def cmd_health(args: argparse.Namespace) -> int:
     if verdict.reboot and args.act:
         print("on trial and not healthy: rebooting to count the try down", flush=True)
         run(["systemctl", "reboot"])
+    if args.act and any(e["event"] == "marked-good" for e in verdict.events):
+        _gc_after_good_boot(boot_id, rec["time"])
     return 0 if rec["good"] else 1
+
+
+def _gc_after_good_boot(boot_id: str, when: float) -> None:
+    """A new layer has proved itself: collect old images, as [gc] says. A failure here is
+    reported (and left to `imgbase recover`), never turned into a red health result."""
+    from . import gc, health
+    from .status import NodeFacts
+
+    try:
+        config = gc.load_config()
+        if not config.after_good_boot:
+            return
+        plan = gc.plan_gc(NodeFacts.gather(), config.keep, health.read_history())
+        if plan.steps:
+            with locked():
+                execute(plan, Progress())
+        removed = [s.name.removeprefix("remove-") for s in plan.steps
+                   if s.name.startswith("remove-") and "+" not in s.name]
+        health.append_history({"time": when, "boot_id": boot_id, "event": "gc",
+                               "removed": removed})
+    except ImgbaseError as exc:
+        print(f"gc after a good boot failed: {exc.oneline()}", file=sys.stderr)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -285,17 +323,23 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from . import gc
+    from .health import read_history
     from .status import NodeFacts
 
-    return _apply(gc.plan_gc(NodeFacts.gather(), args.keep), args)
+    keep = args.keep if args.keep is not None else gc.load_config().keep
+    return _apply(gc.plan_gc(NodeFacts.gather(), keep, read_history()), args)
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    from . import update
+    from . import fetch, update
 
     with locked():
-        facts = update.gather_facts(args.source, insecure=args.insecure,
-                                    allow_downgrade=args.allow_downgrade, tries=args.tries)
+        source = args.source
+        if fetch.is_url(source):
+            source = str(fetch.fetch(source, Progress(json_lines=args.json)))
+        facts = update.gather_facts(source, insecure=args.insecure,
+                                    allow_downgrade=args.allow_downgrade, tries=args.tries,
+                                    full_copy=args.full_copy, stage_only=args.stage_only)
         plan = update.plan_update(facts)
         if args.check:
             report = update.check_report(facts, Path("/run/imgbase"))
@@ -305,8 +349,26 @@ def cmd_update(args: argparse.Namespace) -> int:
             print(plan.to_json() if args.json else plan.describe())
             return 0
         execute(plan, Progress(json_lines=args.json))
-    if not args.json:
+    if args.json:
+        pass
+    elif args.stage_only:
+        print(f"staged: {facts.nvr}; imgbase boot --set-default {facts.nvr}+1 to use it")
+    else:
         print(f"updated: {facts.nvr} boots next, on trial ({args.tries} tries); reboot to use it")
+    return 0
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    from .package import build
+
+    print(build(args.image, args.format, Path(args.output)))
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from .trust import sign
+
+    print(sign(args.image, key=args.key, homedir=args.homedir))
     return 0
 
 
@@ -328,6 +390,57 @@ def cmd_etc_merge(args: argparse.Namespace) -> int:
                    Path(args.target), policy=args.policy)
     for rel in report.conflicts:
         print(f"conflict: /etc/{rel} ({args.policy})")
+    return 0
+
+
+def _fleet_etcd(args: argparse.Namespace) -> tuple[Etcd, str]:
+    """An etcd client from --endpoints (and TLS flags), or from this node's agent.toml."""
+    from .agent import config as agent_config
+    from .agent.etcd import Etcd
+
+    if args.endpoints:
+        endpoints = [e for e in args.endpoints.split(",") if e]
+        ca, cert, key = args.ca, args.cert, args.key
+        group = args.group or "default"
+    else:
+        try:
+            conf = agent_config.load()
+        except ImgbaseError as exc:
+            die(f"no --endpoints, and this machine has no agent config ({exc.message})",
+                hint="give --endpoints https://etcd:2379 (and --ca/--cert/--key for TLS)")
+        endpoints, ca, cert, key = list(conf.endpoints), conf.ca, conf.cert, conf.key
+        group = args.group or conf.group
+    for e in endpoints:
+        if not e.startswith(("http://", "https://")):
+            die(f"--endpoints: {e!r} is not an http(s) URL", hint="e.g. https://10.0.0.1:2379")
+    return Etcd(endpoints, ca=ca, cert=cert, key=key), group
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from .agent import fleet
+
+    etcd, group = _fleet_etcd(args)
+    with etcd:
+        if args.fleet_verb == "set-image":
+            if not args.url.startswith(("http://", "https://")):
+                die(f"{args.url!r} is not an http(s) URL",
+                    hint="the nodes download the image from it")
+            want = fleet.set_image(etcd, group, args.nvr, args.url, args.max_unavailable)
+            print(f"group {group}: desired {want.nvr}, {want.max_unavailable} node(s) at a time")
+        elif args.fleet_verb in ("pause", "resume"):
+            fleet.set_rollout(etcd, group, "paused" if args.fleet_verb == "pause" else
+                              "running", "paused by the admin" if args.fleet_verb == "pause"
+                              else None, "admin")
+            print(f"group {group}: rollout {args.fleet_verb}d")
+        elif args.fleet_verb == "release":
+            fleet.EtcdSlots(etcd, group).release(args.node)
+            print(f"group {group}: {args.node} holds no reboot slot")
+        else:
+            report = fleet.status(etcd)
+            if args.json:
+                print(json.dumps(report, indent=2, sort_keys=True))
+            else:
+                print(fleet.render_status(report))
     return 0
 
 
@@ -420,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-size", help="thin pool size, e.g. 20G (default: 90%% of the VG)")
     p.add_argument("--vg", default="imgbase", help="volume group name (default: imgbase)")
     p.add_argument("--wipe", action="store_true", help="install over an existing node/LVM")
+    p.add_argument("--join", metavar="ENDPOINTS",
+                   help="the cluster's etcd endpoints, comma-separated: the node's agent "
+                   "joins it on boot (written to /etc/imgbase/agent.toml)")
+    p.add_argument("--group", default="default", help="the node's update group (with --join)")
+    p.add_argument("--ca", metavar="FILE", help="CA certificate for etcd TLS (with --join)")
+    p.add_argument("--cert", metavar="FILE", help="client certificate (with --join)")
+    p.add_argument("--key", metavar="FILE", help="client certificate key (with --join)")
     _plan_args(p)
     p.set_defaults(func=cmd_install)
 
@@ -519,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", help="remove old images (bases and their layers)",
                        description="Keep the N newest bases (default 2), the bases of the "
                        "booted and default layers and the pinned ones; remove the rest.")
-    p.add_argument("--keep", type=int, default=2, metavar="N")
+    p.add_argument("--keep", type=int, metavar="N",
+                   help="images to keep (default: [gc] keep in imgbase.toml, or 2)")
     _plan_args(p)
     p.set_defaults(func=cmd_gc)
 
@@ -528,14 +649,42 @@ def build_parser() -> argparse.ArgumentParser:
                        "make a new base as a delta of the closest one, a new layer with /etc "
                        "merged and the kernel arguments carried, and make it the default on "
                        "trial. Exit 77 when the image is already on the node.")
-    p.add_argument("source", metavar="IMAGE.squashfs")
-    p.add_argument("--insecure", action="store_true", help="accept an image without .sha256")
+    p.add_argument("source", metavar="IMAGE.squashfs|URL",
+                   help="a path, or an http(s) URL (downloaded resumably to "
+                   "/var/lib/imgbase/downloads with its .sha256 and .sha256.sig)")
+    p.add_argument("--insecure", action="store_true",
+                   help="accept an image without .sha256 or .sha256.sig (a bad one is still "
+                   "refused)")
     p.add_argument("--allow-downgrade", action="store_true")
+    p.add_argument("--full-copy", action="store_true",
+                   help="unpack the whole image into a new base instead of a delta of the "
+                   "closest one (slower; for a base you no longer trust)")
     p.add_argument("--tries", type=int, default=3, help="boots on trial (default 3)")
+    p.add_argument("--stage-only", action="store_true",
+                   help="make the new base and layer, but leave the default alone (what "
+                   "imgbase-agent does: it switches when its reboot slot is granted)")
     p.add_argument("--check", action="store_true",
                    help="report what would change (packages, /etc merge, kargs, space)")
     _plan_args(p)
     p.set_defaults(func=cmd_update)
+
+    p = sub.add_parser("package", help="wrap an image as a deb or rpm that updates a node",
+                       description="Build <name>-image-update: the image with its .sha256 "
+                       "(and .sha256.sig) under /usr/share/imgbase/images, and a post-install "
+                       "script that runs imgbase update with the new image's imgbase.")
+    p.add_argument("image", metavar="IMAGE.squashfs")
+    p.add_argument("--format", required=True, choices=("deb", "rpm"))
+    p.add_argument("-o", "--output", default=".", metavar="DIR",
+                   help="where to write the package (default: .)")
+    p.set_defaults(func=cmd_package)
+
+    p = sub.add_parser("sign", help="sign an image's .sha256 with gpg (IMAGE.sha256.sig)",
+                       description="Write a detached OpenPGP signature of IMAGE.sha256. Nodes "
+                       "accept the image when the signing key is in /etc/imgbase/trusted.d/.")
+    p.add_argument("image", metavar="IMAGE.squashfs")
+    p.add_argument("--key", help="the key to sign with (gpg --local-user)")
+    p.add_argument("--homedir", help="gpg's home directory")
+    p.set_defaults(func=cmd_sign)
 
     p = sub.add_parser("verify", help="prove a base holds exactly its image (read-only)")
     p.add_argument("base", metavar="BASE")
@@ -555,6 +704,31 @@ def build_parser() -> argparse.ArgumentParser:
                        "interface (docs/status.schema.json).")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("fleet", help="the cluster: desired image per group, rollouts, nodes",
+                       description="Talk to the cluster's etcd (from --endpoints, or this "
+                       "node's /etc/imgbase/agent.toml): publish the image a group should "
+                       "run, watch the rollout, pause or resume it.")
+    fsub = p.add_subparsers(dest="fleet_verb", metavar="ACTION", required=True)
+    fp = fsub.add_parser("set-image", help="the image a group should run; agents roll it")
+    fp.add_argument("nvr", metavar="NVR")
+    fp.add_argument("url", metavar="URL", help="where nodes download IMAGE (and .sha256, .sig)")
+    fp.add_argument("--max-unavailable", type=int, default=1, metavar="K",
+                    help="nodes of the group rebooting at once (default 1)")
+    fsub.add_parser("status", help="nodes, versions, health, slot holders, rollout state")
+    fsub.add_parser("pause", help="stop handing out reboot slots in the group")
+    fsub.add_parser("resume", help="hand out reboot slots again")
+    fp2 = fsub.add_parser("release", help="free a node's reboot slot (a node that never came "
+                          "back)")
+    fp2.add_argument("node", metavar="NODE-ID")
+    for q in fsub.choices.values():
+        q.add_argument("--group", help="the update group (default: the node's, or default)")
+        q.add_argument("--endpoints", help="etcd endpoints, comma-separated")
+        q.add_argument("--ca", help="CA certificate (TLS)")
+        q.add_argument("--cert", help="client certificate (TLS)")
+        q.add_argument("--key", help="client certificate key (TLS)")
+        q.add_argument("--json", action="store_true")
+        q.set_defaults(func=cmd_fleet)
 
     p = sub.add_parser("w", help="name the booted layer")
     p.set_defaults(func=cmd_w)

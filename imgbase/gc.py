@@ -4,12 +4,19 @@
   health history: not simply the previous NVR) the default again, with no trial — it
   has been good. One grubenv write.
 * ``imgbase pin|unpin BASE``: a pinned base (tag ``imgbase:pinned``) is never collected.
-* ``imgbase gc [--keep N]``: keep the N newest bases (default 2) plus those of the booted
-  and default layers and the pinned ones; remove the others with their layers.
+* ``imgbase gc [--keep N]``: keep N images (default 2; ``[gc] keep`` in imgbase.toml) plus
+  those of the booted, default and fallback layers and the pinned ones; remove the others
+  with their layers. The N kept are the images most recently found healthy (then the
+  newest): after a rollback from a bad v2 to v1 and an update to v3, v1 -- the known-good
+  way back -- stays and v2 goes. ``imgbase health --act`` runs it after it marks a new
+  layer good.
 """
 
 from __future__ import annotations
 
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import bootloader
@@ -21,6 +28,34 @@ from .storage.layout import layer_key
 
 TAG_PINNED = "imgbase:pinned"
 DEFAULT_KEEP = 2
+CONFIG = Path("/etc/imgbase/imgbase.toml")
+
+
+@dataclass(frozen=True)
+class GcConfig:
+    keep: int = DEFAULT_KEEP
+    after_good_boot: bool = True  # health --act collects once a new layer is marked good
+
+
+def load_config(path: Path = CONFIG) -> GcConfig:
+    """[gc] keep = N, after_good_boot = true|false."""
+    if not path.exists():
+        return GcConfig()
+    try:
+        table = tomllib.loads(path.read_text()).get("gc", {})
+    except tomllib.TOMLDecodeError as exc:
+        die(f"{path}: {exc}", hint="fix the TOML syntax")
+    for key in table:
+        if key not in ("keep", "after_good_boot"):
+            die(f"{path}: [gc] has no setting {key!r}", hint="known: keep, after_good_boot")
+    keep, auto = table.get("keep", DEFAULT_KEEP), table.get("after_good_boot", True)
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        die(f"{path}: [gc] keep = {keep!r} is not a number of images (1 or more)",
+            hint="e.g. keep = 2")
+    if not isinstance(auto, bool):
+        die(f"{path}: [gc] after_good_boot = {auto!r} is not true or false",
+            hint="after_good_boot = false")
+    return GcConfig(keep, auto)
 
 
 def rollback_target(f: NodeFacts, history: list[dict[str, Any]]) -> str:
@@ -49,11 +84,31 @@ def plan_pin(f: NodeFacts, base: str, pin: bool) -> Plan:
                                                         lv.path)),))
 
 
-def plan_gc(f: NodeFacts, keep: int = DEFAULT_KEEP) -> Plan:
+def last_good(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Base name -> time one of its layers was last found healthy.
+
+    >>> last_good([{"event": "health", "layer": "n-1-1+2", "good": True, "time": 5},
+    ...            {"event": "health", "layer": "n-2-1+1", "good": False, "time": 6}])
+    {'n-1-1': 5}
+    """
+    found: dict[str, float] = {}
+    for record in history:
+        name = str(record.get("layer") or "")
+        if record.get("event") == "health" and record.get("good") and "+" in name:
+            base = name.rsplit("+", 1)[0]
+            found[base] = max(found.get(base, 0), record.get("time", 0))
+    return found
+
+
+def plan_gc(f: NodeFacts, keep: int = DEFAULT_KEEP,
+            history: list[dict[str, Any]] | None = None) -> Plan:
     if keep < 1:
         die(f"--keep {keep}: at least one image is kept", hint="give --keep 1 or more")
-    bases = sorted(f.layout.bases, key=lambda lv: layer_key(f"{lv.name}+0"), reverse=True)
-    in_use = {lv.origin for lv in f.layout.layers if lv.name in (f.booted, f.default)}
+    good = last_good(history or [])
+    bases = sorted(f.layout.bases, key=lambda lv: (good.get(lv.name, 0),
+                                                   layer_key(f"{lv.name}+0")), reverse=True)
+    fallback = f.env.get("imgbase_fallback")
+    in_use = {lv.origin for lv in f.layout.layers if lv.name in (f.booted, f.default, fallback)}
     kept = {lv.name for lv in bases[:keep]} | in_use | {
         lv.name for lv in bases if TAG_PINNED in lv.tags}
     steps: list[Step] = []
@@ -64,4 +119,4 @@ def plan_gc(f: NodeFacts, keep: int = DEFAULT_KEEP) -> Plan:
             entries.pop(layer.name, None)
             steps.append(Step(f"remove-{layer.name}", ("lvremove", "-y", layer.path)))
         steps.append(Step(f"remove-{base.name}", ("lvremove", "-y", base.path)))
-    return Plan("gc", tuple(steps))
+    return Plan("gc", tuple(bootloader.committed(f.boot, steps)))

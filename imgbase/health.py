@@ -106,7 +106,16 @@ def builtin_checks(config: HealthConfig) -> list[tuple[str, str, list[str]]]:
         ("failed-units", "wanted", ["sh", "-c", 'f=$(systemctl --failed --plain --no-legend '
                                     '| cut -d" " -f1 | xargs); [ -z "$f" ] || '
                                     '{ echo "failed: $f"; exit 1; }']),
+        *([("agent-registered", "wanted", ["imgbase-agent", "registered"])]
+          if agent_configured() else []),
     ]
+
+
+def agent_configured(config: Path = Path("/etc/imgbase/agent.toml"),
+                     cmdline: Path = Path("/proc/cmdline")) -> bool:
+    """A node meant to be in a cluster wants its agent registered (a wanted check)."""
+    line = cmdline.read_text() if cmdline.exists() else ""
+    return config.exists() or "imgbase.agent.endpoints=" in line
 
 
 def directory_checks(root: Path = HEALTH_D) -> list[tuple[str, str, list[str]]]:

@@ -67,6 +67,47 @@ class InstallFacts:
     grub_target: str = "i386-pc"
     wipe_vgs: tuple[str, ...] = ()  # volume groups on the disk that --wipe removes first
     extra: dict[str, str] = field(default_factory=dict)
+    join: JoinConfig | None = None  # the agent's cluster, written into the first layer
+
+
+@dataclass(frozen=True)
+class JoinConfig:
+    """`install --join`: the agent's config file and the TLS files copied next to it."""
+
+    agent_toml: str
+    files: tuple[tuple[str, str, int], ...] = ()  # (source, path on the node, mode)
+
+
+AGENT_DIR = "/etc/imgbase/agent"
+
+
+def join_config(endpoints: str, group: str, ca: str | None, cert: str | None,
+                key: str | None) -> JoinConfig:
+    """Check --join and its TLS files, before anything is written."""
+    from .agent import config as agent_config
+
+    files = []
+    for src, name, mode in ((ca, "ca.pem", 0o644), (cert, "node.pem", 0o644),
+                            (key, "node-key.pem", 0o600)):
+        if src is None:
+            continue
+        if not os.path.isfile(src):
+            die(f"{src}: no such file", hint="give the TLS files as paths readable here")
+        files.append((src, f"{AGENT_DIR}/{name}", mode))
+    on_node = {name: f"{AGENT_DIR}/{name}" for name in ("ca.pem", "node.pem", "node-key.pem")}
+    text = agent_config.render([e for e in endpoints.split(",") if e], group,
+                               ca=on_node["ca.pem"] if ca else None,
+                               cert=on_node["node.pem"] if cert else None,
+                               key=on_node["node-key.pem"] if key else None)
+    return JoinConfig(text, tuple(files))
+
+
+def join_steps(join: JoinConfig, root: Path) -> list[Step]:
+    steps = [Step("agent-config", write=(f"{root}/etc/imgbase/agent.toml", join.agent_toml))]
+    for src, dest, mode in join.files:
+        steps.append(Step(f"agent-{Path(dest).name}",
+                          ("install", "-D", "-m", f"{mode:o}", src, f"{root}{dest}")))
+    return steps
 
 
 def partition(disk: str, n: int) -> str:
@@ -118,6 +159,7 @@ def plan_install(f: InstallFacts) -> Plan:
                                     root_mnt / f"boot/initrd.img-{f.kernel}", {}),
         bootloader.set_default_step(boot_mnt, layer),
         Step("umount-boot", ("umount", str(boot_mnt))),
+        *(join_steps(f.join, root_mnt) if f.join else []),
         *layer_finish_steps(vg, layer, root_mnt),
         Step("deactivate", ("vgchange", "-an", vg)),
     ]
@@ -153,7 +195,8 @@ def parse_size(text: str) -> int:
 
 
 def gather_facts(disk: str, image: str | None, *, volumes: str, pool_size: str | None,
-                 wipe: bool, vg: str = "imgbase") -> InstallFacts:
+                 wipe: bool, vg: str = "imgbase", join: JoinConfig | None = None
+                 ) -> InstallFacts:
     if image is not None and not os.path.isfile(image):
         die(f"{image}: no such image", hint="give the .squashfs made by imgbase compose")
     image = image or running_image()
@@ -190,7 +233,8 @@ def gather_facts(disk: str, image: str | None, *, volumes: str, pool_size: str |
     info = _image_info(image)
     return InstallFacts(disk=disk, disk_size=size, image=image, nvr=info["nvr"],
                         kernel=info["kernel"], kernel_args=tuple(info.get("kernel_args", [])),
-                        vg=vg, volumes=volumes, pool_size=pool_size, wipe_vgs=on_disk)
+                        vg=vg, volumes=volumes, pool_size=pool_size, wipe_vgs=on_disk,
+                        join=join)
 
 
 def _walk(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import shlex
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -34,8 +35,40 @@ from .run import run
 
 JOURNAL = Path("/var/lib/imgbase/journal.jsonl")
 LOCK = Path("/run/imgbase/lock")
-# Test hook: end the process (as a crash would) right after the named step.
+# Test hooks. IMGBASE_CRASH_AFTER_STEP=<step>: end the process (as a crash would) right
+# after that step. IMGBASE_POWER_CUT=after:<step> or during:<step>:<seconds>: reset the
+# machine at once through /proc/sysrq-trigger -- no sync, no unmount, no shutdown: what a
+# power cut does -- right after the step, or that many seconds into it.
 CRASH_AFTER_ENV = "IMGBASE_CRASH_AFTER_STEP"
+POWER_CUT_ENV = "IMGBASE_POWER_CUT"
+SYSRQ = Path("/proc/sysrq-trigger")
+
+
+def power_cut() -> None:
+    SYSRQ.write_text("b")  # immediate reset; nothing after this line runs
+    os._exit(137)
+
+
+def power_cut_point(value: str | None) -> tuple[str, str, float] | None:
+    """Parse IMGBASE_POWER_CUT.
+
+    >>> power_cut_point("after:base-sync"), power_cut_point("during:base-sync:2.5")
+    (('after', 'base-sync', 0.0), ('during', 'base-sync', 2.5))
+    >>> power_cut_point(None), power_cut_point("whenever")
+    (None, None)
+    """
+    if not value:
+        return None
+    when, _, rest = value.partition(":")
+    if when == "after" and rest:
+        return ("after", rest, 0.0)
+    step, _, seconds = rest.partition(":")
+    if when == "during" and step:
+        try:
+            return ("during", step, float(seconds or 0))
+        except ValueError:
+            return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -58,6 +91,8 @@ class Plan:
     operation: str
     steps: tuple[Step, ...]
     failure_hint: str = "run imgbase recover to clean up"
+    # what recover needs to finish the operation, journaled with it (e.g. the new layer)
+    meta: tuple[tuple[str, str], ...] = ()
 
     def describe(self) -> str:
         lines = [f"{self.operation}:"]
@@ -145,13 +180,28 @@ def read_journal(path: Path = JOURNAL) -> list[dict[str, Any]]:
 
 
 def execute(plan: Plan, progress: Progress, journal: Path | None = JOURNAL) -> None:
-    """Run the plan's steps in order; the first failure stops it with a hint."""
+    """Run the plan's steps in order; the first failure stops it with a hint.
+
+    An operation that was cut short (its journal is still there) must be dealt with
+    first: a new one would bury the record `imgbase recover` works from."""
+    if journal is not None and (left := read_journal(journal)):
+        from .recover import interrupted
+
+        raise InputError(f"an interrupted operation is on record ({interrupted(left)})",
+                         hint="run imgbase recover first")
     j = Journal(journal)
-    j.record(event="begin", operation=plan.operation, steps=[s.name for s in plan.steps])
+    j.record(event="begin", operation=plan.operation, steps=[s.name for s in plan.steps],
+             **dict(plan.meta))
     crash_after = os.environ.get(CRASH_AFTER_ENV)
+    cut = power_cut_point(os.environ.get(POWER_CUT_ENV))
     for step in plan.steps:
         with progress.step(step.name):
             j.record(event="start", step=step.name)
+            timer = None
+            if cut and cut[0] == "during" and cut[1] == step.name:
+                timer = threading.Timer(cut[2], power_cut)
+                timer.daemon = True
+                timer.start()
             try:
                 if step.write:
                     write_atomic(Path(step.write[0]), step.write[1])
@@ -161,7 +211,12 @@ def execute(plan: Plan, progress: Progress, journal: Path | None = JOURNAL) -> N
                 j.record(event="failed", step=step.name, error=exc.message)
                 raise ImgbaseError(f"{plan.operation}: step {step.name!r} failed: "
                                    f"{exc.message}", hint=plan.failure_hint) from exc
+            if timer is not None:  # the step was quicker than the cut: cut at its end
+                timer.cancel()
+                power_cut()
             j.record(event="done", step=step.name)
         if crash_after == step.name:
             os._exit(137)
+        if cut and cut[0] == "after" and cut[1] == step.name:
+            power_cut()
     j.close()

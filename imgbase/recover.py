@@ -11,21 +11,29 @@ operation short (a crash, a kill, power loss), the leftovers are visible.
 
 The booted layer and its base are never touched, whatever their tags say; the
 journal of the interrupted operation is reported, then cleared.
+
+One operation is finished rather than undone: an update cut short after its new layer
+was complete, with only the switch of the default left. Recover makes that switch (on
+trial, as the update would have), so the node boots what the admin asked for.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from . import bootloader
+from .boot import plan_set_default
+from .errors import ImgbaseError
 from .plan import JOURNAL, Plan, Step
 from .status import NodeFacts
 from .storage.layout import TAG_INCOMPLETE, TAG_RETIRED, WORK
 
 
 def plan_recover(f: NodeFacts, work_mounts: list[str], journal: list[dict[str, Any]],
-                 journal_path: Path = JOURNAL) -> Plan:
+                 journal_path: Path = JOURNAL, boot_dirs: tuple[str, ...] = ()) -> Plan:
+    """boot_dirs: the layer-named directories in /boot (kernel and initrd of a layer)."""
     layout = f.layout
     keep = {f.booted, f.booted_base} - {None}
     steps: list[Step] = [Step(f"umount-{Path(m).name}", ("umount", "-l", m))
@@ -46,15 +54,58 @@ def plan_recover(f: NodeFacts, work_mounts: list[str], journal: list[dict[str, A
     for name in dangling:
         steps += bootloader.remove_entry_steps(f.boot, name, entries)
         entries.pop(name)
+    # a layer's kernel and initrd copied, its entry never written (cut in between)
+    for name in boot_dirs:
+        if name not in entries and name not in layer_names and name not in keep:
+            steps.append(Step(f"boot-files-{name}", ("rm", "-rf", "--one-file-system",
+                                                     str(f.boot / name))))
+
     def snapshots_first(name: str) -> bool:
         lv = layout.get(name)
         return lv is None or not lv.origin
 
     for name in sorted(doomed, key=snapshots_first):
         steps.append(Step(f"remove-{name}", ("lvremove", "-y", f"{layout.vg}/{name}")))
+    finish = finish_update_steps(f, journal, doomed)
+    undo_base = _unfinished_update_base(f, journal, doomed, keep) if not finish else None
+    if undo_base:
+        steps.append(Step(f"remove-{undo_base}", ("lvremove", "-y", f"{layout.vg}/{undo_base}")))
+    steps += finish
+    steps = bootloader.committed(f.boot, steps)
     if journal:
         steps.append(Step("clear-journal", ("rm", "-f", str(journal_path))))
     return Plan("recover", tuple(steps), failure_hint="run imgbase recover again")
+
+
+def _unfinished_update_base(f: NodeFacts, journal: list[dict[str, Any]], doomed: list[str],
+                            keep: set[str | None]) -> str | None:
+    """The base an update made before it was cut short, once it has no layer left: a base
+    that is complete but was never given its layer would otherwise stay for good."""
+    if not journal or journal[0].get("operation") != "update":
+        return None
+    base = str(journal[0].get("base") or "")
+    if not base or f.layout.get(base) is None or base in keep or base in doomed:
+        return None
+    if any(la.name not in doomed for la in f.layout.layers_of(base)):
+        return None
+    return base
+
+
+def finish_update_steps(f: NodeFacts, journal: list[dict[str, Any]], doomed: list[str]
+                        ) -> list[Step]:
+    """The update's last step (the default, on trial), when only that was left undone."""
+    if not journal or journal[0].get("operation") != "update" or journal[0].get("stage_only"):
+        return []
+    done = {r.get("step") for r in journal if r.get("event") == "done"}
+    layer, tries = journal[0].get("layer"), journal[0].get("tries", "3")
+    if ("layer-complete" not in done or "boot-default" in done or not layer
+            or layer in doomed or layer not in f.entries or f.layout.get(layer) is None):
+        return []
+    if f.default == layer:
+        return []
+    plan = plan_set_default(f, layer, int(tries))
+    return [replace(s, name="finish-update-default", note="the update was complete but for this")
+            for s in plan.steps if s.write]  # (the commit of /boot comes with the plan's)
 
 
 def interrupted(journal: list[dict[str, Any]]) -> str | None:
@@ -81,3 +132,18 @@ def work_mounts() -> list[str]:
         targets = [line.split()[1] for line in f]
     prefix = f"{WORK}/"
     return [t for t in targets if t.startswith(prefix)]
+
+
+def layer_dirs(boot: Path) -> tuple[str, ...]:
+    """Directories in /boot named like layers."""
+    from .naming import Layer
+
+    found = []
+    for p in sorted(boot.iterdir()) if boot.is_dir() else []:
+        if p.is_dir() and "+" in p.name:
+            try:
+                Layer.parse(p.name)
+            except ImgbaseError:
+                continue
+            found.append(p.name)
+    return tuple(found)

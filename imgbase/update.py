@@ -1,8 +1,9 @@
 """`imgbase update SOURCE`: a new base and layer from an image, the node's state carried.
 
 Facts first, every refusal before anything is written: the image is readable and an
-imgbase image of the same product, its sha256 matches ``SOURCE.sha256`` (or
-``--insecure``), it is newer than every base (or ``--allow-downgrade``; the same NVR
+imgbase image of the same product; its sha256 matches ``SOURCE.sha256`` and that file's
+signature is good by a key in /etc/imgbase/trusted.d (:mod:`imgbase.trust`; or
+``--insecure``); it is newer than every base (or ``--allow-downgrade``; the same NVR
 exits 77, "already up to date"), and pool and /boot have room.
 
 The new base is a thin snapshot of the closest existing base, synced from the mounted
@@ -16,9 +17,9 @@ boot is counted, and a layer that does not come up healthy is abandoned by GRUB.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from .plan import Plan, Step
 from .run import run
 from .status import NodeFacts
 from .storage.layout import (
+    TAG_INCOMPLETE,
     WORK,
     base_from_image_steps,
     base_seal_steps,
@@ -42,6 +44,7 @@ from .storage.layout import (
     rewrite_fstab,
 )
 from .storage.lvm import TAG_BASE
+from .trust import Verdict, verify_image
 
 EXIT_UP_TO_DATE = 77
 BASE_SIZE = "8G"
@@ -60,6 +63,8 @@ class UpdateFacts:
     origin: str | None  # the base to snapshot; None: a full unpack
     fstab: str  # the booted layer's
     tries: int = DEFAULT_TRIES
+    stage_only: bool = False  # leave the default alone: the agent switches at its reboot
+    verdict: Verdict = Verdict("not checked", "not checked")
 
 
 def merge_kargs(carried: str, image_args: tuple[str, ...]) -> str:
@@ -101,7 +106,9 @@ def plan_update(f: UpdateFacts) -> Plan:
                                 rewrite_fstab(f.fstab, f"/dev/{vg}/{layer}", volumes))
     fstab_at = [s.name for s in create].index("layer-fstab")
     steps += create[:fstab_at]
-    steps.append(Step("etc-merge", ("imgbase", "etc-merge", "/usr/share/factory/etc", "/etc",
+    # this very imgbase (the new image's, when an update package runs it), not /usr/bin's
+    steps.append(Step("etc-merge", (sys.executable, "-P", "-m", "imgbase", "etc-merge",
+                                    "/usr/share/factory/etc", "/etc",
                                     f"{mnt}/usr/share/factory/etc", f"{mnt}/etc"),
                       note="3-way: old factory, this layer's /etc, new factory"))
     steps += create[fstab_at:]
@@ -113,14 +120,17 @@ def plan_update(f: UpdateFacts) -> Plan:
             layer: bootloader.entry(node.boot, layer, f"/dev/{vg}/{layer}", kargs)}),
         *layer_finish_steps(vg, layer, mnt),
     ]
-    env = {k: v for k, v in node.env.items()
-           if k not in ("imgbase_tries", "imgbase_fallback", "next_entry")}
-    env.update(saved_entry=layer, imgbase_tries=str(f.tries),
-               imgbase_fallback=node.booted or node.default or "")
-    steps.append(Step("boot-default", write=(str(node.boot / "grub/grubenv"),
-                                             grubenv.render(env)),
-                      note="the last step: from here the next boot tries the new layer"))
-    return Plan("update", tuple(steps))
+    if not f.stage_only:
+        env = {k: v for k, v in node.env.items()
+               if k not in ("imgbase_tries", "imgbase_fallback", "next_entry")}
+        env.update(saved_entry=layer, imgbase_tries=str(f.tries),
+                   imgbase_fallback=node.booted or node.default or "")
+        steps.append(Step("boot-default", write=(str(node.boot / "grub/grubenv"),
+                                                 grubenv.render(env)),
+                          note="the last step: from here the next boot tries the new layer"))
+    return Plan("update", tuple(bootloader.committed(node.boot, steps)),
+                meta=(("base", nvr), ("layer", layer), ("tries", str(f.tries)),
+                      ("stage_only", "1" if f.stage_only else "")))
 
 
 # -- facts -----------------------------------------------------------------------------
@@ -145,30 +155,15 @@ def _size(path: str) -> int:
         return f.seek(0, os.SEEK_END)
 
 
-def verify_sha256(image: str, insecure: bool) -> None:
-    sums = Path(f"{image}.sha256")
-    if not sums.exists():
-        if insecure:
-            return
-        die(f"{sums} is missing: the image cannot be verified",
-            hint="put the .sha256 compose wrote next to it, or pass --insecure")
-    want = sums.read_text().split()[0] if sums.read_text().split() else ""
-    h = hashlib.sha256()
-    with open(image, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    if h.hexdigest() != want:
-        die(f"{image}: sha256 {h.hexdigest()[:16]}… does not match {sums} ({want[:16]}…)",
-            hint="the image is corrupt or not the one published; download it again")
-
-
-def gather_facts(image: str, *, insecure: bool, allow_downgrade: bool, tries: int
-                 ) -> UpdateFacts:
+def gather_facts(image: str, *, insecure: bool, allow_downgrade: bool, tries: int,
+                 full_copy: bool = False, stage_only: bool = False) -> UpdateFacts:
     node = NodeFacts.gather()
     info = image_info(image)
-    verify_sha256(image, insecure)
+    verdict = verify_image(image, insecure=insecure)
     new = Nvr.parse(info["nvr"])
-    bases = sorted(Nvr.parse(lv.name) for lv in node.layout.bases)
+    # a base still being made (an update cut short: recover removes it) is no base yet
+    bases = sorted(Nvr.parse(lv.name) for lv in node.layout.bases
+                   if TAG_INCOMPLETE not in lv.tags)
     same_product = [b for b in bases if b.name == new.name]
     if bases and not same_product:
         die(f"{image} is {new}, an image of another product than this node's "
@@ -178,7 +173,7 @@ def gather_facts(image: str, *, insecure: bool, allow_downgrade: bool, tries: in
     newest = same_product[-1] if same_product else None
     if newest is not None and new < newest and not allow_downgrade:
         die(f"{new} is older than {newest}", hint="pass --allow-downgrade to go back anyway")
-    origin = max((b for b in same_product if b < new), default=newest)
+    origin = None if full_copy else max((b for b in same_product if b < new), default=newest)
     pool = node.layout.pool
     if pool is None:
         die("no thin pool tagged imgbase:pool", hint="imgbase check tells what is wrong")
@@ -194,7 +189,8 @@ def gather_facts(image: str, *, insecure: bool, allow_downgrade: bool, tries: in
     return UpdateFacts(node=node, image=image, nvr=str(new),
                        image_kargs=tuple(info.get("kernel_args", [])),
                        origin=str(origin) if origin else None,
-                       fstab=Path("/etc/fstab").read_text(), tries=tries)
+                       fstab=Path("/etc/fstab").read_text(), tries=tries,
+                       verdict=verdict, stage_only=stage_only)
 
 
 # -- the "what will change" report (--check) ---------------------------------------------
@@ -250,6 +246,7 @@ def check_report(f: UpdateFacts, workdir: Path, root: Path = Path("/")) -> dict[
     pool = node.layout.pool
     return {
         "from": node.booted_base, "to": f.nvr, "delta_from": f.origin,
+        "checksum": f.verdict.checksum, "signature": f.verdict.signature,
         "packages": package_diff(old, packages(new_status)),
         "etc": {"taken_new": report.taken_new, "kept_local": report.kept_local,
                 "removed": report.removed, "conflicts": report.conflicts,
@@ -266,6 +263,7 @@ def render_report(r: dict[str, Any]) -> str:
     pk, etc = r["packages"], r["etc"]
     lines = [f"update {r['from']} -> {r['to']}"
              + (f" (a delta of base {r['delta_from']})" if r["delta_from"] else " (full copy)"),
+             f"image: checksum {r['checksum']}, {r['signature']}",
              f"packages: {len(pk['added'])} added, {len(pk['removed'])} removed, "
              f"{len(pk['changed'])} changed"]
     lines += [f"  {p}: {a} -> {b}" for p, (a, b) in list(pk["changed"].items())[:20]]

@@ -62,6 +62,12 @@ class VmSpec:
     credentials: tuple[tuple[str, str], ...] = ()  # extra system credentials
     selfcheck: bool = False  # boot, run the image's self-check, power off
     network: bool = True
+    # (guest port, host port): the guest reaches 127.0.0.1:<host port> on the host as
+    # GUESTFWD_ADDR:<guest port> (qemu guestfwd; still no other network)
+    guestfwd: tuple[tuple[int, int], ...] = ()
+
+
+GUESTFWD_ADDR = "10.0.2.100"
 
 
 @dataclass
@@ -146,8 +152,11 @@ class Guest:
             client = paramiko.SSHClient()
             client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
             try:
+                # short timeouts: while the guest is down, qemu's slirp accepts the TCP
+                # connection and nothing answers; a long banner wait only delays noticing
+                # the boot (a slow guest just takes another round)
                 client.connect("127.0.0.1", port=self.port, username="root",
-                               key_filename=str(self.key), timeout=5, banner_timeout=10,
+                               key_filename=str(self.key), timeout=3, banner_timeout=4,
                                auth_timeout=10, look_for_keys=False, allow_agent=False)
                 self._ssh = client
                 return time.monotonic() - t0
@@ -189,23 +198,30 @@ class Guest:
             shutil.rmtree(self.rundir, ignore_errors=True)
             self._own_rundir = False
 
+    def boot_id(self) -> str:
+        return self.run("cat /proc/sys/kernel/random/boot_id", timeout=30).stdout.strip()
+
     def reboot(self, timeout: float = SSH_TIMEOUT) -> float:
         """Reboot the guest (disk boots only) and wait for SSH from the new boot."""
         if self.spec.live or self.spec.selfcheck:
             raise ImgbaseError("only a guest booted from a disk can reboot",
                                hint="live and self-check guests end when they reboot")
-        old = self.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+        old = self.boot_id()
         self.run("systemd-run --on-active=1 --no-block systemctl reboot")
-        assert self._ssh is not None
-        self._ssh.close()
-        self._ssh = None
+        return self.wait_new_boot(old, timeout)
+
+    def wait_new_boot(self, old: str, timeout: float = SSH_TIMEOUT) -> float:
+        """Wait until the guest answers SSH from a boot other than `old` (a boot_id): after
+        a reboot it was asked for, or one it did by itself (a power cut, a fallback)."""
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             time.sleep(3)
             self.wait_ssh(timeout - (time.monotonic() - t0))
             try:  # the old boot may still answer, or drop us, while it goes down
-                if self.run("cat /proc/sys/kernel/random/boot_id",
-                            timeout=30).stdout.strip() != old:
+                if self.boot_id() != old:
                     return time.monotonic() - t0
             except Exception:  # noqa: BLE001 - any SSH failure here means: not up yet
                 pass
@@ -297,8 +313,10 @@ class Guest:
             argv += ["-drive", f"{drive},if=none,id=d{i}",
                      "-device", f"virtio-blk-pci,drive=d{i},serial=imgbase{i}{boot}"]
         if s.network and not s.selfcheck:
+            fwd = "".join(f",guestfwd=tcp:{GUESTFWD_ADDR}:{g}-tcp:127.0.0.1:{h}"
+                          for g, h in s.guestfwd)
             argv += ["-nic", "user,restrict=on,model=virtio-net-pci,"
-                     f"hostfwd=tcp:127.0.0.1:{self.port}-:22"]
+                     f"hostfwd=tcp:127.0.0.1:{self.port}-:22{fwd}"]
         else:
             argv += ["-nic", "none"]
         creds = list(s.credentials)

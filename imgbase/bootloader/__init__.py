@@ -15,9 +15,34 @@ from ..plan import Step
 from . import bls, grub, grubenv
 from .grub import ENTRIES, grub_cfg, read_grubenv, render_entries
 
-__all__ = ["ENTRIES", "add_entry_steps", "entry", "grub_cfg", "kernel_args", "read_entries",
-           "read_grubenv", "remove_entry_steps", "render_entries", "set_default_step",
-           "uses_bls", "write_entry_steps"]
+__all__ = ["ENTRIES", "add_entry_steps", "commit_argv", "committed", "entry", "grub_cfg",
+           "kernel_args", "read_entries", "read_grubenv", "remove_entry_steps",
+           "render_entries", "set_default_step", "uses_bls", "write_entry_steps"]
+
+# GRUB reads /boot's ext4 without replaying its journal: a file written and fsync'd, but
+# only in the journal so far, is not there for GRUB (the old grubenv would still be
+# read). A freeze checkpoints the journal into place -- OSTree does the same. A /boot that
+# is not a mount point of its own gets a sync.
+COMMIT = ('if mountpoint -q "$1"; then fsfreeze --freeze "$1"; rc=$?; '
+          'fsfreeze --unfreeze "$1" 2>/dev/null; exit $rc; else sync -f "$1"; fi')
+
+
+def commit_argv(boot: Path) -> tuple[str, ...]:
+    return ("sh", "-c", COMMIT, "boot-commit", str(boot))
+
+
+def committed(boot: Path, steps: list[Step]) -> list[Step]:
+    """steps, plus a commit of /boot when any of them writes there (what GRUB will see).
+
+    >>> [s.name for s in committed(Path("/boot"), [Step("x", write=("/boot/grub/e", ""))])]
+    ['x', 'boot-commit']
+    >>> [s.name for s in committed(Path("/boot"), [Step("y", ("lvremove", "vg/l"))])]
+    ['y']
+    """
+    prefix = str(boot).rstrip("/") + "/"
+    touches = any((s.write and s.write[0].startswith(prefix))
+                  or any(a.startswith(prefix) for a in s.argv) for s in steps)
+    return [*steps, Step("boot-commit", commit_argv(boot))] if touches else steps
 
 
 def uses_bls(boot: Path) -> bool:

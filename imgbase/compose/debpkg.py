@@ -24,7 +24,7 @@ BOOT_DIR = PROJECT_DIR / "boot"
 
 DEPENDS = [
     "python3 (>= 3.11)", "lvm2", "thin-provisioning-tools", "squashfs-tools", "rsync",
-    "e2fsprogs", "gdisk", "initramfs-tools",
+    "e2fsprogs", "gdisk", "initramfs-tools", "gpgv",
 ]
 RECOMMENDS = ["python3-libvirt", "python3-dbus", "python3-etcd3gw", "python3-requests"]
 

@@ -41,7 +41,8 @@ def test_node_identity_is_not_baked(host) -> None:  # type: ignore[no-untyped-de
     assert host.file("/etc/machine-id").size == 0
     assert host.run("ls /etc/ssh/ | grep -c ssh_host_").stdout.strip() == "0"
     unit = host.file("/usr/lib/systemd/system/imgbase-ssh-hostkeys.service")
-    assert unit.contains("ssh-keygen -A")
+    assert unit.contains("ssh-keygen -q -t ed25519")
+    assert host.file("/etc/ssh/sshd_config.d/imgbase-hostkeys.conf").contains("HostKey")
     assert host.file("/etc/systemd/system/multi-user.target.wants/"
                      "imgbase-ssh-hostkeys.service").is_symlink
     assert not host.file("/root/.ssh/authorized_keys").exists

@@ -26,7 +26,9 @@ def two_layers(**env: str):  # type: ignore[no-untyped-def]
 
 
 def written_env(plan) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    (step,) = plan.steps
+    """The one grubenv write of a plan, which then commits /boot for GRUB."""
+    step, commit = plan.steps
+    assert commit.name == "boot-commit" and "fsfreeze --freeze" in commit.argv[2]
     assert step.write[0] == "/boot/grub/grubenv" and len(step.write[1]) == 1024
     return grubenv.parse(step.write[1])
 
@@ -149,3 +151,40 @@ def test_gc_keeps_newest_booted_default_and_pinned_bases() -> None:
     removed = [s.argv[-1].split("/")[-1] for s in plan.steps if s.argv[:1] == ("lvremove",)]
     assert removed == ["n-0.8-1+1", "n-0.8-1"]
     assert gc.plan_gc(f, keep=5).steps == ()
+
+
+def test_gc_keeps_the_images_last_found_healthy_over_newer_ones() -> None:
+    """Rolled back from a bad 2.0 to 1.0, then updated to 3.0: 1.0 is the way back, 2.0 goes."""
+    from imgbase import gc
+
+    extra = []
+    for v in ("2.0", "3.0"):
+        extra += [lv(f"n-{v}-1", "Vri---tz-k", tags="imgbase:base"),
+                  lv(f"n-{v}-1+1", origin=f"n-{v}-1", tags="imgbase:layer")]
+    f = replace(node(*extra, entries=(A, "n-2.0-1+1", "n-3.0-1+1")), booted="n-3.0-1+1",
+                env={"saved_entry": "n-3.0-1+1"})
+    history = [{"event": "health", "layer": A, "good": True, "time": 1},
+               {"event": "health", "layer": "n-2.0-1+1", "good": True, "time": 2},
+               {"event": "health", "layer": A, "good": True, "time": 3},  # rolled back
+               {"event": "health", "layer": "n-3.0-1+1", "good": True, "time": 4}]
+    removed = [s.argv[-1].split("/")[-1] for s in gc.plan_gc(f, 2, history).steps
+               if s.argv[:1] == ("lvremove",)]
+    assert removed == ["n-2.0-1+1", "n-2.0-1"]
+    without_history = gc.plan_gc(f, 2, []).steps  # then the newest are kept: 1.0 would go
+    assert [s.argv[-1] for s in without_history if s.argv[:1] == ("lvremove",)] == [
+        f"/dev/vg/{A}", f"/dev/vg/{NVR}"]
+
+
+def test_gc_config_is_validated(tmp_path: Path) -> None:
+    from imgbase import gc
+
+    conf = tmp_path / "imgbase.toml"
+    conf.write_text("[gc]\nkeep = 3\nafter_good_boot = false\n")
+    assert gc.load_config(conf) == gc.GcConfig(3, False)
+    for bad, message in (("keep = 0", "is not a number of images"),
+                         ("keep = true", "is not a number of images"),
+                         ("after_good_boot = 1", "is not true or false"),
+                         ("kep = 2", "has no setting 'kep'")):
+        conf.write_text(f"[gc]\n{bad}\n")
+        with pytest.raises(InputError, match=message):
+            gc.load_config(conf)

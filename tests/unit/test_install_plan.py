@@ -122,3 +122,37 @@ def test_regular_file_is_not_a_disk(tmp_path: Path) -> None:
     proc = imgbase_cli("install", "--disk", str(tmp_path / "f"), str(tmp_path / "f"))
     assert proc.returncode == 2 and "is not a block device" in proc.stderr
     assert (tmp_path / "f").read_text() == "x"
+
+
+def test_join_writes_the_agent_config_and_tls_files_into_the_layer(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from imgbase.agent import config
+    from imgbase.install import join_config
+
+    for name in ("ca.pem", "node.pem", "node-key.pem"):
+        (tmp_path / name).write_text(name)
+    join = join_config("https://10.0.0.1:2379,https://10.0.0.2:2379", "rack1",
+                       str(tmp_path / "ca.pem"), str(tmp_path / "node.pem"),
+                       str(tmp_path / "node-key.pem"))
+    plan = plan_install(replace(FACTS, join=join))
+    names = [s.name for s in plan.steps]
+    assert names.index("agent-config") < names.index("layer-umount")
+    path, text = step(plan, "agent-config").write  # type: ignore[misc]
+    assert path.endswith("/root/etc/imgbase/agent.toml")
+    c = config.parse(text, Path(path))
+    assert c.endpoints == ("https://10.0.0.1:2379", "https://10.0.0.2:2379")
+    assert (c.group, c.key) == ("rack1", "/etc/imgbase/agent/node-key.pem")
+    key = step(plan, "agent-node-key.pem").argv
+    assert key[:4] == ("install", "-D", "-m", "600") and key[-1].endswith(
+        "/root/etc/imgbase/agent/node-key.pem")
+    assert "agent-config" not in [s.name for s in plan_install(FACTS).steps]
+
+
+def test_join_refuses_bad_endpoints_and_missing_files(tmp_path: Path) -> None:
+    from imgbase.install import join_config
+
+    with pytest.raises(InputError, match="is not an http"):
+        join_config("etcd1:2379", "default", None, None, None)
+    with pytest.raises(InputError, match="no such file"):
+        join_config("https://e:2379", "default", str(tmp_path / "ca.pem"), None, None)

@@ -57,7 +57,8 @@ def test_layer_add_names_the_next_layer_and_writes_its_fstab_from_volume_tags() 
     entries = next(s for s in plan.steps if s.name == "boot-entries").write
     assert entries is not None and f"root=/dev/vg/{NVR}+4 rw quiet" in entries[1]
     assert list(parse_entries(entries[1])) == [f"{NVR}+4", f"{NVR}+3", f"{NVR}+1"]
-    assert names(plan)[-1] == "layer-complete" and "boot-default" not in names(plan)
+    assert names(plan)[-2:] == ["layer-complete", "boot-commit"]
+    assert "boot-default" not in names(plan)
 
 
 @pytest.mark.parametrize(("remove", "message"), [
@@ -80,7 +81,8 @@ def test_base_remove_drops_entries_then_layers_then_the_base() -> None:
     layer = lv("m-2.0-1+1", origin="m-2.0-1", tags="imgbase:layer")
     plan = admin.plan_base_remove(node(other, layer, entries=(f"{NVR}+1", "m-2.0-1+1")),
                                   "m-2.0-1")
-    assert names(plan) == ["boot-entries", "boot-files", "remove-m-2.0-1+1", "remove-base"]
+    assert names(plan) == ["boot-entries", "boot-files", "remove-m-2.0-1+1", "remove-base",
+                           "boot-commit"]
     with pytest.raises(InputError, match=f"cannot remove base {NVR}: layer {NVR}\\+1 is booted"):
         admin.plan_base_remove(node(), NVR)
 
@@ -102,6 +104,36 @@ def test_recover_removes_leftovers_but_never_the_booted_layer_or_its_base() -> N
     assert "boot-entries" in names(plan) and names(plan)[-1] == "clear-journal"
     entries = next(s for s in plan.steps if s.name == "boot-entries").write
     assert entries is not None and list(parse_entries(entries[1])) == [f"{NVR}+1"]
+
+
+def test_recover_finishes_an_update_cut_short_before_its_default_switch() -> None:
+    from imgbase.bootloader import grubenv
+
+    new = "n-2.0-1+1"
+    f = node(lv("n-2.0-1", "Vri---tz-k", tags="imgbase:base"),
+             lv(new, origin="n-2.0-1", tags="imgbase:layer"), entries=(f"{NVR}+1", new))
+    steps = ["layer-complete", "boot-default"]
+    journal = [{"event": "begin", "operation": "update", "steps": steps, "layer": new,
+                "tries": "2"}, {"event": "start", "step": "layer-complete"},
+               {"event": "done", "step": "layer-complete"}]
+    plan = recover.plan_recover(f, [], journal)
+    assert names(plan) == ["finish-update-default", "boot-commit", "clear-journal"]
+    env = grubenv.parse(plan.steps[0].write[1])  # type: ignore[index]
+    assert env == {"saved_entry": new, "imgbase_tries": "2", "imgbase_fallback": f"{NVR}+1"}
+    # not complete yet: undone, never finished
+    incomplete = node(lv("n-2.0-1", "Vri---tz-k", tags="imgbase:base"),
+                      lv(new, origin="n-2.0-1", tags="imgbase:layer,imgbase:incomplete"),
+                      entries=(f"{NVR}+1", new))
+    plan = recover.plan_recover(incomplete, [], [{**journal[0], "base": "n-2.0-1"}, journal[1]])
+    assert "finish-update-default" not in names(plan)
+    removals = [n for n in names(plan) if n.startswith("remove-")]
+    assert removals == [f"remove-{new}", "remove-n-2.0-1"]  # the layer, then its base
+
+
+def test_recover_removes_boot_files_of_a_layer_that_never_got_its_entry() -> None:
+    plan = recover.plan_recover(node(), [], [], boot_dirs=(f"{NVR}+1", "n-2.0-1+1"))
+    assert names(plan) == ["boot-files-n-2.0-1+1", "boot-commit"]
+    assert plan.steps[0].argv[-1] == "/boot/n-2.0-1+1"
 
 
 def test_recover_on_a_clean_node_plans_nothing() -> None:

@@ -8,6 +8,7 @@ and has the tail of its serial console attached to the report of a failing test.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -15,7 +16,11 @@ from typing import Any
 
 import pytest
 
+from imgbase import package, trust
+from imgbase.run import run
 from imgbase.vm import Guest, VmSpec
+from tests.images import derive, signing_key, stop_agent
+from tests.vm.nodes import V3
 
 SERIAL_TAIL = 60
 
@@ -31,6 +36,27 @@ def _boot(spec: VmSpec, rundir: Path, registry: list[Guest]) -> Guest:
     guest.start()
     guest.wait_ssh()
     return guest
+
+
+@pytest.fixture(scope="session")
+def media(node_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A squashfs holding v2 (signed), the v3 update package (signed image) and the key."""
+    work = tmp_path_factory.mktemp("media")
+    files = work / "files"
+    files.mkdir()
+    home = signing_key(work / "gnupg", files / "trusted.gpg")
+    for version in ("1.1", "1.2"):
+        image = derive(node_image, files, version)
+        trust.sign(str(image), homedir=str(home))
+    stop_agent(home)
+    package.build(str(files / f"{V3}.squashfs"), "deb", files)
+    for suffix in ("", ".sha256", ".sha256.sig"):
+        (files / f"{V3}.squashfs{suffix}").unlink()  # v3 travels in its package only
+    out = work / "media.squashfs"
+    run(["mksquashfs", str(files), str(out), "-quiet", "-no-progress", "-noI", "-noD", "-noF",
+         "-noX"])
+    shutil.rmtree(files)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ import pytest
 from imgbase.vm import Guest, VmSpec
 
 NVR = "imgbase-node-1.0-1"
+V2, V3 = "imgbase-node-1.1-1", "imgbase-node-1.2-1"  # derived: see the media fixture
+MEDIA = "/mnt/media"  # where node guests mount the media disk (vdb)
 
 
 def same_device(host: Any, a: str, b: str) -> bool:
@@ -19,13 +21,20 @@ def same_device(host: Any, a: str, b: str) -> bool:
     return bool(real_a.startswith("/dev/dm-") and real_a == real_b)
 
 
-def module_node(request: pytest.FixtureRequest, disk: Path, rundir: Path) -> Iterator[Guest]:
+def module_node(request: pytest.FixtureRequest, disk: Path, rundir: Path,
+                attach: tuple[Path, ...] = (), guestfwd: tuple[tuple[int, int], ...] = ()
+                ) -> Iterator[Guest]:
     """A guest booted from an installed disk (through an overlay) for a module's tests."""
     guests: list[Guest] = []
     request.module._imgbase_guests = guests
-    guest = Guest(VmSpec(disk=disk), rundir=rundir)
+    guest = Guest(VmSpec(disk=disk, attach=attach, guestfwd=guestfwd), rundir=rundir)
     guests.append(guest)
     guest.start()
     guest.wait_ssh()
     yield guest
     guest.stop()
+
+
+def mount_media(guest: Guest) -> None:
+    """Mount the media disk (vdb) at MEDIA, again after a reboot."""
+    guest.run(f"mkdir -p {MEDIA} && (mountpoint -q {MEDIA} || mount -o ro /dev/vdb {MEDIA})")

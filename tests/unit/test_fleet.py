@@ -1,0 +1,319 @@
+"""Fleet state against a real etcd on 127.0.0.1: reboot slots (FleetLock semantics) by
+compare-and-swap, hammered by threads and by hypothesis; the desired image; the agent's
+decisions driven through simulated nodes; a FleetLock server over HTTP."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imgbase.agent import fleet
+from imgbase.agent.config import AgentConfig
+from imgbase.agent.core import Agent, NodeState
+from imgbase.agent.etcd import Etcd
+from imgbase.errors import ImgbaseError
+from tests.etcdcluster import EtcdCluster, etcd_cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as c:
+        yield c
+
+
+@pytest.fixture
+def etcd(cluster: EtcdCluster) -> Iterator[Etcd]:
+    with cluster.client() as client:
+        yield client
+
+
+def group() -> str:
+    return f"g-{uuid.uuid4().hex[:8]}"
+
+
+def max_holders_in_history(etcd: Etcd, g: str, since: int) -> int:
+    key = fleet.group_key(g, "semaphore")
+    most = 0
+    for change in etcd.changes(key, since):
+        if change.key == key and change.value is not None:
+            sem = fleet.parse_semaphore(change.value)
+            most = max(most, len(sem.holders))
+            assert len(sem.holders) <= sem.max, change
+    return most
+
+
+def test_slots_are_counted_recursive_and_released(etcd: Etcd) -> None:
+    slots = fleet.EtcdSlots(etcd, group(), default_max=2)
+    assert slots.acquire("a") and slots.acquire("a")  # recursive: still one slot
+    assert slots.acquire("b") and not slots.acquire("c")
+    assert slots.holders() == ("a", "b")
+    slots.release("a")
+    slots.release("a")  # idempotent
+    assert slots.acquire("c") and slots.holders() == ("b", "c")
+
+
+def test_threads_hammering_the_semaphore_never_exceed_the_limit(cluster: EtcdCluster) -> None:
+    g, k = group(), 3
+    with cluster.client() as admin:
+        start = admin.revision() + 1
+        fleet.EtcdSlots(admin, g, k).set_max(k)
+    granted: list[int] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        with cluster.client() as client:
+            slots = fleet.EtcdSlots(client, g, k)
+            for _ in range(5):
+                if slots.acquire(f"node-{n}"):
+                    with lock:
+                        granted.append(n)
+                    slots.release(f"node-{n}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert granted  # slots were handed out
+    with cluster.client() as admin:
+        assert 1 <= max_holders_in_history(admin, g, start) <= k
+        assert fleet.EtcdSlots(admin, g).holders() == ()
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(k=st.integers(1, 3),
+       ops=st.lists(st.tuples(st.sampled_from(["acquire", "release"]),
+                              st.sampled_from(["n1", "n2", "n3", "n4"])), max_size=25))
+def test_semaphore_behaves_like_its_model(etcd: Etcd, k: int,
+                                          ops: list[tuple[str, str]]) -> None:
+    slots = fleet.EtcdSlots(etcd, group(), default_max=k)
+    model: list[str] = []
+    for op, node in ops:
+        if op == "acquire":
+            expect = node in model or len(model) < k
+            if expect and node not in model:
+                model.append(node)
+            assert slots.acquire(node) is expect
+        else:
+            slots.release(node)
+            model = [h for h in model if h != node]
+        assert list(slots.holders()) == model
+
+
+def test_set_image_and_a_malformed_record(etcd: Etcd) -> None:
+    g = group()
+    want = fleet.set_image(etcd, g, "n-2.0-1", "http://127.0.0.1/n.squashfs", 2)
+    assert fleet.desired(etcd, g) == want
+    assert fleet.EtcdSlots(etcd, g).read()[0].max == 2
+    etcd.put(fleet.group_key(g, "desired"), '{"nvr": "n-2.0-1", "url": 5}')
+    with pytest.raises(ImgbaseError, match="has no url"):
+        fleet.desired(etcd, g)
+    report = fleet.status(etcd)["groups"][g]
+    assert "has no url" in report["desired"]["error"]  # reported, not a crash
+    with pytest.raises(ImgbaseError, match="is not a name-version-release"):
+        fleet.set_image(etcd, g, "garbage", "http://x/", 1)
+
+
+class SimNode:
+    """A node as the agent sees it: staging is instant, a reboot comes back on the staged
+    image after `down` ticks, healthy unless `bad` names that image (then it falls back)."""
+
+    def __init__(self, nvr: str, bad: str | None = None, domains: int = 0) -> None:
+        self.booted, self.staged, self.bad = nvr, None, bad
+        self.down, self.fell_back, self.domains = 0, None, domains
+        self.reboots = 0
+
+    def state(self) -> NodeState:
+        return NodeState(self.booted, self.staged, True, self.fell_back, self.domains)
+
+    def stage(self, url: str, nvr: str) -> None:
+        self.staged = nvr
+
+    def drain(self, policy: str) -> None:
+        if policy == "shutdown":
+            self.domains = 0
+
+    def reboot(self, nvr: str) -> None:
+        assert nvr == self.staged
+        self.reboots += 1
+        self.down = 2
+        if self.staged == self.bad:
+            self.fell_back, self.staged = self.staged, None
+        else:
+            self.booted, self.staged = self.staged, None
+
+
+def run_fleet(cluster: EtcdCluster, nodes: dict[str, SimNode], g: str, config: AgentConfig,
+              rounds: int) -> list[Agent]:
+    clients = [cluster.client() for _ in nodes]
+    agents = [Agent(config, name, node, client)
+              for (name, node), client in zip(nodes.items(), clients, strict=True)]
+    for _ in range(rounds):
+        for agent in agents:
+            sim = agent.node
+            assert isinstance(sim, SimNode)
+            if sim.down:  # rebooting: not there
+                sim.down -= 1
+                continue
+            agent.tick()
+    return agents
+
+
+def test_a_rolling_update_keeps_to_max_unavailable(cluster: EtcdCluster) -> None:
+    g = group()
+    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g)
+    nodes = {f"node-{i}": SimNode("n-1.0-1") for i in range(8)}
+    nodes["node-3"].domains = 1  # waits until its domain is gone (policy: wait)
+    with cluster.client() as admin:
+        start = admin.revision() + 1
+        fleet.set_image(admin, g, "n-2.0-1", "http://127.0.0.1/n-2.0-1.squashfs", 2)
+        agents = run_fleet(cluster, nodes, g, config, 30)
+        assert nodes["node-3"].booted == "n-1.0-1" and nodes["node-3"].reboots == 0
+        nodes["node-3"].domains = 0  # the domain stopped
+        run_fleet(cluster, {"node-3": nodes["node-3"]}, g, config, 8)
+        assert {n.booted for n in nodes.values()} == {"n-2.0-1"}
+        assert max_holders_in_history(admin, g, start) == 2
+        assert fleet.EtcdSlots(admin, g).holders() == ()
+        results = fleet.status(admin)["groups"][g]
+        assert results["slots"]["holders"] == [] and results["rollout"]["state"] == "running"
+        for agent in agents:
+            agent.leave()
+
+
+def test_a_node_that_falls_back_pauses_the_rollout(cluster: EtcdCluster) -> None:
+    g = group()
+    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g)
+    nodes = {f"node-{i}": SimNode("n-1.0-1", bad="n-3.0-1") for i in range(4)}
+    with cluster.client() as admin:
+        fleet.set_image(admin, g, "n-3.0-1", "http://127.0.0.1/n-3.0-1.squashfs", 1)
+        run_fleet(cluster, nodes, g, config, 20)
+        assert sum(n.reboots for n in nodes.values()) == 1  # one tried, fell back, stopped
+        rollout = fleet.rollout(admin, g)
+        assert rollout["state"] == "paused" and "fell back from n-3.0-1" in rollout["reason"]
+        assert fleet.EtcdSlots(admin, g).holders() == ()
+        assert {n.booted for n in nodes.values()} == {"n-1.0-1"}
+
+
+def test_agent_backs_off_while_etcd_is_unreachable() -> None:
+    config = AgentConfig(endpoints=("http://127.0.0.1:9",), backoff_max=8)
+    agent = Agent(config, "n", SimNode("n-1.0-1"), Etcd(["http://127.0.0.1:9"], timeout=1))
+    waits = []
+    now = 0.0
+    for _ in range(6):
+        state = agent.tick(now)
+        assert state.startswith("retrying: ")
+        waits.append(agent.next_try - now)
+        now = agent.next_try
+    assert waits[-1] <= 8 and waits[-1] >= 4  # doubled, then capped (with jitter)
+
+
+class FleetLockHandler(http.server.BaseHTTPRequestHandler):
+    holders: set[str] = set()
+    seen: list[tuple[str, str | None, dict[str, Any]]] = []
+    limit = 1
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append((self.path, self.headers.get("fleet-lock-protocol"), body))
+        node = body["client_params"]["id"]
+        if self.headers.get("fleet-lock-protocol") != "true":
+            return self.reply(400, {"kind": "missing_header", "value": "fleet-lock-protocol"})
+        if body["client_params"]["group"] == "broken":
+            return self.reply(500, {"kind": "internal", "value": "database is down"})
+        if self.path == "/v1/pre-reboot":
+            if node in self.holders or len(self.holders) < self.limit:
+                self.holders.add(node)
+                return self.reply(200, {})
+            return self.reply(409, {"kind": "failed_lock", "value": "semaphore is full"})
+        self.holders.discard(node)
+        return self.reply(200, {})
+
+    def reply(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_fleetlock_client_speaks_the_protocol() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FleetLockHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        lock = fleet.FleetLock(url, "workers")
+        assert lock.acquire("a") and lock.acquire("a") and not lock.acquire("b")
+        lock.release("a")
+        assert lock.acquire("b")
+        path, header, body = FleetLockHandler.seen[0]
+        assert (path, header) == ("/v1/pre-reboot", "true")
+        assert body == {"client_params": {"id": "a", "group": "workers"}}
+        with pytest.raises(ImgbaseError, match="refused /v1/pre-reboot: internal: database"):
+            fleet.FleetLock(url, "broken").acquire("a")
+    finally:
+        server.shutdown()
+    with pytest.raises(ImgbaseError, match="did not answer"):
+        fleet.FleetLock(url, "workers", timeout=2).acquire("a")
+
+
+def test_fleet_cli_sets_an_image_and_reports(cluster: EtcdCluster,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from imgbase.cli import main
+
+    g, ep = group(), ",".join(cluster.endpoints)
+    assert main(["fleet", "set-image", "n-2.0-1", "http://127.0.0.1/n.squashfs",
+                 "--max-unavailable", "3", "--group", g, "--endpoints", ep]) == 0
+    assert f"group {g}: desired n-2.0-1, 3 node(s) at a time" in capsys.readouterr().out
+    assert main(["fleet", "pause", "--group", g, "--endpoints", ep]) == 0
+    assert main(["fleet", "status", "--json", "--endpoints", ep]) == 0
+    report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert report["groups"][g]["desired"]["nvr"] == "n-2.0-1"
+    assert report["groups"][g]["rollout"]["state"] == "paused"
+    assert report["groups"][g]["slots"] == {"max": 3, "holders": []}
+    assert main(["fleet", "set-image", "n-2.0-1", "ftp://x/y", "--group", g,
+                 "--endpoints", ep]) == 2
+    assert "is not an http(s) URL" in capsys.readouterr().err
+    assert main(["fleet", "status", "--endpoints", "http://127.0.0.1:9"]) != 0
+    assert "127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_an_agent_on_fleetlock_keeps_its_slot_across_the_reboot(
+        cluster: EtcdCluster, tmp_path: Any) -> None:
+    FleetLockHandler.holders, FleetLockHandler.seen = set(), []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FleetLockHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    g = group()
+    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g,
+                         fleetlock=f"http://127.0.0.1:{server.server_address[1]}")
+    slot = tmp_path / "slot"
+    sim = SimNode("n-1.0-1")
+    try:
+        with cluster.client() as admin:
+            fleet.set_image(admin, g, "n-2.0-1", "http://127.0.0.1/n-2.0-1.squashfs", 1)
+            agent = Agent(config, "node-a", sim, cluster.client(), holding_file=slot)
+            while sim.reboots == 0:
+                agent.tick()
+            assert slot.exists() and FleetLockHandler.holders == {"node-a"}
+            # the reboot: a new agent process, which knows its slot from the file alone
+            after = Agent(config, "node-a", sim, cluster.client(), holding_file=slot)
+            assert after.holding
+            assert after.tick() == "release"
+            assert not slot.exists() and FleetLockHandler.holders == set()
+            assert [p for p, _, _ in FleetLockHandler.seen] == ["/v1/pre-reboot",
+                                                               "/v1/steady-state"]
+            agent.leave()
+            after.leave()
+    finally:
+        server.shutdown()

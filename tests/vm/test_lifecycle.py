@@ -1,0 +1,345 @@
+"""The life of an installed node, in one guest booting its own disk throughout.
+
+A/B boot: next boot once, kernel arguments carried to a new layer, layers that do not
+come up healthy -- or do not come up at all -- abandoned by the node itself through
+GRUB's boot counter. Then updates from signed images on "update media" attached as
+/dev/vdb: refusals that change nothing, v1 -> v2 carrying /etc edits, a user and a disabled
+service over, a rollback to v1, and v1 -> v3 through the apt-installed update package, after
+whose good boot garbage collection leaves two images.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imgbase.agent import fleet
+from imgbase.vm import Guest
+from tests.etcdcluster import EtcdCluster, etcd_cluster
+from tests.vm.nodes import MEDIA, NVR, V2, V3, module_node, mount_media
+
+pytestmark = [pytest.mark.slow, pytest.mark.vm]
+
+A, B, C = f"{NVR}+1", f"{NVR}+2", f"{NVR}+3"
+
+
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """The cluster store the node's agent joins: a real etcd on the host's 127.0.0.1,
+    which the guest reaches as 10.0.2.100:2379 (qemu guestfwd) and nothing else."""
+    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def node(request: pytest.FixtureRequest, installed_disks: dict[str, Path], media: Path,
+         etcd: EtcdCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+    fwd = ((2379, etcd.members[0].client_port),)
+    for guest in module_node(request, installed_disks["minimal"],
+                             tmp_path_factory.mktemp("life") / "run", attach=(media,),
+                             guestfwd=fwd):
+        mount_media(guest)
+        yield guest
+
+
+def status(guest: Guest) -> dict[str, Any]:
+    guest.run("systemctl is-system-running --wait", check=False)  # health has run
+    result: dict[str, Any] = json.loads(guest.run("imgbase status --json").stdout)
+    return result
+
+
+def without_usage(value: Any) -> Any:
+    """status --json minus the live usage figures (pool and volume fill), which move on
+    their own; what remains must not change when an operation is refused."""
+    if isinstance(value, dict):
+        return {k: without_usage(v) for k, v in value.items() if not k.endswith("_percent")}
+    if isinstance(value, list):
+        return [without_usage(v) for v in value]
+    return value
+
+
+def layer(st: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(la for la in st["layers"] if la["name"] == name)
+    return found
+
+
+def boots_in_serial_log(guest: Guest) -> int:
+    return guest.serial_log.read_text(errors="replace").count("Linux version ")
+
+
+def wait_back_on(guest: Guest, name: str, timeout: float = 900) -> None:
+    """Wait (through reboots the guest does by itself) until it is up on layer name with
+    no trial pending."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            guest.wait_ssh(timeout=timeout - (time.monotonic() - t0))
+            guest.run("systemctl is-system-running --wait", check=False, timeout=300)
+            st = json.loads(guest.run("imgbase status --json", timeout=60).stdout)
+            if st["booted_layer"] == name and st["fallback_layer"] is None:
+                return
+        except Exception:  # noqa: BLE001 - the guest went down under us: try again
+            pass
+        time.sleep(5)
+    raise AssertionError(f"the guest did not come back on {name} within {timeout:.0f} s")
+
+
+def test_health_marks_the_installed_layer_good(node: Guest) -> None:
+    st = status(node)
+    assert layer(st, A)["last_health"]["good"] is True, layer(st, A)
+    assert node.run("systemctl is-active imgbase-health").stdout.strip() == "active"
+
+
+def node_record(etcd: EtcdCluster, layer: str, timeout: float = 90) -> dict[str, Any]:
+    """The node's record in etcd once it shows `layer` (None: until it is gone)."""
+    t0 = time.monotonic()
+    with etcd.client() as client:
+        while time.monotonic() - t0 < timeout:
+            records = fleet.nodes(client)
+            found = [r for r in records.values() if r.get("layer") == layer]
+            if found:
+                return found[0]
+            time.sleep(1)
+    raise AssertionError(f"no node record for {layer} within {timeout:.0f} s: {records}")
+
+
+def test_agent_joins_the_cluster_with_the_hosts_capabilities(node: Guest,
+                                                             etcd: EtcdCluster) -> None:
+    # no config: the agent said so and ended, nothing failed
+    assert node.run("systemctl show -p Result --value imgbase-agent").stdout.strip() == "success"
+    assert "not configured" in node.run("journalctl -b -u imgbase-agent").stdout
+    # a bad config: one clear line, exit 78, no restart loop -- and the node is fine
+    node.run("mkdir -p /etc/imgbase && "
+             "echo '[cluster]\nendpoints = [\"etcd:2379\"]' > /etc/imgbase/agent.toml")
+    node.run("systemctl restart imgbase-agent", check=False)
+    for _ in range(30):  # READY comes just before the exit: let the exit land
+        show = node.run("systemctl show -p ExecMainStatus -p ActiveState imgbase-agent").stdout
+        if "ActiveState=failed" in show:
+            break
+        time.sleep(1)
+    assert "ExecMainStatus=78" in show and "ActiveState=failed" in show, show
+    assert "endpoint 'etcd:2379' is not an http(s) URL" in node.run(
+        "journalctl -b -u imgbase-agent").stdout
+    node.run("printf '[cluster]\nendpoints = [\"http://10.0.2.100:2379\"]\n"
+             "group = \"life\"\n[agent]\nttl = 15\n' > /etc/imgbase/agent.toml && "
+             "systemctl restart imgbase-agent")
+    record = node_record(etcd, A)
+    caps = record["capabilities"]
+    assert (record["nvr"], record["group"], record["healthy"]) == (NVR, "life", True)
+    assert caps["arch"] == "x86_64" and caps["virt_types"] == ["tcg"], caps
+    assert caps["accelerated"] is False and caps["running_domains"] == 0
+    assert caps["libvirt_version"].startswith("9.") and caps["memory_mib"] > 1500
+    assert caps["numa_cells"] >= 1 and caps["cpus"] == 2
+    assert node.run("imgbase-agent registered").rc == 0
+    assert node.run("systemctl is-active imgbase-agent").stdout.strip() == "active"
+
+
+def test_kargs_are_checked_and_carried_to_a_new_layer(node: Guest) -> None:
+    before = node.run("cat /boot/grub/imgbase-entries.cfg").stdout
+    for bad, message in (("--append \"a'b\"", "cannot go into a boot entry"),
+                         ("--append 'x;reboot'", "cannot go into a boot entry"),
+                         ("--append root=/dev/sda1", "root= is set by imgbase"),
+                         ("--delete nothere=1", "is not set")):
+        proc = node.run(f"imgbase kargs {bad}", check=False)
+        assert proc.rc == 2 and message in proc.stderr, (bad, proc.stderr)
+    assert node.run("cat /boot/grub/imgbase-entries.cfg").stdout == before
+    node.run("imgbase kargs --append imgbase.test=carried")
+    assert "imgbase.test=carried" in json.loads(node.run("imgbase kargs --json").stdout)
+    node.run("imgbase layer --add")
+    assert "imgbase.test=carried" in layer(status(node), B)["kargs"]
+
+
+def check_ok(guest: Guest) -> None:
+    report = json.loads(guest.run("imgbase check --json", check=False).stdout)
+    assert report["ok"], [c for c in report["checks"] if not c["ok"]]
+
+
+def test_added_layer_boots_once_by_next_boot_then_the_default_again(
+        node: Guest, etcd: EtcdCluster) -> None:
+    st = status(node)
+    assert [(la["name"], la["boot_entry"]) for la in st["layers"]] == [(A, True), (B, True)]
+    check_ok(node)
+    uuids = {node.run(f"blkid -s UUID -o value /dev/imgbase/{name}").stdout for name in (A, B)}
+    assert len(uuids) == 2  # the new layer has its own filesystem UUID
+    node.run("touch /etc/only-in-the-old-layer && echo kept > /var/lib/shared-var")
+    # B is a fresh layer of the base: it gets the agent's config the way a site would
+    node.run(f"mount /dev/imgbase/{B} /mnt && install -D -m 644 /etc/imgbase/agent.toml "
+             "/mnt/etc/imgbase/agent.toml && umount /mnt")
+    node.run(f"imgbase boot --next {B}")
+    st = status(node)
+    assert st["next_boot_layer"] == B and st["default_layer"] == A
+    node.reboot()
+    up = time.monotonic()
+    assert node.run("imgbase w").stdout.strip() == B
+    node_record(etcd, B, timeout=60)  # the agent joined again, from the new layer
+    print(f"registered {time.monotonic() - up:.0f} s after SSH answered")
+    assert "imgbase.test=carried" in node.run("cat /proc/cmdline").stdout.split()
+    assert node.run("cat /var/lib/shared-var").stdout.strip() == "kept"  # /var is shared
+    assert node.run("test -e /etc/only-in-the-old-layer", check=False).rc == 1
+    assert status(node)["next_boot_layer"] is None
+    check_ok(node)
+    node.reboot()
+    assert node.run("imgbase w").stdout.strip() == A
+
+
+def test_an_unhealthy_layer_is_abandoned(node: Guest) -> None:
+    node.run(f"mount /dev/imgbase/{B} /mnt && mkdir -p /mnt/etc/imgbase/health.d/required && "
+             "printf '#!/bin/sh\\necho the test says no\\nexit 1\\n' "
+             "> /mnt/etc/imgbase/health.d/required/says-no && "
+             "chmod +x /mnt/etc/imgbase/health.d/required/says-no && umount /mnt")
+    node.run(f"imgbase boot --set-default {B} --tries 1")
+    st = status(node)
+    assert (st["default_layer"], st["fallback_layer"], layer(st, B)["tries_left"]) == (B, A, 1)
+    boots = boots_in_serial_log(node)
+    node.run("systemd-run --on-active=1 --no-block systemctl reboot")
+    time.sleep(10)
+    wait_back_on(node, A)
+    assert boots_in_serial_log(node) - boots == 2  # N + 1 boots
+    st = status(node)
+    assert st["default_layer"] == A
+    assert [a["layer"] for a in st["abandoned"]] == [B]
+    assert "the test says no" in st["abandoned"][0]["reason"]
+    assert layer(st, B)["last_health"]["good"] is False
+
+
+def test_a_layer_that_cannot_boot_is_abandoned(node: Guest) -> None:
+    node.run("imgbase layer --add")
+    node.run(f"head -c 4096 /dev/urandom > /boot/{C}/initrd.img")
+    node.run(f"imgbase boot --set-default {C} --tries 2")  # GRUB counts down 2, 1, 0
+    boots = boots_in_serial_log(node)
+    node.run("systemd-run --on-active=1 --no-block systemctl reboot")
+    time.sleep(10)
+    wait_back_on(node, A)
+    assert boots_in_serial_log(node) - boots == 3  # N + 1 boots
+    st = status(node)
+    assert [a["layer"] for a in st["abandoned"]] == [B, C]
+    assert "did not come up" in st["abandoned"][1]["reason"]
+    check_ok(node)
+    node.run(f"imgbase layer --remove {C}")  # the admin clears the broken layer away
+    st = status(node)
+    assert C not in [la["name"] for la in st["layers"]]
+    assert node.run(f"test -e /boot/{C}", check=False).rc == 1
+    assert C not in node.run("cat /boot/grub/imgbase-entries.cfg").stdout
+    check_ok(node)
+
+
+def test_a_full_boot_is_refused_before_anything_changes(node: Guest) -> None:
+    state = ("lvs --noheadings -o lv_name,lv_tags imgbase; cat /boot/grub/imgbase-entries.cfg "
+             "/boot/grub/grubenv; ls /boot")
+    before = node.run(state).stdout
+    node.run("fallocate -l $(( $(df --output=avail -B1 /boot | tail -1) - (4 << 20) )) "
+             "/boot/filler")
+    try:
+        proc = node.run("imgbase layer --add", check=False)
+    finally:
+        node.run("rm /boot/filler")
+    assert proc.rc == 2 and "/boot is too full for another layer" in proc.stderr, proc.stderr
+    assert "MiB free" in proc.stderr and "MiB needed" in proc.stderr
+    assert node.run(state).stdout == before
+
+
+def test_update_refusals_change_nothing(node: Guest) -> None:
+    """Bad checksum, not a squashfs, no image, no signature, no trusted key: each is
+    refused with one line, and status --json is exactly as before."""
+    image = f"{MEDIA}/{V2}.squashfs"
+    mount_media(node)  # again: the node has rebooted since
+    node.run(f"mkdir -p /var/tmp/u && ln -sf {image} /var/tmp/u/v2.squashfs && "
+             f"echo {'0' * 64} > /var/tmp/u/v2.squashfs.sha256 && "
+             "head -c 8M /dev/urandom > /var/tmp/u/junk.squashfs")
+    before = without_usage(status(node))
+    cases = [("/var/tmp/u/v2.squashfs", "does not match"),
+             ("/var/tmp/u/junk.squashfs", "is not a readable squashfs"),
+             ("/var/tmp/u/nothere.squashfs", "no such image")]
+    for source, message in cases:
+        proc = node.run(f"imgbase update {source}", check=False)
+        assert proc.rc == 2 and message in proc.stderr, (source, proc.stderr)
+        assert proc.stderr.count("\n") == 1, proc.stderr
+    node.run(f"cp {image}.sha256 /var/tmp/u/v2.squashfs.sha256")
+    unsigned = node.run("imgbase update /var/tmp/u/v2.squashfs", check=False)
+    assert unsigned.rc == 2 and "is not signed" in unsigned.stderr, unsigned.stderr
+    node.run(f"cp {image}.sha256.sig /var/tmp/u/v2.squashfs.sha256.sig")
+    untrusted = node.run("imgbase update /var/tmp/u/v2.squashfs", check=False)
+    assert untrusted.rc == 2 and "no trusted keys in /etc/imgbase/trusted.d" in untrusted.stderr
+    node.run("mkdir -p /run/imgbase && (flock -n /run/imgbase/lock sleep 60 &) && sleep 1")
+    busy = node.run(f"imgbase update {image}", check=False)  # another operation holds it
+    assert busy.rc != 0 and "another imgbase operation is running" in busy.stderr, busy.stderr
+    node.run("pkill -f 'sleep 60' || true")
+    assert without_usage(status(node)) == before
+    node.run(f"rm -r /var/tmp/u && install -D -m 644 {MEDIA}/trusted.gpg "
+             "/etc/imgbase/trusted.d/test.gpg")
+
+
+def test_update_carries_the_node_over_then_rolls_back(node: Guest) -> None:
+    image = f"{MEDIA}/{V2}.squashfs"
+    node.run("echo 'local edit' >> /etc/motd && useradd -u 1234 alice && "
+             "systemctl disable imgbase-selfcheck.service")
+    check = json.loads(node.run(f"imgbase update {image} --check --json").stdout)
+    assert check["signature"].startswith("signed by ") and check["delta_from"] == NVR
+    dry = node.run(f"imgbase update {image} --dry-run").stdout
+    assert "base-snapshot" in dry and f"imgbase/{NVR}" in dry  # a delta of v1's base
+    node.run(f"imgbase update {image}", timeout=1200)
+    st = status(node)
+    assert [b["name"] for b in st["bases"]] == [NVR, V2]
+    assert (st["default_layer"], st["fallback_layer"]) == (f"{V2}+1", A)
+    assert layer(st, f"{V2}+1")["tries_left"] == 3
+    assert "imgbase.test=carried" in layer(st, f"{V2}+1")["kargs"]
+    node.reboot()
+    assert node.run("imgbase w").stdout.strip() == f"{V2}+1"
+    mount_media(node)
+    assert "local edit" in node.run("cat /etc/motd").stdout
+    assert node.run("id -u alice").stdout.strip() == "1234"
+    assert node.run("cat /etc/imgbase-image-version").stdout.strip() == V2  # the image's
+    assert node.run("systemctl is-enabled imgbase-selfcheck.service",
+                    check=False).stdout.strip() == "disabled"
+    st = status(node)
+    assert st["fallback_layer"] is None and layer(st, f"{V2}+1")["last_health"]["good"]
+    assert [b["name"] for b in st["bases"]] == [NVR, V2]  # gc ran: nothing to collect yet
+    history = json.loads(node.run("cat /var/lib/imgbase/health.json").stdout)
+    assert [h["removed"] for h in history if h.get("event") == "gc"][-1] == []
+    again = node.run(f"imgbase update {image}", check=False)
+    assert again.rc == 77 and "already on this node" in again.stderr
+    node.run("imgbase rollback")
+    assert status(node)["default_layer"] == A  # the last layer found healthy
+    node.reboot()
+    assert node.run("imgbase w").stdout.strip() == A
+
+
+def test_update_package_then_gc_keeps_two_images(node: Guest) -> None:
+    deb = f"{MEDIA}/imgbase-node-image-update_1.2-1_amd64.deb"
+    mount_media(node)
+    out = node.run(f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q {deb}", timeout=1200)
+    assert f"updated: {V3} boots next" in out.stdout, out.stdout[-2000:]
+    st = status(node)
+    assert [b["name"] for b in st["bases"]] == [NVR, V2, V3]
+    assert st["default_layer"] == f"{V3}+1"
+    node.reboot()
+    assert node.run("imgbase w").stdout.strip() == f"{V3}+1"
+    assert "local edit" in node.run("cat /etc/motd").stdout
+    st = status(node)
+    assert layer(st, f"{V3}+1")["last_health"]["good"]
+    # v1 is the known-good way back (rolled back to it); v2 is collected
+    assert [b["name"] for b in st["bases"]] == [NVR, V3]
+    assert not [la for la in st["layers"] if la["name"].startswith(V2)]
+    history = json.loads(node.run("cat /var/lib/imgbase/health.json").stdout)
+    assert [h["removed"] for h in history if h.get("event") == "gc"][-1] == [V2]
+    assert node.run(f"test -e /boot/{V2}+1", check=False).rc == 1
+    check_ok(node)
+
+
+def test_a_node_that_loses_power_leaves_the_cluster_when_its_lease_expires(
+        node: Guest, etcd: EtcdCluster) -> None:
+    record = node_record(etcd, f"{V3}+1")
+    node.kill()  # the power goes: no goodbye from the agent
+    t0 = time.monotonic()
+    with etcd.client() as client:
+        while fleet.nodes(client) and time.monotonic() - t0 < 60:
+            time.sleep(1)
+        assert fleet.nodes(client) == {}, record
+    assert time.monotonic() - t0 >= 3  # the lease (15 s) ran out; nothing revoked it
