@@ -1,6 +1,6 @@
 """Boot selection, kernel arguments and health: pure decisions, tested on the host.
 
-The same behaviour in a guest booting its own disk: tests/vm/test_boot_counting.py.
+The same behaviour in a guest booting its own disk: tests/vm/test_node.py.
 """
 
 from __future__ import annotations

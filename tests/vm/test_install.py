@@ -1,6 +1,6 @@
 """`imgbase install --volumes nist` over a disk that held an active VG, then the disk boots.
 
-The minimal install boots in test_node_admin, whose guest is that node.
+The minimal install boots in test_node, whose guest is that node.
 
 Real LVM thin pool, real grub, real boot: all inside qemu guests.
 """
