@@ -182,13 +182,18 @@ def read_journal(path: Path = JOURNAL) -> list[dict[str, Any]]:
 def execute(plan: Plan, progress: Progress, journal: Path | None = JOURNAL) -> None:
     """Run the plan's steps in order; the first failure stops it with a hint.
 
-    An operation that was cut short (its journal is still there) must be dealt with
-    first: a new one would bury the record `imgbase recover` works from."""
+    On a node, an operation that was cut short (its journal is still there) must be dealt
+    with first: a new one would bury the record `imgbase recover` works from. Install and
+    layout --init keep journals of their own, and running them again is how they start
+    over: their old journal is dropped."""
     if journal is not None and (left := read_journal(journal)):
-        from .recover import interrupted
+        if journal != JOURNAL:
+            journal.unlink()
+        else:
+            from .recover import interrupted
 
-        raise InputError(f"an interrupted operation is on record ({interrupted(left)})",
-                         hint="run imgbase recover first")
+            raise InputError(f"an interrupted operation is on record ({interrupted(left)})",
+                             hint="run imgbase recover first")
     j = Journal(journal)
     j.record(event="begin", operation=plan.operation, steps=[s.name for s in plan.steps],
              **dict(plan.meta))

@@ -7,9 +7,10 @@
 The daemon never holds up a boot: it tells systemd it is ready after its first attempt
 to register, whatever the outcome, and then keeps trying with a capped backoff while
 etcd is unreachable, saying so in its status line and in ``/run/imgbase/agent.json``.
-No config (no ``/etc/imgbase/agent.toml``, no ``imgbase.agent.endpoints=``): it says so
-and exits 0, a node outside any cluster. A bad config: one clear line in the journal and
-exit 78 (EX_CONFIG) -- the unit fails, visibly, and is not restarted; the node boots.
+No config (no ``/etc/imgbase/agent.toml``, no ``imgbase.agent.endpoints=``): the unit's
+conditions skip it; run by hand, it says so and exits 0 -- a node outside any cluster.
+A bad config: one clear line in the journal and exit 78 (EX_CONFIG) -- the unit fails,
+visibly, and is not restarted; the node boots.
 SIGTERM (a clean shutdown) revokes the lease, so the node's record goes at once.
 """
 
@@ -57,12 +58,12 @@ def run_daemon() -> int:
         config = agent_config.load()
         node_id = agent_config.node_id()
     except InputError as exc:
+        # no READY on the way out: systemd may see the exit before the message, and a
+        # notify service that exits before READY is a failure of its own ("protocol")
         if "is missing and the kernel command line names no cluster" in exc.message:
             log.info("not configured: %s", exc.oneline())
-            notify("READY=1\nSTATUS=not configured: no cluster to join")
             return 0
         log.error("%s", exc.oneline())
-        notify(f"READY=1\nSTATUS=bad config: {exc.message}")
         return EX_CONFIG
     etcd = Etcd(list(config.endpoints), ca=config.ca, cert=config.cert, key=config.key)
     agent = Agent(config, node_id, HostNode(config.migrate_hook), etcd,

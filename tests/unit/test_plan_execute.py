@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from imgbase import plan as plan_module
 from imgbase.errors import ImgbaseError, InputError
 from imgbase.plan import Plan, Step, execute, read_journal
 from imgbase.progress import Progress
@@ -23,8 +24,10 @@ def test_steps_run_journaled_and_the_journal_goes_on_success(tmp_path: Path) -> 
     assert not journal.exists()
 
 
-def test_a_failed_operation_blocks_the_next_until_recover(tmp_path: Path) -> None:
+def test_a_failed_operation_blocks_the_next_until_recover(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     journal = tmp_path / "journal.jsonl"
+    monkeypatch.setattr(plan_module, "JOURNAL", journal)  # the node's journal
     failing = Plan("demo", (Step("ok", ("true",)), Step("bad", ("false",))),
                    meta=(("layer", "n-1-1+1"),))
     with pytest.raises(ImgbaseError, match="step 'bad' failed"):
@@ -44,3 +47,11 @@ def test_a_failed_operation_blocks_the_next_until_recover(tmp_path: Path) -> Non
     execute(later, Progress(), journal)
     assert (tmp_path / "c").exists()
     assert json.loads(json.dumps(records))  # plain JSON lines
+
+
+def test_install_and_layout_init_start_over_when_run_again(tmp_path: Path) -> None:
+    journal = tmp_path / "install.journal"  # not the node's journal
+    with pytest.raises(ImgbaseError):
+        execute(Plan("install", (Step("bad", ("false",)),)), Progress(), journal)
+    execute(Plan("install", (Step("ok", ("true",)),)), Progress(), journal)
+    assert not journal.exists()
