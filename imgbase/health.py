@@ -111,9 +111,11 @@ def builtin_checks(config: HealthConfig) -> list[tuple[str, str, list[str]]]:
     ]
 
 
-def agent_configured(config: Path = Path("/etc/imgbase/agent.toml"),
-                     cmdline: Path = Path("/proc/cmdline")) -> bool:
+def agent_configured(config: Path | None = None, cmdline: Path | None = None) -> bool:
     """A node meant to be in a cluster wants its agent registered (a wanted check)."""
+    from .agent import config as agent_config
+
+    config, cmdline = config or agent_config.CONFIG, cmdline or agent_config.CMDLINE
     line = cmdline.read_text() if cmdline.exists() else ""
     return config.exists() or "imgbase.agent.endpoints=" in line
 
