@@ -100,11 +100,9 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_ssh_credential(args: argparse.Namespace) -> int:
-    from .credentials import merge_authorized_keys
+    from .credentials import main as credentials_main
 
-    added = merge_authorized_keys(Path(args.file))
-    print(f"{added} SSH key(s) added for root")
-    return 0
+    return credentials_main([args.file])
 
 
 def _apply(plan: Plan, args: argparse.Namespace, journal: Path | None = JOURNAL) -> int:

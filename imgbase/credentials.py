@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 
@@ -22,3 +23,17 @@ def merge_authorized_keys(source: Path, home: Path = Path("/root")) -> int:
         tmp.chmod(0o600)
         os.replace(tmp, target)
     return len(new)
+
+
+def main(argv: list[str]) -> int:
+    """``python3 -I -m imgbase.credentials FILE``: what imgbase-ssh-credential.service runs
+    at boot, before sshd, without the CLI's imports (seconds under emulation)."""
+    if len(argv) != 1:
+        print("usage: python3 -m imgbase.credentials AUTHORIZED_KEYS_FILE", file=sys.stderr)
+        return 2
+    print(f"{merge_authorized_keys(Path(argv[0]))} SSH key(s) added for root")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -102,7 +102,9 @@ def verify_signature(sums: Path, sig: Path, trusted: Path = TRUSTED,
 
 
 def verify_image(image: str, *, insecure: bool, trusted: Path = TRUSTED) -> Verdict:
-    """Checksum then signature; refuse (die) unless both hold, or are missing and insecure."""
+    """Signature of IMAGE.sha256 first (small), then the image's checksum against it (a
+    pass over gigabytes, spent only on a signed image); refuse (die) unless both hold, or
+    are missing and insecure."""
     sums, sig = sums_path(image), sig_path(image)
     if not sums.exists():
         if not insecure:
@@ -112,18 +114,20 @@ def verify_image(image: str, *, insecure: bool, trusted: Path = TRUSTED) -> Verd
         if sig.exists():
             die(f"{sig} is there but {sums} is not", hint="get both from the publisher")
         return Verdict("missing (--insecure)", "missing (--insecure)")
+    if sig.exists():
+        signature = "signed by " + verify_signature(sums, sig, trusted, insecure)
+    elif insecure:
+        signature = "missing (--insecure)"
+    else:
+        die(f"{image} is not signed ({sig} is missing)",
+            hint="sign it with imgbase sign, or pass --insecure to accept it unsigned")
     words = sums.read_text(errors="replace").split()
     want = words[0] if words else ""
     got = sha256_of(image)
     if got != want:
         die(f"{image}: sha256 {got[:16]}… does not match {sums} ({want[:16] or 'empty'}…)",
             hint="the image is corrupt or not the one published; download it again")
-    if not sig.exists():
-        if not insecure:
-            die(f"{image} is not signed ({sig} is missing)",
-                hint="sign it with imgbase sign, or pass --insecure to accept it unsigned")
-        return Verdict("verified", "missing (--insecure)")
-    return Verdict("verified", "signed by " + verify_signature(sums, sig, trusted, insecure))
+    return Verdict("verified", signature)
 
 
 def sign(image: str, *, key: str | None = None, homedir: str | None = None) -> Path:

@@ -8,6 +8,12 @@
 SSH access is injected at boot as the ``ssh.authorized_keys.root`` system
 credential (SMBIOS type 11), never baked into the image. Networking is
 ``-nic user,restrict=on`` with SSH forwarded to a free port on 127.0.0.1.
+
+A disk guest that resets (``reboot``, a panic, sysrq) gets a fresh qemu on the same
+disk: qemu runs with ``-no-reboot``, its QMP ``SHUTDOWN`` event says the guest reset,
+and ``Guest`` starts it again. To the guest that is a power cycle; GRUB, grubenv and the
+boot counter see the same disk. Under TCG it is ~25 s faster per reboot than SeaBIOS's
+warm reset, which spends ~7 s before GRUB and ~16 s more loading the kernel.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -22,6 +29,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +92,16 @@ class Guest:
     rundir: Path | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     port: int = field(default=0, init=False)
+    resets: int = field(default=0, init=False)  # guest resets followed by a fresh qemu
     _ssh: Any = field(default=None, init=False)
     _own_rundir: bool = field(default=False, init=False)
+    _argv: list[str] = field(default_factory=list, init=False)
+    _shutdown: list[str] = field(default_factory=list, init=False)  # this qemu's SHUTDOWNs
+    _events: threading.Thread | None = field(default=None, init=False)
+    _stopping: bool = field(default=False, init=False)
+    # QMP on an abstract unix socket: no path length limit, nothing to clean up
+    _qmp_name: str = field(default_factory=lambda: f"imgbase-qmp-{os.urandom(8).hex()}",
+                           init=False)
 
     # -- lifecycle ------------------------------------------------------------
     def __enter__(self) -> Guest:
@@ -127,17 +143,51 @@ class Guest:
             self._own_rundir = True
         self.rundir.mkdir(parents=True, exist_ok=True)
         self.port = self.spec.port or free_port()
-        argv = self._qemu_argv()
-        (self.rundir / "qemu.argv").write_text("\n".join(argv) + "\n")
+        self._argv = self._qemu_argv()
+        (self.rundir / "qemu.argv").write_text("\n".join(self._argv) + "\n")
         self.serial_log.parent.mkdir(parents=True, exist_ok=True)
         self.serial_log.write_text("")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+        self._launch()
+
+    @property
+    def follows_resets(self) -> bool:
+        """A disk guest boots again after a reset; a live or self-check guest ends."""
+        return bool(self.spec.disk) and not self.spec.selfcheck
+
+    def _launch(self) -> None:
+        assert self.rundir is not None
+        self.proc = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL,
                                      stderr=open(self.rundir / "qemu.stderr", "wb"),  # noqa: SIM115
                                      start_new_session=True, preexec_fn=_die_with_parent)
         (self.rundir / "qemu.pid").write_text(f"{self.proc.pid}\n")
+        self._shutdown = []
+        self._events = None
+        if self.follows_resets:
+            sock = _qmp_connect(self._qmp_name, self.proc)
+            if sock is not None:
+                self._events = threading.Thread(target=_read_shutdowns,
+                                                args=(sock, self._shutdown), daemon=True)
+                self._events.start()
+
+    def _follow_reset(self) -> bool:
+        """If our qemu ended because the guest reset, start it again; True if it did."""
+        if (not self.follows_resets or self._stopping or self.proc is None
+                or self.proc.poll() is None):
+            return False
+        if self._events is not None:
+            self._events.join(timeout=5)  # qemu has exited: the event is read or never comes
+        if self._shutdown[-1:] != ["guest-reset"]:
+            return False
+        self.resets += 1
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        self._launch()
+        return True
 
     def alive(self) -> bool:
+        self._follow_reset()
         return self.proc is not None and self.proc.poll() is None
 
     def wait_ssh(self, timeout: float = SSH_TIMEOUT) -> float:
@@ -168,14 +218,21 @@ class Guest:
                             f"(last error: {last!r})")
 
     def wait_exit(self, timeout: float) -> int:
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise self._failure(f"the guest did not power off within {timeout:.0f} s") from None
+        """Wait until the guest powers off (a disk guest's resets are followed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            try:
+                status = self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise self._failure(
+                    f"the guest did not power off within {timeout:.0f} s") from None
+            if not self._follow_reset():
+                return status
 
     def stop(self, timeout: float = 60) -> None:
         """Power the guest off (SSH), wait, then kill our qemu if it is still there."""
+        self._stopping = True
         if self.alive() and self._ssh is not None:
             with contextlib.suppress(Exception):
                 self._ssh.exec_command("systemctl poweroff", timeout=5)
@@ -188,6 +245,7 @@ class Guest:
 
     def kill(self) -> None:
         """Kill the qemu this Guest started (by pid, never by name)."""
+        self._stopping = True
         if self._ssh is not None:
             self._ssh.close()
             self._ssh = None
@@ -277,10 +335,16 @@ class Guest:
         s = self.spec
         argv = [QEMU, "-accel", "tcg,thread=multi", "-cpu", CPU_MODEL,
                 "-smp", str(s.cpus), "-m", str(s.memory),
-                # a live guest (panic=-1) and a self-check end when they reboot; a disk reboots
-                *(["-no-reboot"] if s.live or s.selfcheck else []),
+                # a live guest (panic=-1) and a self-check end when they reboot; a disk
+                # guest's reset ends this qemu too, and the next one boots it (follows_resets)
+                "-no-reboot",
+                *(["-chardev", f"socket,id=qmp,path={self._qmp_name},abstract=on,server=on,"
+                   "wait=off", "-mon", "chardev=qmp,mode=control"]
+                  if self.follows_resets else []),
                 "-display", "none", "-monitor", "none", "-vga", "none",
-                "-serial", f"file:{self.serial_log}",
+                # appended to, so one log holds every boot of the guest
+                "-chardev", f"file,id=serial0,path={self.serial_log},append=on",
+                "-serial", "chardev:serial0",
                 "-device", "isa-debug-exit,iobase=0x501,iosize=0x02"]
         drives: list[str] = []
         if s.live:
@@ -350,6 +414,32 @@ def selfcheck_result(exit_status: int) -> bool | None:
 
 
 # -- helpers ------------------------------------------------------------------
+
+def _qmp_connect(name: str, proc: subprocess.Popen[bytes]) -> socket.socket | None:
+    """Connect to a starting qemu's QMP socket and enable its events (None: qemu died)."""
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect("\0" + name)
+        except OSError:
+            sock.close()
+            time.sleep(0.05)
+            continue
+        sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+        return sock
+    return None
+
+
+def _read_shutdowns(sock: socket.socket, reasons: list[str]) -> None:
+    """Thread: append the reason of each QMP SHUTDOWN event until qemu closes the socket."""
+    with sock, sock.makefile("rb") as events:
+        for line in events:
+            with contextlib.suppress(ValueError):
+                message = json.loads(line)
+                if isinstance(message, dict) and message.get("event") == "SHUTDOWN":
+                    reasons.append(str(message.get("data", {}).get("reason", "")))
+
 
 def _die_with_parent() -> None:
     """In the qemu child: get SIGKILL when imgbase dies, however it dies (no strays)."""

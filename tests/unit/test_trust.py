@@ -101,3 +101,18 @@ def test_sign_refuses_a_stale_checksum(keys: dict, image: Path) -> None:
     with pytest.raises(InputError, match="does not match"):
         trust.sign(str(image), homedir=str(keys["home"]))
     assert not Path(f"{image}.sha256.sig").exists()
+
+
+def test_an_unsigned_or_untrusted_image_is_refused_before_it_is_read(
+        keys: dict, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def hashing(path: str) -> str:
+        raise AssertionError(f"{path} was read")
+
+    monkeypatch.setattr(trust, "sha256_of", hashing)
+    with pytest.raises(InputError, match="is not signed"):
+        trust.verify_image(str(image), insecure=False, trusted=keys["trusted"])
+    monkeypatch.undo()
+    trust.sign(str(image), homedir=str(keys["home"]))
+    monkeypatch.setattr(trust, "sha256_of", hashing)
+    with pytest.raises(InputError, match="no trusted keys in"):
+        trust.verify_image(str(image), insecure=False, trusted=tmp_path / "empty.d")
