@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,3 +246,37 @@ class Agent:
             self.slots.release(self.node_id)
             self._remember_slot(False)
         return action
+
+
+class LeaseKeeper:
+    """Keeps the agent's lease alive from a thread of its own, on a client of its own,
+    every ttl/3 s: a pass that takes long (staging gigabytes under `imgbase update`) must
+    not let the node's record expire as if the node had died.
+
+    Only renews; granting a new lease and writing the record stay with :meth:`Agent.tick`.
+    """
+
+    def __init__(self, agent: Agent, etcd: Etcd) -> None:
+        self.agent, self.etcd = agent, etcd
+        self.renewals = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.agent.config.ttl / 3):
+            lease = self.agent.lease
+            if lease is None:
+                continue
+            try:
+                if self.etcd.lease_keepalive(lease) > 0:
+                    self.renewals += 1
+            except ImgbaseError as exc:  # the next pass reports and backs off
+                log.debug("lease keep-alive: %s", exc.message)

@@ -49,7 +49,7 @@ def write_state(agent: Any, path: Path = STATE) -> None:
 def run_daemon() -> int:
     from ..errors import InputError
     from . import config as agent_config
-    from .core import Agent
+    from .core import Agent, LeaseKeeper
     from .etcd import Etcd
     from .host import HostNode
     from .systemd import notify
@@ -79,21 +79,24 @@ def run_daemon() -> int:
     signal.signal(signal.SIGINT, stop)
     # the first pass only joins: READY follows at once, so no boot waits on a rollout step
     first = True
-    while not stopping:
-        try:
-            action = agent.tick(roll=not first)
-        except ImgbaseError as exc:  # a step on the node failed: report, go on
-            agent.last_action = f"failed: {exc.message}"
-            action = agent.last_action
-            log.error("%s", exc.oneline())
-        write_state(agent)
-        notify(("READY=1\n" if first else "") + f"STATUS={agent.state}; {action}")
-        first = False
-        now = time.monotonic()
-        wait = agent.next_try - now if agent.next_try > now else config.ttl / 3
-        deadline = now + max(1.0, wait)
-        while not stopping and time.monotonic() < deadline:
-            time.sleep(0.2)
+    # a long pass (staging an image) must not let the lease run out: renewed apart
+    with LeaseKeeper(agent, Etcd(list(config.endpoints), ca=config.ca, cert=config.cert,
+                                 key=config.key)):
+        while not stopping:
+            try:
+                action = agent.tick(roll=not first)
+            except ImgbaseError as exc:  # a step on the node failed: report, go on
+                agent.last_action = f"failed: {exc.message}"
+                action = agent.last_action
+                log.error("%s", exc.oneline())
+            write_state(agent)
+            notify(("READY=1\n" if first else "") + f"STATUS={agent.state}; {action}")
+            first = False
+            now = time.monotonic()
+            wait = agent.next_try - now if agent.next_try > now else config.ttl / 3
+            deadline = now + max(1.0, wait)
+            while not stopping and time.monotonic() < deadline:
+                time.sleep(0.2)
     notify("STOPPING=1")
     agent.leave()
     agent.state = "stopped"

@@ -4,9 +4,11 @@ decisions driven through simulated nodes; a FleetLock server over HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 
 from imgbase.agent import fleet
 from imgbase.agent.config import AgentConfig
-from imgbase.agent.core import Agent, NodeState
+from imgbase.agent.core import Agent, LeaseKeeper, NodeState
 from imgbase.agent.etcd import Etcd
 from imgbase.errors import ImgbaseError
 from tests.etcdcluster import EtcdCluster, etcd_cluster
@@ -187,6 +189,55 @@ def test_a_rolling_update_keeps_to_max_unavailable(cluster: EtcdCluster) -> None
         assert results["slots"]["holders"] == [] and results["rollout"]["state"] == "running"
         for agent in agents:
             agent.leave()
+
+
+class SlowStage(SimNode):
+    """Staging takes `seconds` (a big image over a slow link), during one pass."""
+
+    def __init__(self, nvr: str, seconds: float) -> None:
+        super().__init__(nvr)
+        self.seconds = seconds
+
+    def stage(self, url: str, nvr: str) -> None:
+        time.sleep(self.seconds)
+        super().stage(url, nvr)
+
+
+def record_seen(admin: Etcd, node: str, seconds: float) -> tuple[threading.Thread, list[bool]]:
+    """A thread looking for the node's record twice a second for `seconds`."""
+    seen: list[bool] = []
+
+    def watch() -> None:
+        for _ in range(int(seconds * 2)):
+            seen.append(node in fleet.nodes(admin))
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread, seen
+
+
+def test_the_record_outlives_a_pass_longer_than_the_lease(cluster: EtcdCluster) -> None:
+    """Staging for twice the TTL in one pass: the keeper renews the lease meanwhile, so
+    the node never looks dead; without it the record is gone (the control)."""
+    g = group()
+    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g, ttl=5)
+    with cluster.client() as admin:
+        fleet.set_image(admin, g, "n-2.0-1", "http://127.0.0.1/n-2.0-1.squashfs", 1)
+        for keeper_runs in (True, False):
+            with cluster.client() as client, cluster.client() as own:
+                agent = Agent(config, f"slow-{keeper_runs}", SlowStage("n-1.0-1", 11), client)
+                agent.tick(roll=False)
+                keeper = LeaseKeeper(agent, own)
+                with keeper if keeper_runs else contextlib.nullcontext():
+                    watcher, seen = record_seen(admin, agent.node_id, 11)
+                    assert agent.tick() == "stage"  # 11 s in this one pass
+                    watcher.join()
+                if keeper_runs:
+                    assert all(seen) and keeper.renewals >= 2, seen
+                else:
+                    assert not all(seen)  # the lease ran out during the pass
+                agent.leave()
 
 
 def test_a_node_that_falls_back_pauses_the_rollout(cluster: EtcdCluster) -> None:
