@@ -240,6 +240,48 @@ def test_the_record_outlives_a_pass_longer_than_the_lease(cluster: EtcdCluster) 
                 agent.leave()
 
 
+@pytest.mark.parametrize("skew", [-86400.0, 86400.0])
+def test_a_node_whose_clock_is_a_day_off_keeps_its_record_and_updates(
+        cluster: EtcdCluster, monkeypatch: pytest.MonkeyPatch, skew: float) -> None:
+    """Liveness is etcd's lease, timed by etcd alone: a node's wall clock a day off does
+    not expire its record early or keep it late, and its rollout goes on."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + skew)
+    g = group()
+    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g, ttl=5)
+    with cluster.client() as admin, cluster.client() as client:
+        node = SimNode("n-1.0-1")
+        agent = Agent(config, "skewed", node, client)
+        agent.tick(roll=False)
+        watcher, seen = record_seen(admin, "skewed", 8)
+        fleet.set_image(admin, g, "n-2.0-1", "http://127.0.0.1/n-2.0-1.squashfs", 1)
+        for _ in range(5):  # a pass every ttl/3, as the daemon does
+            agent.tick()
+            time.sleep(config.ttl / 3)
+        watcher.join()
+        assert all(seen)
+        assert (node.booted, node.reboots, agent.holding) == ("n-2.0-1", 1, False)
+        agent.leave()
+        assert "skewed" not in fleet.nodes(admin)
+
+
+def test_a_renewal_that_comes_too_late_registers_again(cluster: EtcdCluster) -> None:
+    """The agent's own clock ran slow (the node stalled): the lease expired before it
+    renewed. The next pass finds the lease gone and registers again, with a new lease."""
+    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=group(), ttl=5)
+    with cluster.client() as admin, cluster.client() as client:
+        agent = Agent(config, "stalled", SimNode("n-1.0-1"), client)
+        agent.tick(roll=False)
+        first = agent.lease
+        deadline = time.monotonic() + 15
+        while "stalled" in fleet.nodes(admin) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "stalled" not in fleet.nodes(admin)  # etcd expired it: the node looked dead
+        assert agent.tick(roll=False) == "registered"
+        assert agent.lease != first and "stalled" in fleet.nodes(admin)
+        agent.leave()
+
+
 def test_a_node_that_falls_back_pauses_the_rollout(cluster: EtcdCluster) -> None:
     g = group()
     config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g)
