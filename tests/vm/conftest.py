@@ -8,7 +8,6 @@ and has the tail of its serial console attached to the report of a failing test.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -39,8 +38,8 @@ def _boot(spec: VmSpec, rundir: Path, registry: list[Guest]) -> Guest:
 
 
 @pytest.fixture(scope="session")
-def media(node_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A squashfs holding v2 (signed), the v3 update package (signed image) and the key."""
+def media_files(node_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """v2 (signed), the v3 update package (signed image) and the key that verifies them."""
     work = tmp_path_factory.mktemp("media")
     files = work / "files"
     files.mkdir()
@@ -52,27 +51,36 @@ def media(node_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     package.build(str(files / f"{V3}.squashfs"), "deb", files)
     for suffix in ("", ".sha256", ".sha256.sig"):
         (files / f"{V3}.squashfs{suffix}").unlink()  # v3 travels in its package only
-    out = work / "media.squashfs"
-    run(["mksquashfs", str(files), str(out), "-quiet", "-no-progress", "-noI", "-noD", "-noF",
-         "-noX"])
-    shutil.rmtree(files)
+    return files
+
+
+@pytest.fixture(scope="session")
+def media(media_files: Path) -> Path:
+    """media_files as a squashfs, for a guest to mount as a disk."""
+    out = media_files.parent / "media.squashfs"
+    run(["mksquashfs", str(media_files), str(out), "-quiet", "-no-progress", "-noI", "-noD",
+         "-noF", "-noX"])
     return out
 
 
 @pytest.fixture(scope="session")
 def installed_disks(node_image: Path, tmp_path_factory: pytest.TempPathFactory
                     ) -> dict[str, Path]:
-    """Two nodes installed by `imgbase install` in one live guest, after the refusals.
+    """The disks the VM tests boot, all prepared in one live guest (one boot, not three).
 
-    "minimal": a blank 20G disk, default options. "nist": a 10G disk that held an active
-    volume group, installed over with --wipe --volumes nist --vg node2.
+    "minimal": `imgbase install` on a blank 20G disk, default options, after the refusals.
+    "nist": a 10G disk that held an active volume group, installed over with --wipe
+    --volumes nist --vg node2. "anaconda": what anaconda's autopart --type=thinp + liveimg
+    leaves, adopted by `imgbase layout --init` as the kickstart's %post runs it.
     """
     work = tmp_path_factory.mktemp("install")
-    disks = {"minimal": work / "minimal.qcow2", "nist": work / "nist.qcow2"}
+    disks = {"minimal": work / "minimal.qcow2", "nist": work / "nist.qcow2",
+             "anaconda": work / "anaconda.qcow2"}
     for disk, size in ((disks["minimal"], "20G"), (disks["nist"], "10G"),
-                       (work / "small.qcow2", "1G")):
+                       (work / "small.qcow2", "1G"), (disks["anaconda"], "20G")):
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), size], check=True)
-    attach = (disks["minimal"], disks["nist"], work / "small.qcow2")  # vdb, vdc, vdd
+    # vdb, vdc, vdd, vde
+    attach = (disks["minimal"], disks["nist"], work / "small.qcow2", disks["anaconda"])
     with Guest(VmSpec(live=node_image, attach=attach), rundir=work / "installer") as guest:
         not_yet = guest.run("imgbase status --json", check=False)
         assert not_yet.rc == 2 and "this is not an imgbase node" in not_yet.stderr
@@ -94,7 +102,35 @@ def installed_disks(node_image: Path, tmp_path_factory: pytest.TempPathFactory
         guest.run("imgbase install --disk /dev/vdc --wipe --volumes nist --vg node2",
                   timeout=1200)
         assert guest.run("vgs stale", check=False).rc != 0
+        adopt_like_anaconda(guest, "/dev/vde")
     return disks
+
+
+ANACONDA_LIKE = Path(__file__).with_name("anaconda_like.sh")
+
+
+def adopt_like_anaconda(guest: Guest, disk: str) -> None:
+    """Lay `disk` out as anaconda would, then run `imgbase layout --init` as %post does:
+    chrooted into the target. Its refusals, dry run and a cut-short first attempt too."""
+    guest.run(f"cat > /tmp/anaconda_like.sh <<'EOF'\n{ANACONDA_LIKE.read_text()}EOF\n")
+    guest.run(f"sh /tmp/anaconda_like.sh {disk} anaconda", timeout=900)
+    chroot = "chroot /mnt/sysimage"
+    bad = guest.run(f"{chroot} imgbase layout --init --nvr nope", check=False)
+    assert bad.rc == 2 and "'nope' is not a name-version-release" in bad.stderr
+    not_lvm = guest.run("imgbase layout --init --from /run/imgbase/live/lower",
+                        check=False)  # the squashfs: not an LV
+    assert not_lvm.rc == 2 and "not an LVM logical volume" in not_lvm.stderr
+    plan = json.loads(guest.run(f"{chroot} imgbase layout --init --dry-run --json").stdout)
+    assert plan["operation"] == "layout-init" and plan["steps"][-1]["name"] == "tag-vg"
+    assert guest.run("vgs --noheadings -o vg_tags anaconda").stdout.strip() == ""
+    # a first attempt cut short leaves LVs; running it again removes them and goes on
+    cut = guest.run(f"IMGBASE_CRASH_AFTER_STEP=layer-create {chroot} imgbase layout --init",
+                    check=False)
+    assert cut.rc == 137
+    guest.run(f"{chroot} imgbase layout --init", timeout=900)
+    again = guest.run(f"{chroot} imgbase layout --init", check=False)
+    assert again.rc == 2 and "already on an imgbase node" in again.stderr
+    guest.run("umount -R -l /mnt/sysimage && sync")
 
 
 def refuse_bad_installs(guest: Guest) -> None:

@@ -1,55 +1,25 @@
 """`imgbase layout --init` adopts what anaconda leaves (autopart --type=thinp + liveimg),
-run as the kickstart's %post does: chrooted into the target. The adopted disk boots.
+run as the kickstart's %post does: chrooted into the target (in the installer session of
+tests/vm/conftest.py, adopt_like_anaconda). The adopted disk boots.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from imgbase.vm import Guest, VmSpec
+from imgbase.vm import Guest
 from tests.vm.nodes import NVR, same_device
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
-SCRIPT = Path(__file__).with_name("anaconda_like.sh")
 
-
-@pytest.fixture(scope="module")
-def adopted_disk(node_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("adopt")
-    disk = work / "anaconda.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "20G"], check=True)
-    with Guest(VmSpec(live=node_image, attach=(disk,)), rundir=work / "live") as guest:
-        guest.run(f"cat > /tmp/anaconda_like.sh <<'EOF'\n{SCRIPT.read_text()}EOF\n")
-        guest.run("sh /tmp/anaconda_like.sh /dev/vdb anaconda", timeout=900)
-        chroot = "chroot /mnt/sysimage"
-        bad = guest.run(f"{chroot} imgbase layout --init --nvr nope", check=False)
-        assert bad.rc == 2 and "'nope' is not a name-version-release" in bad.stderr
-        not_lvm = guest.run("imgbase layout --init --from /run/imgbase/live/lower",
-                            check=False)  # the squashfs: not an LV
-        assert not_lvm.rc == 2 and "not an LVM logical volume" in not_lvm.stderr
-        plan = json.loads(guest.run(f"{chroot} imgbase layout --init --dry-run --json").stdout)
-        assert plan["operation"] == "layout-init" and plan["steps"][-1]["name"] == "tag-vg"
-        assert guest.run("vgs --noheadings -o vg_tags anaconda").stdout.strip() == ""
-        # a first attempt cut short leaves LVs; running it again removes them and goes on
-        cut = guest.run(f"IMGBASE_CRASH_AFTER_STEP=layer-create {chroot} imgbase layout --init",
-                        check=False)
-        assert cut.rc == 137
-        guest.run(f"{chroot} imgbase layout --init", timeout=900)
-        again = guest.run(f"{chroot} imgbase layout --init", check=False)
-        assert again.rc == 2 and "already on an imgbase node" in again.stderr
-        guest.run("umount -R -l /mnt/sysimage && sync")
-    return disk
-
-
-def test_adopted_install_boots_from_its_layer(adopted_disk: Path,
+def test_adopted_install_boots_from_its_layer(installed_disks: dict[str, Path],
                                               boot: Callable[..., Guest]) -> None:
-    guest = boot(disk=adopted_disk)
+    guest = boot(disk=installed_disks["anaconda"])
     host = guest.host()
     assert host.check_output("systemctl is-system-running --wait") == "running"
     root = json.loads(host.check_output("findmnt -J -o SOURCE,OPTIONS /"))["filesystems"][0]
