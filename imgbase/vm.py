@@ -377,7 +377,10 @@ class Guest:
             argv += ["-drive", f"{drive},if=none,id=d{i}",
                      "-device", f"virtio-blk-pci,drive=d{i},serial=imgbase{i}{boot}"]
         if s.network and not s.selfcheck:
-            fwd = "".join(f",guestfwd=tcp:{GUESTFWD_ADDR}:{g}-tcp:127.0.0.1:{h}"
+            # cmd: a socat per guest connection. (A chardev target, "-tcp:HOST:PORT", is ONE
+            # connection made when qemu starts: every guest connection shares that stream,
+            # and once the server closes it nothing gets through again.)
+            fwd = "".join(f",guestfwd=tcp:{GUESTFWD_ADDR}:{g}-cmd:socat - TCP:127.0.0.1:{h}"
                           for g, h in s.guestfwd)
             argv += ["-nic", "user,restrict=on,model=virtio-net-pci,"
                      f"hostfwd=tcp:127.0.0.1:{self.port}-:22{fwd}"]
@@ -441,10 +444,13 @@ def _read_shutdowns(sock: socket.socket, reasons: list[str]) -> None:
                     reasons.append(str(message.get("data", {}).get("reason", "")))
 
 
+_LIBC = ctypes.CDLL(None)  # loaded here: between fork and exec only the call is made
+
+
 def _die_with_parent() -> None:
     """In the qemu child: get SIGKILL when imgbase dies, however it dies (no strays)."""
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    _LIBC.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def preflight(spec: VmSpec) -> None:
@@ -462,6 +468,9 @@ def preflight(spec: VmSpec) -> None:
     for path in spec.attach:
         if not path.is_file():
             die(f"{path}: no such disk image to attach", hint="create it with qemu-img create")
+    if spec.guestfwd and shutil.which("socat") is None:
+        die("socat is not installed (qemu runs one per forwarded guest connection)",
+            hint="apt-get install socat (or make setup)")
     if spec.port is not None and not port_is_free(spec.port):
         die(f"port {spec.port} on 127.0.0.1 is busy", hint="omit --port to pick a free one")
 

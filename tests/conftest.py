@@ -38,10 +38,31 @@ def compose_json(image: str | Path, outdir: Path, *extra: str) -> dict[str, obje
     return result
 
 
+EARLY = pytest.StashKey[set[str]]()  # VM builds the selected tests want (tests/vm/prepare.py)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from tests.vm.prepare import WANTED
+
+    config.stash[EARLY] = {name for item in items
+                           for name in getattr(item, "fixturenames", ()) if name in WANTED}
+
+
 @pytest.fixture(scope="session")
-def default_image(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """The default node image, composed once per session (reused from the cache)."""
-    return compose_json(ROOT / "images/node.toml", tmp_path_factory.mktemp("image"))
+def default_image(request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The default node image, composed once per session (reused from the cache).
+
+    Once it exists, the installed disks and update media the selected VM tests want start
+    building in the background (tests/vm/prepare.py), while the other tests run.
+    """
+    result = compose_json(ROOT / "images/node.toml", tmp_path_factory.mktemp("image"))
+    want = request.config.stash.get(EARLY, set())
+    if want:
+        from tests.vm.prepare import start_early
+
+        start_early(Path(str(result["squashfs"])), want, tmp_path_factory.mktemp)
+    return result
 
 
 @pytest.fixture(scope="session")
