@@ -12,7 +12,7 @@ credential (SMBIOS type 11), never baked into the image. Networking is
 A disk guest that resets (``reboot``, a panic, sysrq) gets a fresh qemu on the same
 disk: qemu runs with ``-no-reboot``, its QMP ``SHUTDOWN`` event says the guest reset,
 and ``Guest`` starts it again. To the guest that is a power cycle; GRUB, grubenv and the
-boot counter see the same disk. Under TCG it is ~25 s faster per reboot than SeaBIOS's
+boot counter see the same disk. Under TCG it is ~22 s faster per reboot than SeaBIOS's
 warm reset, which spends ~7 s before GRUB and ~16 s more loading the kernel.
 """
 
