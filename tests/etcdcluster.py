@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from imgbase.agent import fleet
 from imgbase.agent.etcd import Etcd
 
 ETCD = Path("/usr/bin/etcd")
@@ -312,3 +313,16 @@ def etcd_cluster(directory: Path, size: int = 1, *, tls: bool = False,
         finally:
             cluster.stop()
         return
+
+
+def max_holders_in_history(etcd: Etcd, g: str, since: int) -> int:
+    """The most holders group g's slot semaphore had since revision `since` (never over
+    its max: asserted at every change of the key)."""
+    key = fleet.group_key(g, "semaphore")
+    most = 0
+    for change in etcd.changes(key, since):
+        if change.key == key and change.value is not None:
+            sem = fleet.parse_semaphore(change.value)
+            most = max(most, len(sem.holders))
+            assert len(sem.holders) <= sem.max, change
+    return most

@@ -22,7 +22,7 @@ from imgbase.agent.config import AgentConfig
 from imgbase.agent.core import Agent, LeaseKeeper, NodeState
 from imgbase.agent.etcd import Etcd
 from imgbase.errors import ImgbaseError
-from tests.etcdcluster import EtcdCluster, etcd_cluster
+from tests.etcdcluster import EtcdCluster, etcd_cluster, max_holders_in_history
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +39,6 @@ def etcd(cluster: EtcdCluster) -> Iterator[Etcd]:
 
 def group() -> str:
     return f"g-{uuid.uuid4().hex[:8]}"
-
-
-def max_holders_in_history(etcd: Etcd, g: str, since: int) -> int:
-    key = fleet.group_key(g, "semaphore")
-    most = 0
-    for change in etcd.changes(key, since):
-        if change.key == key and change.value is not None:
-            sem = fleet.parse_semaphore(change.value)
-            most = max(most, len(sem.holders))
-            assert len(sem.holders) <= sem.max, change
-    return most
 
 
 def test_slots_are_counted_recursive_and_released(etcd: Etcd) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from imgbase.run import run
 from imgbase.vm import Guest, VmSpec
+from tests.etcdcluster import EtcdCluster, etcd_cluster
 from tests.vm import prepare
 
 SERIAL_TAIL = 60
@@ -31,6 +32,14 @@ def _boot(spec: VmSpec, rundir: Path, registry: list[Guest]) -> Guest:
     guest.start()
     guest.wait_ssh()
     return guest
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """A module's cluster store: a real etcd on the host's 127.0.0.1, which guests reach as
+    10.0.2.100 (qemu guestfwd; VmSpec.guestfwd) and nothing else."""
+    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ import pytest
 from imgbase.agent import fleet
 from imgbase.vm import Guest
 from tests.conftest import ROOT
-from tests.etcdcluster import EtcdCluster, etcd_cluster
+from tests.etcdcluster import EtcdCluster
 from tests.vm.nodes import MEDIA, NVR, V2, V3, module_node, mount_media, same_device
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
@@ -39,14 +39,6 @@ LAYER = A  # the installed node's first layer
 ENTRIES = "/boot/grub/imgbase-entries.cfg"
 
 
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    """The cluster store the node's agent joins: a real etcd on the host's 127.0.0.1,
-    which the guest reaches as 10.0.2.100:2379 (qemu guestfwd) and nothing else."""
-    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as cluster:
-        yield cluster
 
 
 @pytest.fixture(scope="module")
