@@ -148,3 +148,25 @@ def merge(old_factory: Path, old_etc: Path, new_factory: Path, target: Path,
     (target / "imgbase").mkdir(exist_ok=True)
     (target / SKIP[0]).write_text(json.dumps(asdict(report), indent=1) + "\n")
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 -P -m imgbase.etcmerge OLD_FACTORY OLD_ETC NEW_FACTORY TARGET [POLICY]``:
+    what an update runs, without the CLI's imports (seconds under emulation)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) not in (4, 5) or (args[4:] and args[4] not in ("keep-local", "take-new")):
+        print("usage: python3 -m imgbase.etcmerge OLD_FACTORY OLD_ETC NEW_FACTORY TARGET "
+              "[keep-local|take-new]", file=sys.stderr)
+        return 2
+    policy = args[4] if args[4:] else "keep-local"
+    old_factory, old_etc, new_factory, target = (Path(a) for a in args[:4])
+    report = merge(old_factory, old_etc, new_factory, target, policy=policy)
+    for rel in report.conflicts:
+        print(f"conflict: /etc/{rel} ({policy})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

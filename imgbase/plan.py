@@ -200,7 +200,7 @@ def execute(plan: Plan, progress: Progress, journal: Path | None = JOURNAL) -> N
     crash_after = os.environ.get(CRASH_AFTER_ENV)
     cut = power_cut_point(os.environ.get(POWER_CUT_ENV))
     for step in plan.steps:
-        with progress.step(step.name):
+        with progress.step(step.name) as info:
             j.record(event="start", step=step.name)
             timer = None
             if cut and cut[0] == "during" and cut[1] == step.name:
@@ -210,8 +210,8 @@ def execute(plan: Plan, progress: Progress, journal: Path | None = JOURNAL) -> N
             try:
                 if step.write:
                     write_atomic(Path(step.write[0]), step.write[1])
-                else:
-                    run(step.argv)
+                elif out := run(step.argv).stdout.strip():
+                    info["detail"] = out.splitlines()[-1][:200]  # e.g. what a sync did
             except ImgbaseError as exc:
                 j.record(event="failed", step=step.name, error=exc.message)
                 raise ImgbaseError(f"{plan.operation}: step {step.name!r} failed: "

@@ -7,9 +7,10 @@ signature is good by a key in /etc/imgbase/trusted.d (:mod:`imgbase.trust`; or
 exits 77, "already up to date"), and pool and /boot have room.
 
 The new base is a thin snapshot of the closest existing base, synced from the mounted
-squashfs with rsync (contents, modes, owners, xattrs, ACLs, hard links, deletions), so
-its cost follows the change, not the image; with no base to start from it is a full
-unpack. The new layer gets /etc merged three ways (:mod:`imgbase.etcmerge`), an fstab
+squashfs (:mod:`imgbase.treesync`: the two images' file listings say which paths differ,
+rsync copies those with contents, modes, owners, xattrs and hard links, and deletes what
+is gone), so its cost follows the change, not the image; with no base to start from it
+is a full unpack. The new layer gets /etc merged three ways (:mod:`imgbase.etcmerge`), an fstab
 from the volume tags, the kernel arguments of the booted layer plus the new image's,
 and its boot entry. Last, one grubenv write makes it the default on trial: the next
 boot is counted, and a layer that does not come up healthy is abandoned by GRUB.
@@ -96,8 +97,9 @@ def plan_update(f: UpdateFacts) -> Plan:
             Step("base-mount", ("sh", "-c", 'mkdir -p "$2" "$3" && mount "$1" "$2" && '
                                 'mount -t squashfs -o loop,ro "$4" "$3"', "mount",
                                 f"/dev/{vg}/{nvr}", str(base_mnt), str(img_mnt), f.image)),
-            Step("base-sync", ("rsync", "-aHAXS", "--delete", "--numeric-ids", "--inplace",
-                               "--no-whole-file", f"{img_mnt}/", f"{base_mnt}/")),
+            Step("base-sync", (sys.executable, "-P", "-m", "imgbase.treesync", str(img_mnt),
+                               str(base_mnt)),
+                 note="only the paths whose lines differ in the two images' file listings"),
             Step("base-umount", ("umount", str(img_mnt), str(base_mnt))),
             *base_seal_steps(vg, nvr),
         ]
@@ -107,7 +109,7 @@ def plan_update(f: UpdateFacts) -> Plan:
     fstab_at = [s.name for s in create].index("layer-fstab")
     steps += create[:fstab_at]
     # this very imgbase (the new image's, when an update package runs it), not /usr/bin's
-    steps.append(Step("etc-merge", (sys.executable, "-P", "-m", "imgbase", "etc-merge",
+    steps.append(Step("etc-merge", (sys.executable, "-P", "-m", "imgbase.etcmerge",
                                     "/usr/share/factory/etc", "/etc",
                                     f"{mnt}/usr/share/factory/etc", f"{mnt}/etc"),
                       note="3-way: old factory, this layer's /etc, new factory"))

@@ -66,6 +66,8 @@ def verify(base: str, image: str) -> list[str]:
     if not Path(image).exists():
         die(f"{image}: no such image", hint="give the .squashfs the base was made from")
     with _mounted(facts.layout.vg, base, image) as (base_mnt, img_mnt):
+        # lost+found: the base filesystem's own directory (mkfs made it), not image content
         out = run(["rsync", "-aHAXn", "--checksum", "--delete", "--numeric-ids",
+                   "--exclude=/lost+found",
                    "--itemize-changes", f"{img_mnt}/", f"{base_mnt}/"]).stdout
     return differences(out)

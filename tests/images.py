@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from imgbase.compose.squashfs import make_squashfs, sha256_file
+from imgbase.filelist import write_listing
 from imgbase.run import run
 
 IMAGE_JSON = "usr/lib/imgbase/image.json"
@@ -42,6 +43,7 @@ def derive(v1: Path, out_dir: Path, version: str, *, share: float = 0.01,
     factory = work / "usr/share/factory/etc"
     if factory.is_dir():
         shutil.copy2(work / "etc/imgbase-image-version", factory / "imgbase-image-version")
+    write_listing(work)  # as compose does: the update's delta is computed from it
     out = out_dir / f"{nvr}.squashfs"
     make_squashfs(work, out, "zstd", 3, 1767225600)
     Path(f"{out}.sha256").write_text(f"{sha256_file(out)}  {out.name}\n")

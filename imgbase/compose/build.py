@@ -2,7 +2,7 @@
 
     preflight -> cache lookup -> imgbase .deb -> backend tree -> layers (files,
     hooks, services) -> image.json -> scrub -> package db -> factory /etc ->
-    boot check -> clamp mtimes -> squashfs -> manifest -> cache -> output
+    boot check -> clamp mtimes -> file listing -> squashfs -> manifest -> cache -> output
 
 Everything is built under the cache's work directory and published by rename,
 so an interrupted compose leaves neither a half-written output nor a cache
@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import filelist
 from ..errors import die
 from ..progress import Progress
 from ..run import run
@@ -216,6 +217,7 @@ def _build(image: ImageSpec, backend: ComposerBackend, work: Path, cache: Path, 
         postprocess.move_package_db(tree, backend.package_db_paths())
         postprocess.factory_etc(tree)
         postprocess.clamp_mtimes(tree, image.source_date_epoch)
+        filelist.write_listing(tree)  # last: it lists every other path as it will stay
         size, entries = tree_size(tree)
 
     nvr = str(image.nvr)

@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from imgbase.etcmerge import merge
 
 
@@ -60,3 +62,21 @@ def test_take_new_policy_resolves_conflicts_for_the_image(tmp_path: Path) -> Non
     shutil.copytree(nf, target)
     assert merge(of, oe, nf, target, policy="take-new").conflicts == ["c"]
     assert (target / "c").read_text() == "theirs"
+
+
+def test_the_module_runs_as_the_update_runs_it(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """update runs `python3 -P -m imgbase.etcmerge ...` (no CLI import): same merge."""
+    from imgbase.etcmerge import main
+
+    of = tree(tmp_path / "of", {"a": "v1", "b": "v1"})
+    oe = tree(tmp_path / "oe", {"a": "mine", "b": "mine"})
+    nf = tree(tmp_path / "nf", {"a": "v1", "b": "v2"})
+    target = tmp_path / "t"
+    shutil.copytree(nf, target)
+    assert main([str(of), str(oe), str(nf), str(target)]) == 0
+    assert (target / "a").read_text() == "mine"  # only local changed it
+    assert (target / "b").read_text() == "mine"  # both did: conflict, local kept
+    assert "conflict: /etc/b (keep-local)" in capsys.readouterr().out
+    assert main([str(of), str(oe)]) == 2
+    assert main([str(of), str(oe), str(nf), str(target), "whatever"]) == 2

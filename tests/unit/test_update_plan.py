@@ -31,7 +31,8 @@ def test_delta_base_is_a_snapshot_synced_from_the_image() -> None:
     snap = plan.steps[n.index("base-snapshot")].argv
     assert snap[-1] == f"vg/{NVR}" and "n-2.0-1" in snap and "imgbase:incomplete" in snap
     sync = plan.steps[n.index("base-sync")].argv
-    assert sync[0] == "rsync" and "--delete" in sync and "-aHAXS" in sync
+    assert sync[1:4] == ("-P", "-m", "imgbase.treesync")  # the image dir, then the base's
+    assert sync[4].endswith("update-image") and sync[5].endswith("update-base")
     assert n.index("base-sync") < n.index("base-readonly") < n.index("layer-create")
 
 

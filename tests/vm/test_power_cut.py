@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vm, pytest.mark.powercut]
 A, NEW = f"{NVR}+1", f"{V2}+1"
 IMAGE = f"{MEDIA}/{V2}.squashfs"
 # cuts in the middle of a step, seconds after it starts
-DURING = [("base-sync", 3.0), ("etc-merge", 0.5), ("layer-fsck", 0.5)]
+DURING = [("base-sync", 1.5), ("etc-merge", 0.5), ("layer-fsck", 0.5)]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,179 @@
+"""The image's file listing: one line per path, so two images are compared without a walk.
+
+Compose writes ``usr/lib/imgbase/files.tsv`` into every image: per path its kind, mode,
+owner, mtime, size, content digest (sha256 of a file, target of a symlink, numbers of a
+device), a digest of the xattrs squashfs keeps, and its hard-link group. An update reads
+the listing of the base it starts from and of the new image and transfers only what
+differs (:mod:`imgbase.treesync`), instead of walking ~45,000 files on both sides --
+under TCG, the walk alone took 4 s and rsync's compare 11 s.
+
+Light imports: the update runs this in a fresh interpreter.
+
+>>> def ln(path, kind="f", content="-"):
+...     return "\\t".join((path, kind, "644", "0", "0", "1", "-", content, "-", "-"))
+>>> a = [ln("./", "d"), ln("etc", "d"), ln("etc/a", content="x"), ln("etc/b", content="y")]
+>>> b = a[:2] + [ln("etc/a", content="z"), ln("etc/c", "l", "a")]
+>>> d = diff(parse(a), parse(b))
+>>> d.transfer, d.remove
+(['etc', 'etc/a', 'etc/c'], ['etc/b'])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .compose.squashfs import sha256_file
+
+LISTING = "usr/lib/imgbase/files.tsv"
+HEADER = "# imgbase file listing 1: path kind mode uid gid mtime size content xattrs link"
+# the xattr namespaces squashfs stores; others (ACLs: system.*) never reach an image
+XATTR_PREFIXES = ("user.", "trusted.", "security.")
+KINDS = ((stat.S_ISDIR, "d"), (stat.S_ISREG, "f"), (stat.S_ISLNK, "l"), (stat.S_ISCHR, "c"),
+         (stat.S_ISBLK, "b"), (stat.S_ISFIFO, "p"), (stat.S_ISSOCK, "s"))
+
+
+def escape(path: str) -> str:
+    r"""A path as one tab-free, newline-free field.
+
+    >>> escape("a\tb\nc\\d")
+    'a\\tb\\nc\\\\d'
+    >>> unescape(escape("a\tb\nc\\d")) == "a\tb\nc\\d"
+    True
+    """
+    return path.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+def unescape(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        c = field[i]
+        if c == "\\" and i + 1 < len(field):
+            out.append({"t": "\t", "n": "\n"}.get(field[i + 1], field[i + 1]))
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _xattrs(path: str) -> str:
+    names = sorted(n for n in os.listxattr(path, follow_symlinks=False)
+                   if n.startswith(XATTR_PREFIXES))
+    if not names:
+        return "-"
+    h = hashlib.sha256()
+    for n in names:
+        h.update(n.encode() + b"\0" + os.getxattr(path, n, follow_symlinks=False) + b"\0")
+    return h.hexdigest()
+
+
+def _line(rel: str, path: str, st: os.stat_result, link: str) -> str:
+    kind = next(k for test, k in KINDS if test(st.st_mode))
+    size, content = "-", "-"
+    if kind == "f":
+        size, content = str(st.st_size), sha256_file(Path(path))
+    elif kind == "l":
+        content = escape(os.readlink(path))
+    elif kind in "cb":
+        content = f"{os.major(st.st_rdev)},{os.minor(st.st_rdev)}"
+    return "\t".join((escape(rel), kind, f"{stat.S_IMODE(st.st_mode):o}", str(st.st_uid),
+                      str(st.st_gid), str(int(st.st_mtime)), size, content, _xattrs(path),
+                      link))
+
+
+def listing(tree: Path, skip: Iterable[str] = (LISTING,)) -> list[str]:
+    """The lines of tree's listing, sorted by path; paths in skip are left out."""
+    skipped = set(skip)
+    entries: list[tuple[str, str, os.stat_result]] = []
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirnames.sort()
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, tree)
+            if rel not in skipped:
+                entries.append((rel, path, os.lstat(path)))
+    entries.sort()
+    first: dict[tuple[int, int], str] = {}  # inode -> first path: the hard-link group
+    for rel, _, st in entries:
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            first.setdefault((st.st_dev, st.st_ino), rel)
+    root = os.lstat(tree)
+    lines = [_line("./", str(tree), root, "-")]
+    for rel, path, st in entries:
+        group = first.get((st.st_dev, st.st_ino)) if not stat.S_ISDIR(st.st_mode) else None
+        lines.append(_line(rel, path, st, escape(group) if group else "-"))
+    return lines
+
+
+def write_listing(tree: Path) -> Path:
+    """Write tree's listing into it, leaving every other path's metadata as it was."""
+    out = tree / LISTING
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parent = os.lstat(out.parent)
+    text = "\n".join([HEADER, *listing(tree)]) + "\n"
+    out.write_text(text, encoding="utf-8", errors="surrogateescape")
+    os.utime(out.parent, ns=(parent.st_atime_ns, parent.st_mtime_ns))
+    os.utime(out, ns=(parent.st_mtime_ns, parent.st_mtime_ns))
+    return out
+
+
+def read_listing(tree: Path) -> list[str] | None:
+    """tree's listing lines, or None when it has none (an image older than listings)."""
+    try:
+        text = (tree / LISTING).read_text(encoding="utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        return None
+    lines = text.splitlines()
+    if not lines or lines[0] != HEADER:
+        return None
+    return lines[1:]
+
+
+def parse(lines: Iterable[str]) -> dict[str, str]:
+    """path field -> the whole line."""
+    return {line.split("\t", 1)[0]: line for line in lines}
+
+
+@dataclass(frozen=True)
+class Diff:
+    transfer: list[str]  # paths (unescaped) to copy from the new tree, sorted
+    remove: list[str]  # paths (unescaped) to remove from the old tree first, deepest first
+
+
+def _field(line: str, n: int) -> str:
+    return line.split("\t")[n]
+
+
+def diff(old: dict[str, str], new: dict[str, str]) -> Diff:
+    """What turns a tree listed as old into one listed as new.
+
+    Transferred: every path new or changed, every member of a hard-link group that has
+    one (links are only made among transferred files), and the parent of every path
+    added or removed (its mtime changes). Removed: paths gone, and paths whose kind
+    changed or that are hard links in the old tree (so a copy does not write through).
+    """
+    changed = {p for p, line in new.items() if old.get(p) != line}
+    gone = set(old) - set(new)
+    groups: dict[str, list[str]] = {}
+    for p, line in new.items():
+        if (g := _field(line, 9)) != "-":
+            groups.setdefault(g, []).append(p)
+    transfer = set(changed)
+    for p in changed:
+        if (g := _field(new[p], 9)) != "-":
+            transfer.update(groups[g])
+    remove = set(gone)
+    for p in transfer:
+        if p in old and (_field(old[p], 1) != _field(new[p], 1) or _field(old[p], 9) != "-"):
+            remove.add(p)
+    for p in (changed - set(old)) | gone:
+        parent = os.path.dirname(p.rstrip("/")) or "./"
+        if parent in new:
+            transfer.add(parent)
+    return Diff(sorted("." if p == "./" else unescape(p) for p in transfer),
+                sorted((unescape(p) for p in remove), key=lambda p: (-p.count("/"), p)))
