@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export IMGBASE_CACHE ?= /var/cache/imgbase
 APT_PACKAGES := mmdebstrap squashfs-tools qemu-system-x86 qemu-utils dpkg-dev e2fsprogs \
-                util-linux openssh-client gpg gpgv rpm etcd-server openssl socat rsync ruby
+                util-linux openssh-client gpg gpgv rpm etcd-server openssl socat rsync ruby dnf createrepo-c
 IMAGE ?= images/node.toml
 OUT ?= out
 

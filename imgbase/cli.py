@@ -26,12 +26,40 @@ def cmd_compose(args: argparse.Namespace) -> int:
     from .compose.build import DEFAULT_CACHE, compose_image
     from .spec import load_image
 
-    overrides = {k: v for k, v in (("version", args.image_version),
-                                   ("release", args.release)) if v is not None}
+    if args.list_backends:
+        return list_backends(as_json=args.json)
+    if args.image is None:
+        die("compose needs an image definition IMAGE.toml",
+            hint="e.g. imgbase compose images/node.toml -o out")
+    overrides = {k: v for k, v in (("version", args.image_version), ("release", args.release),
+                                   ("backend", args.backend)) if v is not None}
     image = load_image(Path(args.image), overrides=overrides)
     progress = Progress(json_lines=args.json)
     compose_image(image, Path(args.output), progress=progress,
                   cache=Path(args.cache) if args.cache else DEFAULT_CACHE, rebuild=args.rebuild)
+    return 0
+
+
+def list_backends(*, as_json: bool) -> int:
+    """Every compose backend: whether it composes here, and why not."""
+    from .compose.backend import ComposerBackend
+
+    rows = []
+    for name, cls in ComposerBackend.backends().items():
+        backend = cls()
+        reason = backend.unavailable()
+        rows.append({"name": name, "runs_here": reason is None, "reason": reason,
+                     "summary": cls.describe(),
+                     "missing": [{"tool": tool, "apt_package": pkg}
+                                 for tool, pkg in backend.missing_tools()]})
+    if as_json:
+        print(json.dumps({"backends": rows}, indent=2))
+        return 0
+    width = max(len(str(row["name"])) for row in rows)
+    for row in rows:
+        state = "ready        " + str(row["summary"]) if row["runs_here"] else \
+            f"unavailable  {row['reason']}"
+        print(f"{row['name']:<{width}}  {state}".rstrip())
     return 0
 
 
@@ -134,6 +162,21 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
     facts = adopt.gather_facts(args.root, args.nvr)
     return _apply(adopt.plan_adopt(facts), args, journal=adopt.JOURNAL)
+
+
+def cmd_kickstart(args: argparse.Namespace) -> int:
+    from . import kickstart
+
+    if args.kickstart_verb == "list":
+        print("\n".join(kickstart.list_lines()))
+        return 0
+    text = kickstart.render_command(
+        args.template, image=args.image, url=args.url, no_checksum=args.no_checksum,
+        site_file=args.site, nist=args.nist, endpoints=args.endpoint, group=args.group,
+        kernel_args=args.karg, ssh_keys=args.ssh_key, image_spec=args.image_spec,
+        repos=args.repo)
+    kickstart.write_output(text, args.output)  # only a kickstart that passed validation
+    return 0
 
 
 def _names(status: dict[str, object], key: str) -> list[dict[str, object]]:
@@ -473,8 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compose", help="build a squashfs node image from layers",
                        description="Build <name>-<version>-<release>.squashfs, .manifest.json "
                        "and .sha256 from an image definition and its layers.")
-    p.add_argument("image", metavar="IMAGE.toml", help="image definition, e.g. images/node.toml")
+    p.add_argument("image", metavar="IMAGE.toml", nargs="?",
+                   help="image definition, e.g. images/node.toml")
     p.add_argument("-o", "--output", default="out", help="output directory (default: out)")
+    p.add_argument("--backend", metavar="NAME",
+                   help="compose with this backend instead of the image's (see --list-backends)")
+    p.add_argument("--list-backends", action="store_true",
+                   help="list the compose backends and whether each runs on this machine")
     p.add_argument("--cache",
                    help="cache directory (default: $IMGBASE_CACHE or /var/cache/imgbase)")
     p.add_argument("--rebuild", action="store_true", help="build even if a cached image matches")
@@ -551,6 +599,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nvr", help="name the base (default: the image's NVR)")
     _plan_args(p)
     p.set_defaults(func=cmd_layout)
+
+    p = sub.add_parser("kickstart", help="anaconda kickstarts: node installs, lorax builds",
+                       description="Render a kickstart from a template in kickstarts/ and "
+                       "check it with pykickstart (Fedora and RHEL syntax); nothing is "
+                       "written unless it passes. See docs/kickstart.md.")
+    ksub = p.add_subparsers(dest="kickstart_verb", metavar="ACTION", required=True)
+    kp = ksub.add_parser("list", help="the templates, with one line each")
+    kp.set_defaults(func=cmd_kickstart)
+    kp = ksub.add_parser("render", help="render and validate a kickstart",
+                         description="Install templates (default node-thinp) take --image "
+                         "(its sha256 goes into liveimg --checksum) and --url or the site "
+                         "file's image_url; build templates (build-pxe-live) take "
+                         "--image-spec. Flags replace the site file's values.")
+    kp.add_argument("template", nargs="?", metavar="TEMPLATE",
+                    help="a name from 'imgbase kickstart list', or a template file's path")
+    kp.add_argument("--image", metavar="IMG.squashfs",
+                    help="the image to install (checksum from IMG.sha256, else computed)")
+    kp.add_argument("--url", help="where anaconda downloads the image (liveimg --url)")
+    kp.add_argument("--no-checksum", action="store_true",
+                    help="a liveimg without --checksum (refused otherwise)")
+    kp.add_argument("--site", metavar="SITE.toml", help="site parameters (docs/kickstart.md)")
+    kp.add_argument("--nist", action="store_true",
+                    help="node-explicit: separate /var/log, /var/log/audit, /var/tmp, /home, "
+                    "/tmp (and /var/crash) volumes")
+    kp.add_argument("--endpoint", action="append", metavar="URL",
+                    help="the agent's etcd endpoint (repeat for more; replaces the site's)")
+    kp.add_argument("--group", help="the node's update group (with endpoints)")
+    kp.add_argument("--karg", action="append", metavar="ARG",
+                    help="a kernel argument of the first layer (repeat; replaces the site's)")
+    kp.add_argument("--ssh-key", action="append", metavar="KEY|FILE",
+                    help="root's SSH public key, or a .pub file (repeat; replaces the site's)")
+    kp.add_argument("--image-spec", metavar="IMAGE.toml",
+                    help="build templates: the image definition whose layers to build")
+    kp.add_argument("--repo", action="append", metavar="URL",
+                    help="build templates: a package repository (repeat; default: the "
+                    "image's repos)")
+    kp.add_argument("-o", "--output", metavar="OUT", help="write the kickstart here (default: "
+                    "stdout)")
+    kp.set_defaults(func=cmd_kickstart)
 
     for noun, about in (("base", "bases (one per image version)"),
                         ("layer", "layers (writable snapshots of a base)")):

@@ -23,6 +23,7 @@ from .naming import Nvr
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\@-]+$")
 LAYER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+REPO_URL_RE = re.compile(r"^(?:https?|ftp|file)://\S+$")
 COMPRESSIONS = {"zstd": range(1, 23), "xz": range(0, 1), "gzip": range(1, 10), "lz4": range(0, 1)}
 
 
@@ -92,14 +93,16 @@ class _Table:
             )
         return value
 
-    def strings(self, key: str, pattern: re.Pattern[str] | None = None) -> tuple[str, ...]:
+    def strings(self, key: str, pattern: re.Pattern[str] | None = None,
+                what: str = "name", hint: str | None = None) -> tuple[str, ...]:
         values = self.get(key, list, [])
         seen: set[str] = set()
         for v in values:
             if not isinstance(v, str):
                 self.src.fail(self.name, key, f"'{key}' must be a list of strings, found {v!r}")
             if pattern and not pattern.match(v):
-                self.src.fail(self.name, key, f"'{key}': {v!r} is not a valid name")
+                self.src.fail(self.name, key, f"'{key}': {v!r} is not a valid {what}",
+                              hint=hint)
             if v in seen:
                 self.src.fail(self.name, key, f"'{key}': {v!r} is listed twice")
             seen.add(v)
@@ -222,6 +225,12 @@ class ImageSpec:
     source_date_epoch: int
     compression: str = "zstd"
     compression_level: int = 3
+    #: rpm backends (dnf): repository baseurls ($releasever/$basearch expand), signing
+    repos: tuple[str, ...] = ()
+    gpgkeys: tuple[str, ...] = ()
+    unsigned: bool = False
+    #: false: no kernel, no boot check (test images, rpm trees)
+    bootable: bool = True
 
     @property
     def nvr(self) -> Nvr:
@@ -255,7 +264,7 @@ def load_image(path: Path, layer_dir: Path | None = None,
     t = _Table(src, "image", data, {
         "name", "version", "release", "distro", "suite", "architecture", "mirror",
         "security_mirror", "backend", "layers", "layer_dir", "source_date_epoch",
-        "compression", "compression_level",
+        "compression", "compression_level", "repos", "gpgkeys", "unsigned", "bootable",
     })
     name = t.get("name", str, required=True)
     version = t.get("version", str, required=True)
@@ -294,6 +303,7 @@ def load_image(path: Path, layer_dir: Path | None = None,
     if sde <= 0:
         src.fail("image", "source_date_epoch", "source_date_epoch must be set (seconds since 1970)",
                  hint="set it in the image file or the SOURCE_DATE_EPOCH environment variable")
+    repos, gpgkeys, unsigned = _repositories(src, t)
     return ImageSpec(
         path=path.resolve(),
         name=name,
@@ -309,4 +319,24 @@ def load_image(path: Path, layer_dir: Path | None = None,
         source_date_epoch=sde,
         compression=compression,
         compression_level=level,
+        repos=repos,
+        gpgkeys=gpgkeys,
+        unsigned=unsigned,
+        bootable=t.get("bootable", bool, True),
     )
+
+
+def _repositories(src: _Source, t: _Table) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """repos, gpgkeys and unsigned: URLs, and either keys or an explicit unsigned = true."""
+    repos, gpgkeys = (t.strings(k, REPO_URL_RE, "URL", hint="http, https, ftp or file URLs, "
+                                "e.g. file:///srv/repo or https://mirror/fedora/$releasever/")
+                      for k in ("repos", "gpgkeys"))
+    unsigned = t.get("unsigned", bool, False)
+    if (gpgkeys or unsigned) and not repos:
+        src.fail("image", "gpgkeys" if gpgkeys else "unsigned",
+                 "'gpgkeys' and 'unsigned' describe 'repos', and no repos are given",
+                 hint='add repos = ["https://..."] (baseurls for the dnf backend)')
+    if gpgkeys and unsigned:
+        src.fail("image", "unsigned", "'unsigned = true' and 'gpgkeys' contradict each other",
+                 hint="signed repositories: gpgkeys; local test repositories: unsigned = true")
+    return repos, gpgkeys, unsigned

@@ -73,3 +73,17 @@ def image_tree(default_image: dict[str, object],
     subprocess.run(["unsquashfs", "-q", "-n", "-d", str(tree), str(default_image["squashfs"])],
                    check=True)
     return tree
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Contract tests (against fakes of lorax and osbuild-composer) are counted apart, so
+    that no one reads them as integration tests of those backends."""
+    counts: dict[str, int] = {}
+    for outcome in ("passed", "failed", "skipped", "xfailed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if "contract" in getattr(report, "keywords", {}) and report.when in (
+                    "call", "setup") and (outcome != "passed" or report.when == "call"):
+                counts[outcome] = counts.get(outcome, 0) + 1
+    if counts:
+        terminalreporter.write_sep("-", "contract tests (against fakes; not integration)")
+        terminalreporter.write_line(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))

@@ -70,6 +70,10 @@ def _existing_parent(path: Path) -> Path:
 
 def preflight(image: ImageSpec, backend: ComposerBackend, outdir: Path, cache: Path) -> None:
     """Refuse before anything is written."""
+    backend.check_image(image)
+    if backend.runs_here is not None:
+        die(f"the {backend.name} backend does not compose on this machine: {backend.runs_here}",
+            hint="imgbase compose --list-backends shows which backends run here")
     missing = backend.missing_tools()
     if shutil.which("mksquashfs") is None:
         missing.append(("mksquashfs", "squashfs-tools"))
@@ -200,15 +204,20 @@ def _build(image: ImageSpec, backend: ComposerBackend, work: Path, cache: Path, 
 
     with api_filesystems(tree):
         for layer in image.layers:
+            if backend.applies_layers:  # e.g. lorax: the build kickstart's %post did
+                continue
             with progress.step(f"layer:{layer.name}") as info:
                 n = postprocess.apply_files(tree, layer)
                 postprocess.run_hooks(tree, layer, image, ctx.env)
                 postprocess.apply_services(tree, layer)
                 info["detail"] = f"{n} files, {len(layer.hooks)} hooks"
         with progress.step("boot-check") as info:
-            live = any(layer.imgbase_package for layer in image.layers)
-            kernels = postprocess.check_boot_files(tree, live)
-            info["detail"] = "kernels " + " ".join(kernels)
+            kernels: list[str] = []
+            if image.bootable:
+                live = any(layer.imgbase_package for layer in image.layers)
+                kernels = postprocess.check_boot_files(tree, live)
+            info["detail"] = ("kernels " + " ".join(kernels) if image.bootable
+                              else "skipped: bootable = false")
 
     with progress.step("postprocess"):
         packages = backend.installed_packages(tree)

@@ -1,0 +1,244 @@
+"""Site parameters of a node install kickstart: a small TOML file -> a frozen `Site`.
+
+``imgbase kickstart render --site SITE.toml`` reads it; ``--endpoint``, ``--group``,
+``--karg`` and ``--ssh-key`` replace what the file says. Every key is checked here
+(unknown keys are refused with the file's name and the key), so that nothing reaches a
+kickstart line or the ``%post`` shell unchecked::
+
+    image_url = "http://images.example.org/nodes/"   # a directory (ends in /) or the image
+    disk = "vda"                    # optional: the only disk anaconda touches (else all)
+    lang = "en_US.UTF-8"
+    keyboard = "us"
+    timezone = "Etc/UTC"
+    kernel_args = ["console=ttyS0,115200"]
+    ssh_keys = ["ssh-ed25519 AAAAC3Nza... admin@example.org"]
+
+    [cluster]                       # the agent's join config: /etc/imgbase/agent.toml
+    endpoints = ["https://10.0.0.1:2379"]
+    group = "rack1"
+    ca = "/etc/imgbase/agent/ca.pem"      # TLS material: paths on the node, not the files
+    cert = "/etc/imgbase/agent/node.pem"
+    key = "/etc/imgbase/agent/node-key.pem"
+
+>>> Site().kernel_args
+()
+>>> check_karg("console=ttyS0,115200", "--karg")
+'console=ttyS0,115200'
+>>> check_url("http://h/x y.squashfs", "--url")
+Traceback (most recent call last):
+...
+imgbase.errors.InputError: --url: 'http://h/x y.squashfs' is not a URL anaconda can fetch
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import die
+from .kargs import UNSAFE
+
+URL_SCHEMES = ("http", "https", "ftp", "file")
+WORD_RE = {  # what may stand on a kickstart command line unquoted
+    "disk": re.compile(r"^[A-Za-z0-9/_.:+-]+$"),
+    "lang": re.compile(r"^[A-Za-z0-9_.@-]+$"),
+    "keyboard": re.compile(r"^[A-Za-z0-9_.-]+$"),
+    "timezone": re.compile(r"^[A-Za-z0-9_/+-]+$"),
+}
+SSH_KEY_RE = re.compile(r"^(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+) "
+                        r"[A-Za-z0-9+/]+={0,3}( [^\n\r]*)?$")
+TOP_KEYS = ("image_url", "disk", "lang", "keyboard", "timezone", "kernel_args", "ssh_keys",
+            "cluster")
+CLUSTER_KEYS = ("endpoints", "group", "ca", "cert", "key")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The agent's cluster, written to /etc/imgbase/agent.toml by the kickstart's %post."""
+
+    endpoints: tuple[str, ...]
+    group: str = "default"
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def agent_toml(self, where: str = "agent.toml") -> str:
+        """The file's text, checked by the agent's own parser (errors name ``where``).
+
+        >>> print(Cluster(("https://e1:2379",), "rack1").agent_toml(), end="")
+        # written by the imgbase kickstart's %post; see docs/agent.md
+        [cluster]
+        endpoints = ["https://e1:2379"]
+        group = "rack1"
+        """
+        from .agent import config as agent_config
+
+        lines = ["# written by the imgbase kickstart's %post; see docs/agent.md", "[cluster]",
+                 f"endpoints = [{', '.join(json.dumps(e) for e in self.endpoints)}]",
+                 f"group = {json.dumps(self.group)}"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in
+                  (("ca", self.ca), ("cert", self.cert), ("key", self.key)) if v]
+        text = "\n".join(lines) + "\n"
+        agent_config.parse(text, Path(where))
+        return text
+
+
+@dataclass(frozen=True)
+class Site:
+    image_url: str | None = None
+    disk: str | None = None
+    lang: str = "en_US.UTF-8"
+    keyboard: str = "us"
+    timezone: str = "Etc/UTC"
+    kernel_args: tuple[str, ...] = ()
+    ssh_keys: tuple[str, ...] = ()
+    cluster: Cluster | None = None
+
+    def override(self, *, endpoints: list[str] | None = None, group: str | None = None,
+                 kernel_args: list[str] | None = None,
+                 ssh_keys: list[str] | None = None) -> Site:
+        """The site with command-line flags in place of the file's values (a flag given
+        replaces the whole list)."""
+        site = self
+        if kernel_args is not None:
+            site = replace(site, kernel_args=tuple(check_karg(a, "--karg")
+                                                   for a in kernel_args))
+        if ssh_keys is not None:
+            site = replace(site, ssh_keys=tuple(k for v in ssh_keys
+                                                for k in ssh_keys_of(v, "--ssh-key")))
+        if endpoints is not None or group is not None:
+            if endpoints is None and site.cluster is None:
+                die("--group names the agent's update group, but no cluster is given",
+                    hint="add --endpoint URL (or [cluster] endpoints in the site file)")
+            base = site.cluster or Cluster(())
+            cluster = replace(base, endpoints=base.endpoints if endpoints is None
+                              else tuple(endpoints), group=group or base.group)
+            cluster.agent_toml("--endpoint/--group")
+            site = replace(site, cluster=cluster)
+        return site
+
+
+def check_url(url: str, where: str) -> str:
+    """A URL anaconda can fetch, safe on a kickstart line."""
+    parts = urlsplit(url)
+    if (parts.scheme not in URL_SCHEMES or not (parts.netloc or parts.scheme == "file")
+            or not parts.path or re.search(r"[\s'\"\\]", url)):
+        die(f"{where}: {url!r} is not a URL anaconda can fetch",
+            hint=f"a {', '.join(URL_SCHEMES)} URL without spaces or quotes")
+    return url
+
+
+def check_karg(arg: str, where: str) -> str:
+    """A kernel argument that can go into a boot entry (the rules of imgbase kargs)."""
+    if not isinstance(arg, str) or not arg or UNSAFE.search(arg):
+        die(f"{where}: kernel argument {arg!r} cannot go into a boot entry",
+            hint="no quotes, spaces, newlines, $, braces, backslashes or ;")
+    if arg.split("=", 1)[0] == "root":
+        die(f"{where}: root= is set by imgbase for each layer", hint="drop it")
+    return arg
+
+
+def ssh_keys_of(value: str, where: str) -> list[str]:
+    """SSH public keys from a key line, or from a file of them (``~/.ssh/id_ed25519.pub``)."""
+    lines = [value]
+    if not SSH_KEY_RE.match(value.strip()) and Path(value).is_file():
+        lines = [line.strip() for line in Path(value).read_text().splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")]
+        where = f"{where} {value}"
+    for line in lines:
+        if not SSH_KEY_RE.match(line.strip()):
+            die(f"{where}: {line[:40]!r} is not an SSH public key",
+                hint="one key per entry, as in authorized_keys: TYPE BASE64 [COMMENT]")
+    return [line.strip() for line in lines]
+
+
+def _word(data: dict[str, Any], key: str, path: Path) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not WORD_RE[key].match(value):
+        die(f"{path}: {key} = {value!r} cannot stand on a kickstart line",
+            hint=f"a single word matching {WORD_RE[key].pattern}")
+    return value
+
+
+def _strings(data: dict[str, Any], key: str, path: Path) -> list[str]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        die(f"{path}: {key} must be a list of strings", hint=f'{key} = ["..."]')
+    return value
+
+
+def parse_site(text: str, path: Path) -> Site:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        die(f"{path}: TOML syntax error: {exc}", hint="see https://toml.io for the syntax")
+    for key in data:
+        if key not in TOP_KEYS:
+            die(f"{path}: unknown key {key!r}", hint=f"known keys: {', '.join(TOP_KEYS)}")
+    cluster = None
+    if "cluster" in data:
+        table = data["cluster"]
+        if not isinstance(table, dict):
+            die(f"{path}: cluster must be a table", hint="[cluster] with endpoints = [...]")
+        for key in table:
+            if key not in CLUSTER_KEYS:
+                die(f"{path}: unknown key 'cluster.{key}'",
+                    hint=f"known keys of [cluster]: {', '.join(CLUSTER_KEYS)}")
+        endpoints = _strings(table, "endpoints", path)
+        tls: dict[str, str] = {}
+        for key in ("ca", "cert", "key"):
+            value = table.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value.startswith("/") \
+                    or re.search(r"[\s'\"\\$`]", value):
+                die(f"{path}: cluster.{key} = {value!r} is not an absolute path on the node",
+                    hint="TLS material is referenced by path (e.g. /etc/imgbase/agent/ca.pem) "
+                    "and put on the node separately; the kickstart carries no secrets")
+            tls[key] = value
+        group = table.get("group", "default")
+        if not isinstance(group, str):
+            die(f"{path}: cluster.group must be a string", hint='group = "rack1"')
+        cluster = Cluster(tuple(endpoints), group, **tls)
+        cluster.agent_toml(str(path))
+    image_url = data.get("image_url")
+    if image_url is not None:
+        if not isinstance(image_url, str):
+            die(f"{path}: image_url must be a string", hint='image_url = "http://..."')
+        check_url(image_url, f"{path}: image_url")
+    return Site(
+        image_url=image_url,
+        disk=_word(data, "disk", path),
+        lang=_word(data, "lang", path) or Site.lang,
+        keyboard=_word(data, "keyboard", path) or Site.keyboard,
+        timezone=_word(data, "timezone", path) or Site.timezone,
+        kernel_args=tuple(check_karg(a, f"{path}: kernel_args")
+                          for a in _strings(data, "kernel_args", path)),
+        ssh_keys=tuple(k for v in _strings(data, "ssh_keys", path)
+                       for k in _ssh_key_line(v, path)),
+        cluster=cluster,
+    )
+
+
+def _ssh_key_line(value: str, path: Path) -> list[str]:
+    if not SSH_KEY_RE.match(value.strip()):
+        die(f"{path}: ssh_keys: {value[:40]!r} is not an SSH public key",
+            hint="one key per entry, as in authorized_keys: TYPE BASE64 [COMMENT]")
+    return [value.strip()]
+
+
+def load_site(path: Path) -> Site:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        die(f"{path}: no such site file", hint="see docs/kickstart.md for its keys")
+    except (OSError, UnicodeDecodeError) as exc:
+        die(f"{path}: cannot read: {exc}")
+    return parse_site(text, path)
