@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -125,14 +126,42 @@ def build_installed_disks(node_image: Path, work: Path) -> dict[str, Path]:
         guest.run("imgbase install --disk /dev/vdc --wipe --volumes nist --vg node2",
                   timeout=1200)
         assert guest.run("vgs stale", check=False).rc != 0
-        adopt_like_anaconda(guest, "/dev/vde")
+        adopt_like_anaconda(guest, "/dev/vde", kickstart_post(node_image, work))
     return disks
 
 
+KICKSTART_KARG = "imgbase.test=kickstart"
 
-def adopt_like_anaconda(guest: Guest, disk: str) -> None:
-    """Lay `disk` out as anaconda would, then run `imgbase layout --init` as %post does:
-    chrooted into the target. Its refusals, dry run and a cut-short first attempt too."""
+
+def kickstart_post(image: Path, work: Path) -> str:
+    """The %post of the default install kickstart, rendered for this image as an admin
+    would (`imgbase kickstart render`, which validates it with pykickstart), with an SSH
+    key and a kernel argument from the site flags."""
+    from pykickstart.constants import KS_SCRIPT_POST
+    from pykickstart.parser import KickstartParser
+    from pykickstart.version import makeVersion
+
+    key = work / "kickstart-key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kickstart-test",
+                    "-f", str(key)], check=True)
+    ks = work / "node.ks"
+    subprocess.run([sys.executable, "-m", "imgbase", "kickstart", "render", "--image",
+                    str(image), "--url", f"http://images.invalid/{image.name}",
+                    "--ssh-key", f"{key}.pub", "--karg", KICKSTART_KARG, "-o", str(ks)],
+                   check=True, capture_output=True)
+    handler = makeVersion("RHEL9")
+    KickstartParser(handler, errorsAreFatal=True).readKickstartFromString(ks.read_text())
+    [post] = [s for s in handler.scripts if s.type == KS_SCRIPT_POST]
+    assert post.inChroot and post.errorOnFail
+    script: str = post.script
+    return script
+
+
+
+def adopt_like_anaconda(guest: Guest, disk: str, post: str) -> None:
+    """Lay `disk` out as anaconda would, then run the kickstart's rendered %post as anaconda
+    does: chrooted into the target, with /bin/sh, failing on error (it runs `imgbase layout
+    --init`). Before it, layout --init's refusals, dry run and a cut-short first attempt."""
     guest.run(f"cat > /tmp/anaconda_like.sh <<'EOF'\n{ANACONDA_LIKE.read_text()}EOF\n")
     guest.run(f"sh /tmp/anaconda_like.sh {disk} anaconda", timeout=900)
     chroot = "chroot /mnt/sysimage"
@@ -148,7 +177,10 @@ def adopt_like_anaconda(guest: Guest, disk: str) -> None:
     cut = guest.run(f"IMGBASE_CRASH_AFTER_STEP=layer-create {chroot} imgbase layout --init",
                     check=False)
     assert cut.rc == 137
-    guest.run(f"{chroot} imgbase layout --init", timeout=900)
+    guest.run(f"cat > /mnt/sysimage/tmp/ks-post.sh <<'IMGBASE_KS_EOF'\n{post}\n"
+              "IMGBASE_KS_EOF\n")
+    guest.run(f"{chroot} /bin/sh /tmp/ks-post.sh && rm /mnt/sysimage/tmp/ks-post.sh",
+              timeout=900)
     again = guest.run(f"{chroot} imgbase layout --init", check=False)
     assert again.rc == 2 and "already on an imgbase node" in again.stderr
     guest.run("umount -R -l /mnt/sysimage && sync")

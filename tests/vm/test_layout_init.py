@@ -1,6 +1,7 @@
 """`imgbase layout --init` adopts what anaconda leaves (autopart --type=thinp + liveimg),
-run as the kickstart's %post does: chrooted into the target (in the installer session of
-tests/vm/conftest.py, adopt_like_anaconda). The adopted disk boots.
+run by the default kickstart's rendered %post as anaconda runs it: chrooted into the
+target (in the installer session of tests/vm/prepare.py, adopt_like_anaconda). The
+adopted disk boots, with what the %post wrote.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 
 from imgbase.vm import Guest
 from tests.vm.nodes import NVR, same_device
+from tests.vm.prepare import KICKSTART_KARG
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
@@ -38,6 +40,9 @@ def test_adopted_install_boots_from_its_layer(installed_disks: dict[str, Path],
     assert status["retired"] == ["root"]  # anaconda's root LV, no longer booted
     check = json.loads(host.check_output("imgbase check --json"))
     assert check["ok"] is True, [c for c in check["checks"] if not c["ok"]]
+    # what the rendered kickstart's %post wrote before layout --init is in the layer
+    assert "kickstart-test" in host.file("/root/.ssh/authorized_keys").content_string
+    assert KICKSTART_KARG in host.file("/proc/cmdline").content_string
     # anaconda's fstab lines other than / are kept (its /boot by UUID)
     fstab = host.file("/etc/fstab").content_string
     assert "UUID=" in fstab and " /boot " in fstab and "anaconda-root" not in fstab
