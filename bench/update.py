@@ -4,9 +4,10 @@
 One node, installed by `imgbase install` onto a blank disk in a live guest, boots from
 its disk (TCG). v2 is derived from the composed v1 with about 1 % of its files changed
 (tests/images.py). Alternating, each run updates v1 -> v2 as a delta of v1's base (the
-default) and as a full copy (--full-copy), timing the whole `imgbase update` and reading
-the pool's used bytes before and after; after each, the v2 layer and base are removed
-again. Both skip the checksum (--insecure): the hashing is the same for both and is not
+default) and as a full copy (--full-copy), timing the whole `imgbase update` (and, from
+its --json step events, the part that makes the base) and reading the pool's used bytes
+before and after; after each, the v2 layer and base are removed again. Both skip the
+checksum (--insecure): the hashing is the same for both and is not
 what is compared. Then `imgbase rollback` is timed: the command's wall time in the guest
 and the time of its one step (the grubenv write).
 
@@ -68,17 +69,25 @@ def timed(guest: Guest, command: str) -> float:
 
 def one_update(guest: Guest, full: bool) -> dict[str, float]:
     before = pool_used(guest)
-    seconds = timed(guest, "imgbase update /var/tmp/v2.squashfs --insecure"
-                    + (" --full-copy" if full else ""))
+    seconds = timed(guest, "imgbase update /var/tmp/v2.squashfs --insecure --json"
+                    + (" --full-copy" if full else "") + " > /var/tmp/update-events.json")
     grown = pool_used(guest) - before
+    events = [json.loads(e) for e in guest.run("cat /var/tmp/update-events.json").stdout
+              .splitlines() if e.startswith("{")]
+    steps = {e["step"]: e["seconds"] for e in events if e.get("event") == "step-done"}
     guest.run(f"imgbase boot --set-default {NVR}+1 --no-trial && "
               f"imgbase layer --remove {V2}+1 && imgbase base --remove {V2}")
-    return {"seconds": seconds, "pool_growth_mib": grown / (1 << 20)}
+    return {"seconds": seconds, "pool_growth_mib": grown / (1 << 20),
+            # making the base: what a delta and a full copy differ in (the layer, the /etc
+            # merge and the boot entry after it are the same work in both)
+            "base_seconds": sum(t for name, t in steps.items() if name.startswith("base-")),
+            "base_sync_seconds": steps.get("base-sync", steps.get("base-unpack", 0.0))}
 
 
 def rollback_times(guest: Guest, runs: int) -> tuple[list[float], list[float]]:
     guest.run("imgbase update /var/tmp/v2.squashfs --insecure", timeout=1800)
-    wall, step = [], []
+    wall: list[float] = []
+    step: list[float] = []
     for _ in range(runs):
         guest.run(f"imgbase boot --set-default {V2}+1 --no-trial")
         wall.append(timed(guest, f"imgbase rollback --to {NVR}+1"))
@@ -111,11 +120,13 @@ def main() -> int:
                     runs[kind].append(one_update(guest, kind == "full"))
                     print(f"run {i + 1} {kind}: {runs[kind][-1]}", flush=True)
             wall, step = rollback_times(guest, max(args.runs, 5))
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "pool_growth_mib")}
+    metrics = ("seconds", "base_seconds", "base_sync_seconds", "pool_growth_mib")
+    med = {k: {m: statistics.median(r[m] for r in v) for m in metrics}
            for k, v in runs.items()}
     result = {
         "runs": runs, "median": med,
         "ratio_time": med["full"]["seconds"] / med["delta"]["seconds"],
+        "ratio_base_time": med["full"]["base_seconds"] / med["delta"]["base_seconds"],
         "ratio_pool": med["full"]["pool_growth_mib"] / max(med["delta"]["pool_growth_mib"], 1),
         "rollback_wall_s": statistics.median(wall),
         "rollback_step_s": statistics.median(step) if step else None,
@@ -123,6 +134,10 @@ def main() -> int:
     print(f"\n{'v1 -> v2 (~1 % of files)':28} {'delta':>10} {'full copy':>10} {'ratio':>7}")
     print(f"{'wall time (s)':28} {med['delta']['seconds']:10.1f} "
           f"{med['full']['seconds']:10.1f} {result['ratio_time']:7.1f}x")
+    print(f"{'  of which the base (s)':28} {med['delta']['base_seconds']:10.1f} "
+          f"{med['full']['base_seconds']:10.1f} {result['ratio_base_time']:7.1f}x")
+    print(f"{'  sync / unpack step (s)':28} {med['delta']['base_sync_seconds']:10.1f} "
+          f"{med['full']['base_sync_seconds']:10.1f}")
     print(f"{'pool growth (MiB)':28} {med['delta']['pool_growth_mib']:10.0f} "
           f"{med['full']['pool_growth_mib']:10.0f} {result['ratio_pool']:7.1f}x")
     print(f"rollback: {result['rollback_wall_s']:.2f} s for the command (python start-up "
