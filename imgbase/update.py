@@ -92,8 +92,8 @@ def plan_update(f: UpdateFacts) -> Plan:
             Step("base-snapshot", ("lvcreate", "-y", "-s", "-kn", "-prw", "--addtag", TAG_BASE,
                                    "--addtag", "imgbase:incomplete", "-n", nvr,
                                    f"{vg}/{f.origin}"),
-                 note=f"delta: starts as {f.origin}, only the changes are written"),
-            Step("base-activate", ("lvchange", "-ay", "-K", f"{vg}/{nvr}")),
+                 note=f"delta: starts as {f.origin}, only the changes are written (created "
+                      "active: -kn)"),
             Step("base-mount", ("sh", "-c", 'mkdir -p "$2" "$3" && mount "$1" "$2" && '
                                 'mount -t squashfs -o loop,ro "$4" "$3"', "mount",
                                 f"/dev/{vg}/{nvr}", str(base_mnt), str(img_mnt), f.image)),

@@ -138,19 +138,20 @@ def base_from_lv_steps(vg: str, nvr: str, origin: str) -> list[Step]:
     return [
         Step("base-snapshot", ("lvcreate", "-y", "-s", "-kn", "--addtag", TAG_BASE,
                                "--addtag", TAG_INCOMPLETE, "-n", nvr, f"{vg}/{origin}"),
-             note="the device is suspended (and its filesystem frozen) for the snapshot"),
-        Step("base-activate", ("lvchange", "-ay", "-K", f"{vg}/{nvr}")),
+             note="the device is suspended (and its filesystem frozen) for the snapshot; "
+                  "-kn: created active"),
         fsck_step("base-fsck", dev),
         *base_seal_steps(vg, nvr),
     ]
 
 
 def base_seal_steps(vg: str, nvr: str) -> list[Step]:
+    """Deactivate, then in one metadata commit: read-only, skipped at activation, complete."""
     return [
         Step("base-deactivate", ("lvchange", "-an", f"{vg}/{nvr}")),
-        Step("base-readonly", ("lvchange", "-y", "--permission", "r", "--setactivationskip", "y",
-                               f"{vg}/{nvr}")),
-        Step("base-complete", ("lvchange", "--deltag", TAG_INCOMPLETE, f"{vg}/{nvr}")),
+        Step("base-complete", ("lvchange", "-y", "--permission", "r", "--setactivationskip", "y",
+                               "--deltag", TAG_INCOMPLETE, f"{vg}/{nvr}"),
+             note="read-only and complete at once (one LVM metadata commit)"),
     ]
 
 
@@ -159,8 +160,8 @@ def layer_create_steps(vg: str, base: str, layer: str, mnt: Path, fstab: str) ->
     dev = f"/dev/{vg}/{layer}"
     return [
         Step("layer-create", ("lvcreate", "-y", "-s", "-kn", "-prw", "--addtag", TAG_LAYER,
-                              "--addtag", TAG_INCOMPLETE, "-n", layer, f"{vg}/{base}")),
-        Step("layer-activate", ("lvchange", "-ay", "-K", f"{vg}/{layer}")),
+                              "--addtag", TAG_INCOMPLETE, "-n", layer, f"{vg}/{base}"),
+             note="-kn: no activation skip, so the snapshot is created active"),
         fsck_step("layer-fsck", dev),
         Step("layer-uuid", ("tune2fs", "-U", "random", dev),
              note="a fresh filesystem UUID for each layer"),

@@ -33,7 +33,7 @@ def test_delta_base_is_a_snapshot_synced_from_the_image() -> None:
     sync = plan.steps[n.index("base-sync")].argv
     assert sync[1:4] == ("-P", "-m", "imgbase.treesync")  # the image dir, then the base's
     assert sync[4].endswith("update-image") and sync[5].endswith("update-base")
-    assert n.index("base-sync") < n.index("base-readonly") < n.index("layer-create")
+    assert n.index("base-sync") < n.index("base-complete") < n.index("layer-create")
 
 
 def test_full_unpack_when_there_is_no_base_to_start_from() -> None:
