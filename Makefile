@@ -5,13 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 export IMGBASE_CACHE ?= /var/cache/imgbase
 APT_PACKAGES := mmdebstrap squashfs-tools qemu-system-x86 qemu-utils dpkg-dev e2fsprogs \
-                util-linux openssh-client gpg gpgv rpm etcd-server openssl socat rsync ruby dnf createrepo-c
+                util-linux openssh-client gpg gpgv rpm etcd-server openssl socat rsync ruby dnf createrepo-c \
+                groff-base
 IMAGE ?= images/node.toml
 OUT ?= out
 
 NVR := imgbase-node-1.0-1
 
-.PHONY: setup image compose boot test test-quick test-slow test-powercut lint bench clean
+.PHONY: setup image compose boot test test-quick test-slow test-powercut lint bench docs clean
 
 setup: $(VENV)/.setup-done
 
@@ -62,6 +63,10 @@ bench: setup
 	$(BIN)/python bench/compose.py
 	$(BIN)/python bench/update.py
 	$(BIN)/python bench/fleet.py
+
+# the CLI reference and man pages, generated from the parsers (tests fail when stale)
+docs: setup
+	$(BIN)/python -m imgbase.clidoc --markdown docs/cli.md --man docs/imgbase.1 --agent-man docs/imgbase-agent.8
 
 clean:
 	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache

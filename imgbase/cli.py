@@ -660,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="storage and boot health; exit 1 if a check fails",
                        description="Check the VG, pool, bases and layers, pool use against "
-                       "limits (/etc/imgbase/imgbase.toml [check], default 80%%), pool "
+                       "limits (/etc/imgbase/imgbase.toml [check], default 80%), pool "
                        "autoextend, /var on its own volume, discard, and one boot entry per "
                        "layer.")
     p.add_argument("--json", action="store_true")

@@ -118,13 +118,20 @@ def registered(path: Path = STATE) -> int:
     return 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgbase-agent", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"imgbase-agent {__version__}")
     parser.add_argument("command", nargs="?", choices=["run", "registered", "status"],
-                        default="run")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+                        default="run",
+                        help="run: the daemon, what the unit starts (the default); registered: "
+                        "exit 0 when the agent is registered (a health check); status: the "
+                        "agent's state")
+    parser.add_argument("--json", action="store_true", help="status: the state as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="imgbase-agent: %(message)s")
     if args.command == "registered":
