@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -352,7 +353,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from .health import read_history
     from .status import NodeFacts
 
-    return _apply(gc.plan_rollback(NodeFacts.gather(), read_history(), args.to), args)
+    return _apply(gc.plan_rollback(NodeFacts.gather(), read_history(), args.to,
+                                   now=time.time()), args)
 
 
 def cmd_pin(args: argparse.Namespace) -> int:

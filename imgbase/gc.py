@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +70,40 @@ def rollback_target(f: NodeFacts, history: list[dict[str, Any]]) -> str:
     die("no earlier good layer to roll back to", hint="name one: imgbase rollback --to LAYER")
 
 
-def plan_rollback(f: NodeFacts, history: list[dict[str, Any]], to: str | None) -> Plan:
+def plan_rollback(f: NodeFacts, history: list[dict[str, Any]], to: str | None,
+                  now: float = 0.0) -> Plan:
+    """The target becomes the default; the history records the rollback, so that the
+    agent does not roll this node forward again to the image the admin left
+    (:func:`rolled_back_from`) -- until the admin picks it again or a newer one comes.
+
+    """
+    from .health import HISTORY, HISTORY_KEEP
+
     target = to or rollback_target(f, history)
-    plan = plan_set_default(f, target, tries=None)
-    return Plan("rollback", plan.steps)
+    steps = list(plan_set_default(f, target, tries=None).steps)
+    if f.booted and f.booted != target:
+        event = {"time": round(now), "event": "rolled-back", "layer": f.booted, "to": target}
+        steps.append(Step("history", write=(str(HISTORY), json.dumps(
+            [*history, event][-HISTORY_KEEP:], indent=1) + "\n"),
+            note=f"remembered: the admin left {f.booted}"))
+    return Plan("rollback", tuple(steps))
+
+
+def rolled_back_from(history: list[dict[str, Any]]) -> set[str]:
+    """Layers an admin rolled back from and has not rolled to again since.
+
+    >>> rolled_back_from([{"event": "rolled-back", "layer": "n-2-1+1", "to": "n-1-1+1"}])
+    {'n-2-1+1'}
+    >>> rolled_back_from([{"event": "rolled-back", "layer": "n-2-1+1", "to": "n-1-1+1"},
+    ...                   {"event": "rolled-back", "layer": "n-1-1+1", "to": "n-2-1+1"}])
+    {'n-1-1+1'}
+    """
+    left: set[str] = set()
+    for event in history:
+        if event.get("event") == "rolled-back":
+            left.discard(str(event.get("to")))
+            left.add(str(event.get("layer")))
+    return left
 
 
 def plan_pin(f: NodeFacts, base: str, pin: bool) -> Plan:

@@ -46,6 +46,7 @@ class HostNode:
         return self.capabilities
 
     def state(self) -> NodeState:
+        from ..gc import rolled_back_from
         from ..health import read_history
         from ..status import NodeFacts
         from ..storage.layout import TAG_INCOMPLETE
@@ -54,8 +55,11 @@ class HostNode:
         history = read_history()
         this_boot = [h for h in history if h.get("boot_id") == self.boot_id]
         health = [h for h in this_boot if h.get("event") == "health"]
-        abandoned = tuple(n for h in history if h.get("event") == "abandoned"
-                          if (n := _nvr_of(h.get("layer"))))
+        # layers GRUB or the health gate gave up on, and those the admin rolled back from:
+        # the agent does not roll the node forward to them again
+        left = [h.get("layer") for h in history if h.get("event") == "abandoned"]
+        left += sorted(rolled_back_from(history))
+        abandoned = tuple(n for layer in left if (n := _nvr_of(layer)))
         booted = _nvr_of(facts.booted)
         # GRUB fell back when the tries ran out and the fallback is what runs -- whether or
         # not the health gate has rewritten grubenv yet

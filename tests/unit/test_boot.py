@@ -5,6 +5,7 @@ The same behaviour in a guest booting its own disk: tests/vm/test_node.py.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -131,7 +132,14 @@ def test_rollback_goes_to_the_last_layer_found_healthy_not_the_previous_nvr() ->
     history = [{"event": "health", "layer": A, "good": True},
                {"event": "health", "layer": "gone+1", "good": True},
                {"event": "health", "layer": B, "good": True}]
-    assert written_env(gc.plan_rollback(f, history, None)) == {"saved_entry": A}
+    plan = gc.plan_rollback(f, history, None, now=1234)
+    switch, remember = plan.steps[:2], plan.steps[2]
+    assert written_env(replace(plan, steps=switch)) == {"saved_entry": A}
+    # remembered after the switch: the agent will not roll the node forward to B again
+    assert remember.write and remember.write[0] == "/var/lib/imgbase/health.json"
+    event = json.loads(remember.write[1])[-1]
+    assert event == {"time": 1234, "event": "rolled-back", "layer": B, "to": A}
+    assert gc.rolled_back_from(json.loads(remember.write[1])) == {B}
     with pytest.raises(InputError, match="no earlier good layer"):
         gc.plan_rollback(f, history[2:], None)
     with pytest.raises(InputError, match="is not a layer of this node"):
