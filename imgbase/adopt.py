@@ -27,7 +27,7 @@ from typing import Any
 
 from . import bootloader
 from .errors import die
-from .kargs import for_new_node
+from .kargs import check_arg, for_new_node
 from .naming import Layer, Nvr, vercmp
 from .plan import Plan, Step
 from .run import run
@@ -127,8 +127,10 @@ def _lv_of(device: str) -> lvm.LogicalVolume | None:
     return None
 
 
-def gather_facts(root: str, nvr: str | None) -> AdoptFacts:
+def gather_facts(root: str, nvr: str | None, kargs: tuple[str, ...] = ()) -> AdoptFacts:
+    """kargs: kernel arguments for the first layer, after the image's (kickstart sites)."""
     top = Path(root)
+    extra = tuple(check_arg(a) for a in kargs)
     if nvr is not None:
         Nvr.parse(nvr)
     fs = _findmnt(top)
@@ -170,6 +172,6 @@ def gather_facts(root: str, nvr: str | None) -> AdoptFacts:
     return AdoptFacts(
         root=root, vg=lv.vg, pool=lv.pool, root_lv=lv.name, nvr=nvr or info["nvr"],
         kernel=kernels[-1], fstab=(top / "etc/fstab").read_text(),
-        kernel_args=tuple(info.get("kernel_args", [])), var_lv=var_lv,
+        kernel_args=(*info.get("kernel_args", []), *extra), var_lv=var_lv,
         boot_uuid=boot["uuid"] if boot else None, leftovers=leftovers,
         grubenv=bootloader.read_grubenv(top / "boot/grub/grubenv"))

@@ -161,7 +161,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 def cmd_layout(args: argparse.Namespace) -> int:
     from . import adopt
 
-    facts = adopt.gather_facts(args.root, args.nvr)
+    facts = adopt.gather_facts(args.root, args.nvr, tuple(args.karg))
     return _apply(adopt.plan_adopt(facts), args, journal=adopt.JOURNAL)
 
 
@@ -599,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="root", default="/", metavar="ROOT",
                    help="root of the installed system (default: /, as in %%post)")
     p.add_argument("--nvr", help="name the base (default: the image's NVR)")
+    p.add_argument("--karg", action="append", default=[], metavar="ARG",
+                   help="a kernel argument for the first layer, after the image's (repeatable)")
     _plan_args(p)
     p.set_defaults(func=cmd_layout)
 
