@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export IMGBASE_CACHE ?= /var/cache/imgbase
 APT_PACKAGES := mmdebstrap squashfs-tools qemu-system-x86 qemu-utils dpkg-dev e2fsprogs \
                 util-linux openssh-client gpg gpgv rpm etcd-server openssl socat rsync ruby dnf createrepo-c \
-                groff-base
+                groff-base mkosi debian-archive-keyring
 IMAGE ?= images/node.toml
 OUT ?= out
 
@@ -62,6 +62,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/compose.py
 	$(BIN)/python bench/update.py
+	$(BIN)/python bench/boot.py
 	$(BIN)/python bench/fleet.py
 
 # the CLI reference and man pages, generated from the parsers (tests fail when stale)
