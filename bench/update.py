@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import write_result  # noqa: E402
 from imgbase.vm import Guest, VmSpec  # noqa: E402
 from tests.images import derive  # noqa: E402
 
@@ -142,10 +143,7 @@ def main() -> int:
           f"{med['full']['pool_growth_mib']:10.0f} {result['ratio_pool']:7.1f}x")
     print(f"rollback: {result['rollback_wall_s']:.2f} s for the command (python start-up "
           f"under TCG included), {result['rollback_step_s'] or 0:.3f} s for the switch itself")
-    out = ROOT / "bench/results/update.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written: {out}")
+    write_result("update", result)
     return 0
 
 

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ImgbaseError
-from .filelist import LISTING, diff, parse, read_listing
+from .filelist import LISTING, diff, read_listing
 from .run import run
 
 RSYNC = ("rsync", "-aHAXS", "--numeric-ids", "--inplace", "--no-whole-file")
@@ -45,7 +45,7 @@ def sync(image: Path, base: Path) -> str:
         run([*RSYNC, "--delete", "--checksum", f"{image}/", f"{base}/"])
         return "whole tree (no file listing on " + ("both sides)" if old is new else
                                                     "one side)")
-    d = diff(parse(old), parse(new))
+    d = diff(old, new)
     for rel in d.remove:
         _remove(base / rel)
     paths = [*d.transfer, LISTING]
