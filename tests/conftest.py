@@ -87,3 +87,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if counts:
         terminalreporter.write_sep("-", "contract tests (against fakes; not integration)")
         terminalreporter.write_line(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    # the time of each phase of tests/e2e/test_lifecycle.py, when it ran (found by name:
+    # pytest imports test modules under names of its own)
+    for module in list(sys.modules.values()):
+        phases = getattr(module, "LIFECYCLE_PHASES", None)
+        if phases:
+            terminalreporter.write_sep("-", "lifecycle phases (tests/e2e/test_lifecycle.py)")
+            for name, seconds in phases:
+                terminalreporter.write_line(f"{seconds:7.1f} s  {name}")
+            break

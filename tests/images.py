@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from imgbase.compose.squashfs import make_squashfs, sha256_file
@@ -21,8 +22,10 @@ IMAGE_JSON = "usr/lib/imgbase/image.json"
 
 
 def derive(v1: Path, out_dir: Path, version: str, *, share: float = 0.01,
-           seed: int = 1) -> Path:
-    """Write <name>-<version>-1.squashfs (+ .sha256) into out_dir and return it."""
+           seed: int = 1, alter: Callable[[Path], None] | None = None) -> Path:
+    """Write <name>-<version>-1.squashfs (+ .sha256) into out_dir and return it.
+
+    alter: a last change to the unpacked tree (e.g. break its boot) before it is packed."""
     work = out_dir / f"derive-{version}"
     if work.exists():
         shutil.rmtree(work)
@@ -43,6 +46,8 @@ def derive(v1: Path, out_dir: Path, version: str, *, share: float = 0.01,
     factory = work / "usr/share/factory/etc"
     if factory.is_dir():
         shutil.copy2(work / "etc/imgbase-image-version", factory / "imgbase-image-version")
+    if alter is not None:
+        alter(work)
     write_listing(work)  # as compose does: the update's delta is computed from it
     out = out_dir / f"{nvr}.squashfs"
     make_squashfs(work, out, "zstd", 3, 1767225600)

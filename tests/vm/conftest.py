@@ -51,6 +51,15 @@ def media_files(node_image: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="session")
+def lifecycle_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/e2e: v2 composed with a changed site layer, v3 that cannot boot, both signed
+    (tests/vm/prepare.py, build_lifecycle_images); the directory to serve."""
+    files: Path = prepare.build("lifecycle_images", lambda: prepare.build_lifecycle_images(
+        tmp_path_factory.mktemp("lifecycle")))
+    return files
+
+
+@pytest.fixture(scope="session")
 def media(media_files: Path) -> Path:
     """media_files as a squashfs, for a guest to mount as a disk."""
     out = media_files.parent / "media.squashfs"

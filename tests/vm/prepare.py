@@ -11,6 +11,7 @@ foreground. An error in the thread is raised by the fixture that wanted the resu
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from tests.images import derive, signing_key, stop_agent
 from tests.vm.nodes import V3
 
 ANACONDA_LIKE = Path(__file__).with_name("anaconda_like.sh")
-WANTED = ("installed_disks", "media_files")  # the fixtures start_early can build
+WANTED = ("installed_disks", "media_files", "lifecycle_images")  # start_early builds
 
 
 class Builds:
@@ -66,7 +67,8 @@ def build(name: str, fn: Callable[[], Any]) -> Any:
 def start_early(image: Path, want: set[str], mktemp: Callable[[str], Path]) -> None:
     """Start the builds in `want` in one thread, one after the other (installs first)."""
     builders = {"installed_disks": lambda: build_installed_disks(image, mktemp("install")),
-                "media_files": lambda: build_media_files(image, mktemp("media"))}
+                "media_files": lambda: build_media_files(image, mktemp("media")),
+                "lifecycle_images": lambda: build_lifecycle_images(mktemp("lifecycle"))}
     with _lock:
         todo = {name: builders[name] for name in WANTED if name in want
                 and name not in _started}
@@ -87,6 +89,41 @@ def build_media_files(node_image: Path, work: Path) -> Path:
     package.build(str(files / f"{V3}.squashfs"), "deb", files)
     for suffix in ("", ".sha256", ".sha256.sig"):
         (files / f"{V3}.squashfs{suffix}").unlink()  # v3 travels in its package only
+    return files
+
+
+E2E_MARK = "etc/imgbase-e2e-site"  # the file the changed site layer adds in v2
+
+
+def build_lifecycle_images(work: Path) -> Path:
+    """tests/e2e: v2, a real compose of the default image with its site layer changed
+    (version 1.1), and v3 (1.2), v2 broken on purpose: its initramfs is junk, so it cannot
+    boot. Both signed; the public key is trusted.gpg. The directory is served over HTTP."""
+    from imgbase.compose.squashfs import sha256_file
+    from tests.conftest import ROOT
+
+    src = work / "src"
+    for part in ("images", "layers"):
+        shutil.copytree(ROOT / part, src / part)
+    (src / "layers/site/files" / E2E_MARK).write_text("site layer of v2\n")
+    files = work / "files"
+    compose = subprocess.run(
+        [sys.executable, "-m", "imgbase", "compose", str(src / "images/node.toml"), "-o",
+         str(files), "--version", "1.1", "--json"], capture_output=True, text=True, cwd=ROOT)
+    if compose.returncode != 0:
+        raise AssertionError(f"compose of v2 failed: {compose.stderr[-2000:]}")
+    v2 = files / "imgbase-node-1.1-1.squashfs"
+
+    def junk_initramfs(tree: Path) -> None:
+        for initrd in (tree / "boot").glob("initrd.img-*"):
+            initrd.write_bytes(b"not an initramfs\n" * 4096)
+
+    v3 = derive(v2, files, "1.2", share=0.0, alter=junk_initramfs)
+    home = signing_key(work / "gnupg", files / "trusted.gpg")
+    for image in (v2, v3):
+        Path(f"{image}.sha256").write_text(f"{sha256_file(image)}  {image.name}\n")
+        trust.sign(str(image), homedir=str(home))
+    stop_agent(home)
     return files
 
 
