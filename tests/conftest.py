@@ -46,6 +46,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     config.stash[EARLY] = {name for item in items
                            for name in getattr(item, "fixturenames", ()) if name in WANTED}
+    # the lifecycle test last: the unit tests and the other guests run while its images
+    # build in the background (tests/vm/prepare.py) instead of waiting behind it
+    items.sort(key=lambda item: "/tests/e2e/" in str(item.path))
 
 
 @pytest.fixture(scope="session")
