@@ -7,14 +7,11 @@ from it into a non-bootable image. A few seconds: not marked slow.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import os
 import platform
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import imgbase_cli
+from tests.httpserve import serve
 
 HEADER = """\
 Name: {name}
@@ -118,21 +116,11 @@ def repo(rpms: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_repo(rpms, tmp_path_factory.mktemp("repo") / "repo")
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def http_repo(repo: Path) -> Iterator[str]:
     """The repository served over http on 127.0.0.1, so dnf downloads (and caches) rpms."""
-    handler = functools.partial(QuietHandler, directory=str(repo))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    with serve(repo) as port:
+        yield f"http://127.0.0.1:{port}/"
 
 
 @dataclass

@@ -17,12 +17,9 @@ the shared volume with its contents unchanged, libvirtd runs, `virsh` answers, a
 from __future__ import annotations
 
 import base64
-import functools
-import http.server
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +32,7 @@ from imgbase.agent.etcd import Etcd
 from imgbase.vm import GUESTFWD_ADDR, Guest, VmSpec
 from tests.conftest import ROOT
 from tests.etcdcluster import EtcdCluster
+from tests.httpserve import serve
 from tests.vm.nodes import NVR, same_device
 from tests.vm.prepare import E2E_MARK
 
@@ -52,18 +50,10 @@ ttl = 15
 """
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def served(lifecycle_images: Path) -> Iterator[int]:
-    handler = functools.partial(QuietHandler, directory=str(lifecycle_images))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield int(server.server_address[1])
-    server.shutdown()
+    with serve(lifecycle_images) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,6 @@ slot never had two holders, and the two nodes' records were never gone at once.
 from __future__ import annotations
 
 import base64
-import functools
-import http.server
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +23,7 @@ from imgbase.agent import fleet
 from imgbase.agent.etcd import Etcd
 from imgbase.vm import GUESTFWD_ADDR, Guest, VmSpec
 from tests.etcdcluster import EtcdCluster, max_holders_in_history
+from tests.httpserve import serve
 from tests.vm.nodes import NVR, V2
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
@@ -50,20 +48,11 @@ IDLE_DOMAIN = """<domain type='qemu'>
 """
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def served(media_files: Path) -> Iterator[int]:
     """The update files over HTTP on the host's 127.0.0.1; the port."""
-    handler = functools.partial(QuietHandler, directory=str(media_files))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield int(server.server_address[1])
-    server.shutdown()
+    with serve(media_files) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
