@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # typing only: the update's helper processes import this module
+    from typing import NoReturn
 
 # One table of exit codes for every command.
 EXIT_OK = 0

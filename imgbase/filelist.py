@@ -20,14 +20,13 @@ Light imports: the update runs this in a fresh interpreter.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
-from .compose.squashfs import sha256_file
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 LISTING = "usr/lib/imgbase/files.tsv"
 HEADER = "# imgbase file listing 1: path kind mode uid gid mtime size content xattrs link"
@@ -66,6 +65,8 @@ def _xattrs(path: str) -> str:
                    if n.startswith(XATTR_PREFIXES))
     if not names:
         return "-"
+    import hashlib  # writing a listing only (compose): reading one stays light
+
     h = hashlib.sha256()
     for n in names:
         h.update(n.encode() + b"\0" + os.getxattr(path, n, follow_symlinks=False) + b"\0")
@@ -76,6 +77,8 @@ def _line(rel: str, path: str, st: os.stat_result, link: str) -> str:
     kind = next(k for test, k in KINDS if test(st.st_mode))
     size, content = "-", "-"
     if kind == "f":
+        from .compose.squashfs import sha256_file
+
         size, content = str(st.st_size), sha256_file(Path(path))
     elif kind == "l":
         content = escape(os.readlink(path))
@@ -122,10 +125,10 @@ def write_listing(tree: Path) -> Path:
     return out
 
 
-def read_listing(tree: Path) -> list[str] | None:
+def read_listing(tree: str | os.PathLike[str]) -> list[str] | None:
     """tree's listing lines, or None when it has none (an image older than listings)."""
     try:
-        text = (tree / LISTING).read_text(encoding="utf-8", errors="surrogateescape")
+        text = (Path(tree) / LISTING).read_text(encoding="utf-8", errors="surrogateescape")
     except FileNotFoundError:
         return None
     lines = text.splitlines()
@@ -134,8 +137,7 @@ def read_listing(tree: Path) -> list[str] | None:
     return lines[1:]
 
 
-@dataclass(frozen=True)
-class Diff:
+class Diff(NamedTuple):
     transfer: list[str]  # paths (unescaped) to copy from the new tree, sorted
     remove: list[str]  # paths (unescaped) to remove from the old tree first, deepest first
 

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
-import collections
-import logging
 import os
-import shlex
 import signal
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+import sys
+from collections import deque
+from typing import TYPE_CHECKING
 
 from .errors import ImgbaseError
 
-log = logging.getLogger("imgbase.run")
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from pathlib import Path
 
 TAIL_LINES = 15
+
+
+def _shell(args: list[str]) -> str:
+    import shlex  # imports re: not on the path of the update's helper processes
+
+    return shlex.join(args)
+
+
+def _debug(what: str, args: list[str]) -> None:
+    """Log a command at debug level -- when logging is in use at all: the update's helper
+    processes (:mod:`imgbase.treesync`) start faster without importing it."""
+    if (logging := sys.modules.get("logging")) is not None:
+        logging.getLogger("imgbase.run").debug("%s: %s", what, _shell(args))
 
 
 class CommandError(ImgbaseError):
@@ -25,10 +38,23 @@ class CommandError(ImgbaseError):
         self.argv = list(argv)
         self.returncode = returncode
         self.tail = tail
-        last = tail.strip().splitlines()[-1] if tail.strip() else "no output"
-        super().__init__(
-            f"{Path(self.argv[0]).name} failed with exit status {returncode}: {last}", hint=hint
-        )
+        last = _summary(tail)
+        name = os.path.basename(self.argv[0])
+        super().__init__(f"{name} failed with exit status {returncode}: {last}", hint=hint)
+
+
+def _summary(tail: str) -> str:
+    """The line of a command's output that says what went wrong: the last one that is not
+    an indented continuation (mount's "dmesg(1) may have more information ...").
+
+    >>> _summary("mount: /mnt: special device /dev/x does not exist.\\n       dmesg(1) may")
+    'mount: /mnt: special device /dev/x does not exist.'
+    >>> _summary("")
+    'no output'
+    """
+    lines = [line for line in tail.splitlines() if line.strip()]
+    return next((ln for ln in reversed(lines) if not ln[0].isspace()),
+                lines[-1].strip() if lines else "no output")
 
 
 def _env(extra: Mapping[str, str] | None) -> dict[str, str] | None:
@@ -46,13 +72,18 @@ def run(
     cwd: Path | None = None,
     input: str | None = None,
     check: bool = True,
+    errors: str = "strict",
 ) -> subprocess.CompletedProcess[str]:
-    """Run a short command, capturing stdout and stderr as text."""
+    """Run a short command, capturing stdout and stderr as text.
+
+    errors: how text that is not in the locale's encoding is handled, both ways
+    ("surrogateescape" passes file names through as they are)."""
     args = [os.fspath(a) for a in argv]
-    log.debug("run: %s", shlex.join(args))
+    _debug("run", args)
     try:
         proc = subprocess.run(
-            args, env=_env(env), cwd=cwd, input=input, capture_output=True, text=True
+            args, env=_env(env), cwd=cwd, input=input, capture_output=True, text=True,
+            errors=errors,
         )
     except FileNotFoundError as exc:
         raise ImgbaseError(
@@ -78,12 +109,12 @@ def stream(
     terminated and waited for before the exception propagates.
     """
     args = [os.fspath(a) for a in argv]
-    log.debug("stream: %s", shlex.join(args))
-    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    _debug("stream", args)
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
     out = open(logfile, "a", encoding="utf-8") if logfile else None  # noqa: SIM115
     try:
         if out:
-            out.write(f"$ {shlex.join(args)}\n")
+            out.write(f"$ {_shell(args)}\n")
             out.flush()
         try:
             proc = subprocess.Popen(

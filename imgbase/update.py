@@ -94,13 +94,10 @@ def plan_update(f: UpdateFacts) -> Plan:
                                    f"{vg}/{f.origin}"),
                  note=f"delta: starts as {f.origin}, only the changes are written (created "
                       "active: -kn)"),
-            Step("base-mount", ("sh", "-c", 'mkdir -p "$2" "$3" && mount "$1" "$2" && '
-                                'mount -t squashfs -o loop,ro "$4" "$3"', "mount",
-                                f"/dev/{vg}/{nvr}", str(base_mnt), str(img_mnt), f.image)),
             Step("base-sync", (sys.executable, "-P", "-m", "imgbase.treesync", str(img_mnt),
-                               str(base_mnt)),
-                 note="only the paths whose lines differ in the two images' file listings"),
-            Step("base-umount", ("umount", str(img_mnt), str(base_mnt))),
+                               str(base_mnt), "--mount", f.image, f"/dev/{vg}/{nvr}"),
+                 note="mounts both, then copies only the paths whose lines differ in the "
+                      "two images' file listings"),
             *base_seal_steps(vg, nvr),
         ]
     volumes = [(mp, lv.path) for lv in layout.volumes if (mp := mountpoint_of(lv))]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from imgbase.filelist import LISTING, listing, read_listing, write_listing
+from imgbase.filelist import LISTING, listing, read_listing, unescape, write_listing
 from imgbase.run import run
 from imgbase.treesync import main, sync
 
@@ -74,6 +74,9 @@ def v2_from(root: Path) -> None:
     os.chmod(root / "etc/mode", 0o600)
     os.chown(root / "etc/owner", 1234, 5678)
     os.setxattr(root / "etc/attr", "trusted.imgbase-test", b"v2")
+    # names as they come: not UTF-8 (passed to rsync as bytes), a tab, a newline
+    for name in (b"usr/share/doc/caf\xe9", b"usr/share/doc/a\tb", b"usr/share/doc/c\nd"):
+        (root / os.fsdecode(name)).write_text("odd name")
 
 
 @pytest.fixture
@@ -126,7 +129,7 @@ def test_the_listing_lists_every_path_but_itself(trees: tuple[Path, Path]) -> No
     image, _ = trees
     lines = read_listing(image)
     assert lines == listing(image)
-    paths = {line.split("\t", 1)[0] for line in lines or []}
+    paths = {unescape(line.split("\t", 1)[0]) for line in lines or []}
     walked = {str(p.relative_to(image)) for p in image.rglob("*")}
     assert paths == walked - {LISTING} | {"./"}
     assert os.lstat(image / LISTING).st_mtime == EPOCH  # writing it moved no mtime
@@ -136,3 +139,13 @@ def test_bad_arguments_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main([str(tmp_path)]) == 2
     assert main([str(tmp_path), str(tmp_path / "nothere")]) == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_a_base_that_cannot_be_mounted_fails_with_mounts_reason(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image, base = tmp_path / "image", tmp_path / "base"
+    rc = main([str(image), str(base), "--mount", str(tmp_path / "v2.squashfs"),
+               "/dev/imgbase-test-nothere"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("mount failed") and err.count("\n") == 1, err
+    assert "/dev/imgbase-test-nothere" in err

@@ -33,6 +33,9 @@ def test_delta_base_is_a_snapshot_synced_from_the_image() -> None:
     sync = plan.steps[n.index("base-sync")].argv
     assert sync[1:4] == ("-P", "-m", "imgbase.treesync")  # the image dir, then the base's
     assert sync[4].endswith("update-image") and sync[5].endswith("update-base")
+    # it mounts the image file and the new base itself: no separate mount steps
+    assert sync[6:] == ("--mount", FACTS.image, f"/dev/vg/{FACTS.nvr}")
+    assert n[:n.index("base-complete")] == ["base-snapshot", "base-sync", "base-deactivate"]
     assert n.index("base-sync") < n.index("base-complete") < n.index("layer-create")
 
 
