@@ -42,7 +42,7 @@ boot: compose
 # the whole suite: unit tests, doctests, real composes and qemu guests -- all but the
 # power-cut campaign, which takes as long again (test-powercut)
 test: setup
-	$(BIN)/pytest -m "not powercut" --durations=15
+	$(BIN)/pytest -m "not powercut" --durations=40
 
 # the quick part, to run while working
 test-quick: setup

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bootloader import committed, grubenv
+from .bootloader import committed, grubenv, uses_bls
+from .bootloader.grub import menu_timeout_env
 from .errors import die
 from .plan import Plan, Step
 from .status import NodeFacts
@@ -54,6 +55,18 @@ def plan_set_default(f: NodeFacts, layer: str, tries: int | None = DEFAULT_TRIES
     if tries is not None and good and good != layer:
         env.update(imgbase_tries=str(tries), imgbase_fallback=good)
     return Plan("boot-default", tuple(committed(f.boot, [_env_step(f.boot, env)])))
+
+
+def plan_menu_timeout(f: NodeFacts, seconds: int) -> Plan:
+    """How long GRUB's menu waits before it boots the default (0: not at all).
+
+    A fleet reboots faster without the wait; a node with a console an admin watches may
+    want longer to pick an older layer by hand."""
+    if uses_bls(f.boot):
+        die("this node boots through the distribution's grub.cfg (BLS entries): imgbase does "
+            "not own its menu", hint="set GRUB_TIMEOUT in /etc/default/grub, then grub2-mkconfig")
+    env = {**f.env, **menu_timeout_env(seconds)}
+    return Plan("boot-menu-timeout", tuple(committed(f.boot, [_env_step(f.boot, env)])))
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         die("--ca, --cert and --key go with --join", hint="add --join ENDPOINTS")
     facts = install.gather_facts(args.disk, args.image, volumes=args.volumes,
                                  pool_size=args.pool_size, wipe=args.wipe, vg=args.vg,
-                                 join=join)
+                                 join=join, menu_timeout=args.menu_timeout)
     return _apply(install.plan_install(facts), args, journal=install.JOURNAL)
 
 
@@ -249,6 +249,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def cmd_boot(args: argparse.Namespace) -> int:
     from . import boot
+    from .bootloader.grub import MENU_TIMEOUT_KEY
     from .status import NodeFacts
 
     facts = NodeFacts.gather()
@@ -257,10 +258,13 @@ def cmd_boot(args: argparse.Namespace) -> int:
     if args.set_default:
         tries = None if args.no_trial else args.tries
         return _apply(boot.plan_set_default(facts, args.set_default, tries), args)
+    if args.menu_timeout is not None:
+        return _apply(boot.plan_menu_timeout(facts, args.menu_timeout), args)
     state = {"booted": facts.booted, "default": facts.default,
              "next": facts.env.get("next_entry") or None,
              "tries_left": facts.env.get("imgbase_tries") or None,
-             "fallback": facts.env.get("imgbase_fallback") or None}
+             "fallback": facts.env.get("imgbase_fallback") or None,
+             "menu_timeout": int(facts.env.get(MENU_TIMEOUT_KEY) or 2)}
     print(json.dumps(state, indent=2) if args.json
           else "\n".join(f"{k}: {v}" for k, v in state.items()))
     return 0
@@ -581,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-size", help="thin pool size, e.g. 20G (default: 90%% of the VG)")
     p.add_argument("--vg", default="imgbase", help="volume group name (default: imgbase)")
     p.add_argument("--wipe", action="store_true", help="install over an existing node/LVM")
+    p.add_argument("--menu-timeout", type=int, metavar="SECONDS",
+                   help="how long GRUB's menu waits before it boots (default 2; 0: at once)")
     p.add_argument("--join", metavar="ENDPOINTS",
                    help="the cluster's etcd endpoints, comma-separated: the node's agent "
                    "joins it on boot (written to /etc/imgbase/agent.toml)")
@@ -687,6 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--next", metavar="LAYER", help="boot LAYER once, at the next boot")
     how.add_argument("--set-default", metavar="LAYER", help="make LAYER the default")
+    how.add_argument("--menu-timeout", type=int, metavar="SECONDS",
+                     help="how long GRUB's menu waits before it boots (default 2; 0: at once)")
     p.add_argument("--tries", type=int, default=3, help="boots on trial (1-9, default 3)")
     p.add_argument("--no-trial", action="store_true", help="--set-default without a trial")
     _plan_args(p)

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from pathlib import Path
 
 LISTING = "usr/lib/imgbase/files.tsv"
 HEADER = "# imgbase file listing 1: path kind mode uid gid mtime size content xattrs link"
@@ -77,6 +77,8 @@ def _line(rel: str, path: str, st: os.stat_result, link: str) -> str:
     kind = next(k for test, k in KINDS if test(st.st_mode))
     size, content = "-", "-"
     if kind == "f":
+        from pathlib import Path
+
         from .compose.squashfs import sha256_file
 
         size, content = str(st.st_size), sha256_file(Path(path))
@@ -125,10 +127,12 @@ def write_listing(tree: Path) -> Path:
     return out
 
 
-def read_listing(tree: str | os.PathLike[str]) -> list[str] | None:
+def read_listing(tree: str | Path) -> list[str] | None:
     """tree's listing lines, or None when it has none (an image older than listings)."""
     try:
-        text = (Path(tree) / LISTING).read_text(encoding="utf-8", errors="surrogateescape")
+        with open(os.path.join(tree, LISTING), encoding="utf-8",
+                  errors="surrogateescape") as f:
+            text = f.read()
     except FileNotFoundError:
         return None
     lines = text.splitlines()

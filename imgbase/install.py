@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bootloader
+from .bootloader import grub
 from .errors import die
 from .kargs import for_new_node
 from .naming import Layer, Nvr
@@ -68,6 +69,7 @@ class InstallFacts:
     wipe_vgs: tuple[str, ...] = ()  # volume groups on the disk that --wipe removes first
     extra: dict[str, str] = field(default_factory=dict)
     join: JoinConfig | None = None  # the agent's cluster, written into the first layer
+    menu_timeout: int | None = None  # GRUB's menu wait in seconds; None: grub.cfg's 2
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,8 @@ def plan_install(f: InstallFacts) -> Plan:
         *bootloader.add_entry_steps(boot_mnt, layer, f"/dev/{vg}/{layer}", kargs,
                                     root_mnt / f"boot/vmlinuz-{f.kernel}",
                                     root_mnt / f"boot/initrd.img-{f.kernel}", {}),
-        bootloader.set_default_step(boot_mnt, layer),
+        bootloader.set_default_step(boot_mnt, layer, {} if f.menu_timeout is None
+                                    else grub.menu_timeout_env(f.menu_timeout)),
         Step("umount-boot", ("umount", str(boot_mnt))),
         *(join_steps(f.join, root_mnt) if f.join else []),
         *layer_finish_steps(vg, layer, root_mnt),
@@ -195,8 +198,10 @@ def parse_size(text: str) -> int:
 
 
 def gather_facts(disk: str, image: str | None, *, volumes: str, pool_size: str | None,
-                 wipe: bool, vg: str = "imgbase", join: JoinConfig | None = None
-                 ) -> InstallFacts:
+                 wipe: bool, vg: str = "imgbase", join: JoinConfig | None = None,
+                 menu_timeout: int | None = None) -> InstallFacts:
+    if menu_timeout is not None:
+        grub.menu_timeout_env(menu_timeout)  # checked before anything else
     if image is not None and not os.path.isfile(image):
         die(f"{image}: no such image", hint="give the .squashfs made by imgbase compose")
     image = image or running_image()
@@ -234,7 +239,7 @@ def gather_facts(disk: str, image: str | None, *, volumes: str, pool_size: str |
     return InstallFacts(disk=disk, disk_size=size, image=image, nvr=info["nvr"],
                         kernel=info["kernel"], kernel_args=tuple(info.get("kernel_args", [])),
                         vg=vg, volumes=volumes, pool_size=pool_size, wipe_vgs=on_disk,
-                        join=join)
+                        join=join, menu_timeout=menu_timeout)
 
 
 def _walk(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -4,11 +4,10 @@
 
 When both trees carry a file listing (:mod:`imgbase.filelist`), the two listings are
 compared, paths gone or changed in kind are removed, and rsync copies just the paths
-that differ (``--files-from``, every one compared block by block, so only changed
-blocks are written to the thin snapshot). Without a listing on either side it is rsync
-over the whole tree, comparing every file's contents (``--checksum``). Both end with
-BASE_DIR holding exactly IMAGE_DIR: contents, modes, owners, mtimes, xattrs, hard links
-(``imgbase verify`` proves it).
+that differ (``--files-from``, each written whole into the thin snapshot). Without a
+listing on either side it is rsync over the whole tree, comparing every file's contents
+(``--checksum``). Both end with BASE_DIR holding exactly IMAGE_DIR: contents, modes,
+owners, mtimes, xattrs, hard links (``imgbase verify`` proves it).
 
 With ``--mount``, the squashfs IMAGE_FILE and the base's BASE_DEVICE are mounted at the
 two directories first and unmounted after, whatever happens: one step of the update
@@ -22,12 +21,20 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from .errors import ImgbaseError
 from .filelist import LISTING, diff, read_listing
 from .run import run
 
-RSYNC = ("rsync", "-aHAXS", "--numeric-ids", "--inplace", "--no-whole-file")
+# --whole-file: a listed file is copied whole, not matched block by block -- an updated
+# package's files are new through and through (measured in a guest: 91 changed files,
+# 1.7 MB, 0.7 s instead of 1.4 s). --inplace: written into
+# the snapshot's file, not a temporary beside it.
+if TYPE_CHECKING:
+    from pathlib import Path
+
+RSYNC = ("rsync", "-aHAXS", "--numeric-ids", "--inplace", "--whole-file")
 
 
 def _remove(path: str) -> None:
@@ -39,7 +46,7 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def sync(image: str | os.PathLike[str], base: str | os.PathLike[str]) -> str:
+def sync(image: str | Path, base: str | Path) -> str:
     """Make base equal image; return how ("delta: N paths" or "whole tree")."""
     image, base = os.fspath(image), os.fspath(base)
     old, new = read_listing(base), read_listing(image)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..errors import die
 from ..plan import Step
 from ..storage.layout import layer_key
 from . import grubenv
@@ -44,13 +45,29 @@ def _countdown() -> str:
     return "".join(lines) + "  fi\n"
 
 
+MENU_TIMEOUT_KEY = "imgbase_timeout"  # seconds GRUB's menu waits; unset: grub.cfg's 2
+
+
+def menu_timeout_env(seconds: int) -> dict[str, str]:
+    """The grubenv variable for a menu timeout, checked.
+
+    >>> menu_timeout_env(0)
+    {'imgbase_timeout': '0'}
+    """
+    if not 0 <= seconds <= 300:
+        die(f"menu timeout {seconds} is out of range",
+            hint="give 0 (boot the default at once) to 300 seconds")
+    return {MENU_TIMEOUT_KEY: str(seconds)}
+
+
 def grub_cfg(default: str, boot_uuid: str | None = None) -> str:
     """grub.cfg; /boot is found by its filesystem UUID if given, else by label 'boot'.
 
     The default is grubenv's ``saved_entry``. A one-time ``next_entry`` wins and is
     cleared. Otherwise, while ``imgbase_tries`` is set the default layer is on trial:
     each boot counts it down, and at 0 GRUB boots ``imgbase_fallback`` instead (also
-    GRUB's own fallback if the default entry cannot even be loaded).
+    GRUB's own fallback if the default entry cannot even be loaded). The menu waits 2 s,
+    or ``imgbase_timeout`` seconds (``imgbase boot --menu-timeout``).
 
     >>> cfg = grub_cfg("n-1-1+1")
     >>> 'set imgbase_tries=2' in cfg and 'set default="${imgbase_fallback}"' in cfg
@@ -64,6 +81,7 @@ def grub_cfg(default: str, boot_uuid: str | None = None) -> str:
         "insmod part_gpt\ninsmod part_msdos\ninsmod ext2\n"
         f"search --no-floppy {search}\n"
         "load_env\n"
+        'if [ -n "${imgbase_timeout}" ]; then set timeout="${imgbase_timeout}"; fi\n'
         f'set default="{default}"\n'
         'if [ -n "${saved_entry}" ]; then set default="${saved_entry}"; fi\n'
         'if [ -n "${imgbase_fallback}" ]; then set fallback="${imgbase_fallback}"; fi\n'

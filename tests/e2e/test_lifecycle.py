@@ -1,13 +1,18 @@
-"""The life of a node, end to end, in one qemu guest against the host's etcd.
+"""The life of a node, end to end, in qemu guests against the host's etcd.
 
 v1 (the session's compose) installed by `imgbase install` onto a blank disk (the session's
 installer guest, tests/vm/prepare.py) boots from its disk and its agent joins the host's
-etcd. v2 -- a real compose with the site layer changed -- is served over HTTP on the
-host's 127.0.0.1; `imgbase fleet set-image` publishes it. The agent stages it, takes the
-slot, reboots, and comes back healthy on v2 with the node's /etc edits. The admin rolls
-back to v1 (and the agent leaves it there), then forward to v2 again. A v3 that cannot
-boot (junk initramfs) is published: the node tries it, GRUB falls back to v2 by itself,
-and the agent pauses the rollout.
+etcd, with a peer -- node b, booted from the same disk with its own machine-id, running a
+libvirt domain. v2 -- a real compose with the site layer changed -- is served over HTTP
+on the host's 127.0.0.1; `imgbase fleet set-image` publishes it (max-unavailable 1). Both
+agents stage it; the node takes the group's one slot, reboots, and comes back healthy on
+v2 with its /etc edits, a user and a disabled service carried over. b holds back while
+its domain runs (policy "wait") and updates once it is destroyed. From etcd's history:
+the slot never had two holders, and the two were never down together. b then leaves.
+
+The admin rolls back to v1 (and the agent leaves it there), then forward to v2 again. A
+v3 that cannot boot (junk initramfs) is published: the node tries it, GRUB falls back to
+v2 by itself, and the agent pauses the rollout.
 
 At every stop, over SSH with testinfra: the layer is `/`, its base is read-only, `/var` is
 the shared volume with its contents unchanged, libvirtd runs, `virsh` answers, and
@@ -31,7 +36,7 @@ from imgbase.agent import fleet
 from imgbase.agent.etcd import Etcd
 from imgbase.vm import GUESTFWD_ADDR, Guest, VmSpec
 from tests.conftest import ROOT
-from tests.etcdcluster import EtcdCluster
+from tests.etcdcluster import EtcdCluster, max_holders_in_history
 from tests.httpserve import serve
 from tests.vm.nodes import NVR, same_device
 from tests.vm.prepare import E2E_MARK
@@ -47,6 +52,16 @@ endpoints = ["http://{GUESTFWD_ADDR}:2379"]
 group = "{GROUP}"
 [agent]
 ttl = 15
+domains = "wait"
+"""
+# a domain that does nothing: no disk, no network; SeaBIOS finds nothing to boot and waits
+IDLE_DOMAIN = """<domain type='qemu'>
+  <name>idle</name>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices>
+</domain>
 """
 
 
@@ -57,18 +72,34 @@ def served(lifecycle_images: Path) -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def node(request: pytest.FixtureRequest, installed_disks: dict[str, Path], served: int,
-         etcd: EtcdCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+def guests(request: pytest.FixtureRequest, installed_disks: dict[str, Path], served: int,
+           etcd: EtcdCluster, lifecycle_images: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Guest]]:
+    """The node (2 vCPUs) and its peer b (1 vCPU), from the installed disk, booted side by
+    side, each trusting the site's key and joined to the host's etcd."""
+    work = tmp_path_factory.mktemp("e2e")
     fwd = ((2379, etcd.members[0].client_port), (HTTP_PORT, served))
-    guest = Guest(VmSpec(disk=installed_disks["minimal"], guestfwd=fwd),
-                  rundir=tmp_path_factory.mktemp("e2e") / "node")
-    request.module._imgbase_guests = [guest]
+    guests = {"node": Guest(VmSpec(disk=installed_disks["minimal"], guestfwd=fwd),
+                            rundir=work / "node"),
+              "b": Guest(VmSpec(disk=installed_disks["minimal"], guestfwd=fwd, cpus=1,
+                                memory=1536), rundir=work / "b")}
+    request.module._imgbase_guests = list(guests.values())
+    key = base64.b64encode((lifecycle_images / "trusted.gpg").read_bytes()).decode()
     try:
-        guest.start()
-        guest.wait_ssh()
-        yield guest
+        for guest in guests.values():
+            guest.start()
+        for name, guest in guests.items():
+            guest.wait_ssh()
+            own_id = ("rm -f /etc/machine-id && systemd-machine-id-setup >/dev/null && "
+                      "hostnamectl set-hostname node-b && " if name == "b" else "")
+            guest.run(f"{own_id}mkdir -p /etc/imgbase/trusted.d && "
+                      f"echo {key} | base64 -d > /etc/imgbase/trusted.d/site.gpg && "
+                      f"cat > /etc/imgbase/agent.toml <<'EOF'\n{AGENT_TOML}EOF\n"
+                      "systemctl restart imgbase-agent")
+        yield guests
     finally:
-        guest.kill()  # a throw-away overlay: no clean shutdown to wait for
+        for guest in guests.values():
+            guest.kill()  # throw-away overlays: no clean shutdown to wait for
 
 
 def fleet_cli(etcd: EtcdCluster, *args: str) -> str:
@@ -80,9 +111,21 @@ def fleet_cli(etcd: EtcdCluster, *args: str) -> str:
     return proc.stdout
 
 
-def record(admin: Etcd) -> dict[str, Any]:
-    found = [r for r in fleet.nodes(admin).values() if r.get("group") == GROUP]
-    return found[0] if found else {}
+def records(admin: Etcd) -> dict[str, dict[str, Any]]:
+    """The group's node records by hostname."""
+    return {r["hostname"]: r for r in fleet.nodes(admin).values() if r.get("group") == GROUP}
+
+
+def gone_intervals(admin: Etcd, since: int) -> dict[str, list[tuple[int, int]]]:
+    """Per node key: the revision ranges in which its record was absent (a reboot)."""
+    gone: dict[str, list[tuple[int, int]]] = {}
+    deleted: dict[str, int] = {}
+    for change in admin.changes(f"{fleet.ROOT}/nodes/", since):
+        if change.value is None:
+            deleted[change.key] = change.revision
+        elif change.key in deleted:
+            gone.setdefault(change.key, []).append((deleted.pop(change.key), change.revision))
+    return gone
 
 
 def wait_for(what: str, ok: Callable[[], bool], timeout: float = 900) -> None:
@@ -127,50 +170,83 @@ def phase(name: str, since: float) -> float:
     return now
 
 
-def test_the_life_of_a_node(node: Guest, etcd: EtcdCluster, lifecycle_images: Path,
-                            served: int) -> None:
+def test_the_life_of_a_node(guests: dict[str, Guest], etcd: EtcdCluster, served: int) -> None:
+    node, b = guests["node"], guests["b"]
     url = f"http://{GUESTFWD_ADDR}:{HTTP_PORT}"
     t = time.monotonic()
-    # -- v1, installed onto a blank disk, joins the cluster ---------------------------
-    key = base64.b64encode((lifecycle_images / "trusted.gpg").read_bytes()).decode()
+    # -- v1, installed onto a blank disk, joins the cluster with its peer b ----------
     marker = f"written on {NVR}\n"
-    node.run("mkdir -p /etc/imgbase/trusted.d && "
-             f"echo {key} | base64 -d > /etc/imgbase/trusted.d/site.gpg && "
-             f"cat > /etc/imgbase/agent.toml <<'EOF'\n{AGENT_TOML}EOF\n"
-             f"printf '{marker}' > /var/lib/e2e-marker && "
-             "echo 'local edit' >> /etc/motd && systemctl restart imgbase-agent")
-    with etcd.client() as admin:
-        wait_for("v1 registered and healthy", lambda: record(admin).get("nvr") == NVR
-                 and record(admin).get("healthy") is True, timeout=120)
-        assert record(admin)["capabilities"]["arch"] == "x86_64"
-        stop(node, f"{NVR}+1", marker)
-        t = phase("v1 up, agent registered, checked", t)
+    node.run(f"printf '{marker}' > /var/lib/e2e-marker && "
+             "echo 'local edit' >> /etc/motd && useradd -u 1234 alice && "
+             "systemctl disable imgbase-selfcheck.service && "
+             "imgbase kargs --append imgbase.test=e2e")
+    me = node.run("hostname").stdout.strip()
+    assert me != "node-b"
 
-        # -- v2 through the fleet: stage, slot, reboot, healthy ---------------------------
-        boot = node.boot_id()
-        fleet_cli(etcd, "set-image", V2, f"{url}/{V2}.squashfs", "--group", GROUP)
-        node.wait_new_boot(boot, timeout=1200)
-        t = phase("v2 staged by the agent, slot taken, rebooted", t)
-        wait_for("back on v2, healthy, slot released", lambda: record(admin).get("nvr") == V2
-                 and record(admin).get("healthy") is True
-                 and not fleet.EtcdSlots(admin, GROUP).holders())
+    def mine() -> dict[str, Any]:
+        return records(admin).get(me, {})
+
+    with etcd.client() as admin:
+        wait_for("both registered and healthy on v1", lambda: len(records(admin)) == 2 and all(
+            r.get("nvr") == NVR and r.get("healthy") is True for r in records(admin).values()),
+            timeout=300)
+        assert mine()["capabilities"]["arch"] == "x86_64"
+        b.run(f"cat > /tmp/idle.xml <<'EOF'\n{IDLE_DOMAIN}EOF\nvirsh -q create /tmp/idle.xml")
+        wait_for("b's running domain reported",
+                 lambda: records(admin).get("node-b", {}).get("domains") == 1, timeout=120)
+        stop(node, f"{NVR}+1", marker)
+        t = phase("v1 up, node and b registered, b runs a domain, checked", t)
+
+        # -- v2 through the fleet: both stage; the node takes the slot, reboots ----------
+        boots = {"node": node.boot_id(), "b": b.boot_id()}
+        start = admin.revision() + 1
+        fleet_cli(etcd, "set-image", V2, f"{url}/{V2}.squashfs", "--group", GROUP,
+                  "--max-unavailable", "1")
+        node.wait_new_boot(boots["node"], timeout=1200)
+        t = phase("v2 staged by both, the node took the slot, rebooted", t)
+        slots = fleet.EtcdSlots(admin, GROUP)
+        wait_for("back on v2, healthy, slot released", lambda: mine().get("nvr") == V2
+                 and mine().get("healthy") is True and not slots.holders())
         st = stop(node, f"{V2}+1", marker)
         host = node.host()
         assert "local edit" in host.file("/etc/motd").content_string  # carried over
+        assert host.user("alice").uid == 1234  # users: no UID drift
+        assert not host.service("imgbase-selfcheck").is_enabled  # stays disabled
+        assert "imgbase.test=e2e" in host.file("/proc/cmdline").content_string.split()
         assert host.file(f"/{E2E_MARK}").content_string == "site layer of v2\n"  # the layer
         assert [b["name"] for b in st["bases"]] == [NVR, V2]
+        t = phase("v2 healthy on the node, its state carried over, checked", t)
+
+        # -- b staged v2 too, but holds back while its domain runs -- and stays up -------
+        wait_for("b waiting for its domain", lambda: records(admin).get("node-b", {}).get(
+            "action") == "wait-domains", timeout=60)
+        peer = records(admin)["node-b"]
+        assert (peer["nvr"], peer["staged"]) == (NVR, V2)
+        assert slots.holders() == () and b.boot_id() == boots["b"]
+        b.run("virsh -q destroy idle")
+        b.wait_new_boot(boots["b"], timeout=900)
+        wait_for("b back on v2, healthy, its slot released", lambda: records(admin).get(
+            "node-b", {}).get("nvr") == V2 and records(admin)["node-b"].get("healthy") is True
+            and not slots.holders())
+        assert max_holders_in_history(admin, GROUP, start) == 1  # each took it; never both
+        gone = gone_intervals(admin, start)
+        assert len(gone) == 2, gone  # each node left (its reboot) and came back
+        [one], [other] = gone.values()
+        assert one[1] < other[0] or other[1] < one[0], gone  # never down together
         group = json.loads(fleet_cli(etcd, "status", "--json"))["groups"][GROUP]
-        assert group["on_desired"] == group["nodes"] and len(group["nodes"]) == 1, group
-        t = phase("v2 healthy, checked", t)
+        assert group["on_desired"] == group["nodes"] and len(group["nodes"]) == 2, group
+        assert group["rollout"]["state"] == "running", group
+        b.kill()  # b's part is done; its record goes when its lease runs out
+        t = phase("b waited for its domain, then updated; never both down", t)
 
         # -- the admin rolls back to v1: the agent leaves the node there -----------------
         node.run("imgbase rollback")
         node.reboot()
         stop(node, f"{NVR}+1", marker)
-        wait_for("v1 registered again", lambda: record(admin).get("nvr") == NVR)
+        wait_for("v1 registered again", lambda: mine().get("nvr") == NVR)
         time.sleep(20)  # several agent passes (ttl 15: one every 5 s)
         assert state(node)["default_layer"] == f"{NVR}+1"  # not rolled forward again
-        assert record(admin)["nvr"] == NVR and not fleet.EtcdSlots(admin, GROUP).holders()
+        assert mine()["nvr"] == NVR and not fleet.EtcdSlots(admin, GROUP).holders()
         t = phase("rolled back to v1, rebooted, checked", t)
 
         # -- and forward to v2 (the last good layer other than the booted one) -----------
@@ -192,7 +268,7 @@ def test_the_life_of_a_node(node: Guest, etcd: EtcdCluster, lifecycle_images: Pa
             etcd, "status", "--json"))["groups"][GROUP]["rollout"].get("state") == "paused")
         rollout = json.loads(fleet_cli(etcd, "status", "--json"))["groups"][GROUP]["rollout"]
         assert f"fell back from {V3}" in rollout["reason"], rollout
-        assert record(admin)["nvr"] == V2 and not fleet.EtcdSlots(admin, GROUP).holders()
+        assert mine()["nvr"] == V2 and not fleet.EtcdSlots(admin, GROUP).holders()
         # the admin clears the broken layer away: LV, boot files and menu entry
         node.run(f"imgbase layer --remove {V3}+1")
         assert f"{V3}+1" not in [la["name"] for la in state(node)["layers"]]

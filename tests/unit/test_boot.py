@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from imgbase import boot, health, kargs
-from imgbase.bootloader import grubenv
+from imgbase import boot, health, kargs, update
+from imgbase.bootloader import grub, grubenv
 from imgbase.errors import InputError
 from imgbase.status import collect
 from tests.unit.test_node_plans import NVR, lv, node
@@ -50,7 +50,27 @@ def test_set_default_from_a_layer_on_trial_falls_back_to_the_old_default() -> No
     assert written_env(boot.plan_set_default(f, B, 3))["imgbase_fallback"] == A
 
 
+def test_menu_timeout_is_a_grubenv_variable_that_grub_cfg_reads() -> None:
+    env = written_env(boot.plan_menu_timeout(two_layers(next_entry=B), 0))
+    assert env == {"saved_entry": A, "next_entry": B, "imgbase_timeout": "0"}  # rest kept
+    cfg = grub.grub_cfg(A)
+    # read after load_env, before any entry boots; without it grub.cfg's 2 s stand
+    assert cfg.index("load_env") < cfg.index('set timeout="${imgbase_timeout}"')
+    assert "set timeout=2\n" in cfg
+
+
+def test_an_update_keeps_the_menu_timeout() -> None:
+    from tests.unit.test_update_plan import FACTS
+    facts = replace(FACTS, node=replace(FACTS.node, env={**FACTS.node.env,
+                                                        "imgbase_timeout": "0"}))
+    last = update.plan_update(facts).steps[-2]
+    assert last.name == "boot-default"
+    assert grubenv.parse(last.write[1])["imgbase_timeout"] == "0"
+
+
 @pytest.mark.parametrize(("call", "message"), [
+    (lambda f: boot.plan_menu_timeout(f, -1), "menu timeout -1 is out of range"),
+    (lambda f: boot.plan_menu_timeout(f, 301), "menu timeout 301 is out of range"),
     (lambda f: boot.plan_next(f, "n-1.0-1+7"), "is not a layer of this node"),
     (lambda f: boot.plan_set_default(f, B, 0), "--tries 0 is out of range"),
     (lambda f: boot.plan_set_default(replace(f, entries={A: f.entries[A]}), B),

@@ -107,6 +107,22 @@ def test_missing_disk_is_refused(tmp_path: Path) -> None:
                      pool_size=None, wipe=False)
 
 
+def test_menu_timeout_goes_into_the_first_grubenv() -> None:
+    from dataclasses import replace
+
+    from imgbase.bootloader import grubenv
+
+    env = grubenv.parse(step(plan_install(replace(FACTS, menu_timeout=0)), "boot-default").write[1])
+    assert env == {"saved_entry": "imgbase-node-1.0-1+1", "imgbase_timeout": "0"}
+    assert "imgbase_timeout" not in step(plan_install(FACTS), "boot-default").write[1]
+
+
+def test_a_bad_menu_timeout_is_refused_first(tmp_path: Path) -> None:
+    proc = imgbase_cli("install", "--disk", str(tmp_path / "nope"), "--menu-timeout", "-3")
+    assert proc.returncode == 2 and "menu timeout -3 is out of range" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
 def test_missing_image_is_refused(tmp_path: Path) -> None:
     proc = imgbase_cli("install", "--disk", "/dev/null", str(tmp_path / "no.squashfs"))
     assert proc.returncode == 2 and "no such image" in proc.stderr
