@@ -12,7 +12,7 @@ OUT ?= out
 
 NVR := imgbase-node-1.0-1
 
-.PHONY: setup image compose boot test test-quick test-slow test-powercut lint bench docs clean
+.PHONY: setup image compose boot test test-quick test-slow test-powercut lint bench docs tour clean
 
 setup: $(VENV)/.setup-done
 
@@ -56,7 +56,7 @@ test-powercut: setup
 	$(BIN)/pytest -m powercut --durations=5 -s
 
 lint: setup
-	$(BIN)/ruff check imgbase tests bench
+	$(BIN)/ruff check imgbase tests bench docs
 	$(BIN)/mypy
 
 bench: setup
@@ -68,6 +68,10 @@ bench: setup
 # the CLI reference and man pages, generated from the parsers (tests fail when stale)
 docs: setup
 	$(BIN)/python -m imgbase.clidoc --markdown docs/cli.md --man docs/imgbase.1 --agent-man docs/imgbase-agent.8
+
+# the README's five-minute tour, run for real in qemu (~6 min); its output replaces the old
+tour: setup
+	$(BIN)/python docs/tour.py --readme README.md
 
 clean:
 	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -116,6 +116,13 @@ def fsck_step(name: str, dev: str) -> Step:
     return Step(name, ("sh", "-c", 'e2fsck -fy "$1"; test $? -le 1', "e2fsck", dev))
 
 
+# ext4 on a thin LV. nodiscard: the LV is fresh, nothing to discard. lazy_itable_init=0:
+# by default mkfs leaves the inode tables to the kernel, which zeroes them in the
+# background after the first read-write mount -- of every layer, since a read-only base
+# never gets that far: ~128 MiB of pool per layer of an 8 GiB base, for nothing.
+MKFS_THIN = ("mkfs.ext4", "-q", "-E", "nodiscard,lazy_itable_init=0")
+
+
 def base_from_image_steps(vg: str, nvr: str, image: str, size: str, mnt: Path,
                           pool: str = "pool") -> list[Step]:
     """A new base LV holding the squashfs image, left read-only and inactive."""
@@ -123,7 +130,8 @@ def base_from_image_steps(vg: str, nvr: str, image: str, size: str, mnt: Path,
     return [
         Step("base-create", ("lvcreate", "-y", "-V", size, "-T", f"{vg}/{pool}", "-n", nvr,
                              "--addtag", TAG_BASE, "--addtag", TAG_INCOMPLETE)),
-        Step("base-mkfs", ("mkfs.ext4", "-q", "-E", "nodiscard", dev)),
+        Step("base-mkfs", MKFS_THIN + (dev,),
+             note="inode tables written now, once, and shared by every layer of the base"),
         Step("base-mount", ("sh", "-c", 'mkdir -p "$2" && mount "$1" "$2"', "mount", dev,
                             str(mnt))),
         Step("base-unpack", ("unsquashfs", "-q", "-n", "-f", "-d", str(mnt), image)),
@@ -186,7 +194,7 @@ def volume_steps(vg: str, lv: str, mountpoint: str, size: str, source: Path | No
         Step(f"volume-{lv}", ("lvcreate", "-y", "-V", size, "-T", f"{vg}/{pool}", "-n", lv,
                               "--addtag", TAG_VOLUME, "--addtag", f"{MOUNT_TAG}{mountpoint}",
                               "--addtag", TAG_INCOMPLETE)),
-        Step(f"mkfs-{lv}", ("mkfs.ext4", "-q", "-E", "nodiscard", dev)),
+        Step(f"mkfs-{lv}", MKFS_THIN + (dev,)),
     ]
     if source is not None:
         steps.append(Step(f"fill-{lv}", (
