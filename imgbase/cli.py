@@ -531,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list the compose backends and whether each runs on this machine")
     p.add_argument("--cache",
                    help="cache directory (default: $IMGBASE_CACHE or /var/cache/imgbase)")
-    p.add_argument("--rebuild", action="store_true", help="build even if a cached image matches")
+    p.add_argument("--rebuild", action="store_true",
+                   help="build from scratch: no cached image, no cached package tree")
     p.add_argument("--version", dest="image_version", help="override the image version")
     p.add_argument("--release", help="override the image release")
     p.add_argument("--json", action="store_true", help="one JSON event per line on stdout")

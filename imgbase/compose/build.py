@@ -1,8 +1,14 @@
 """compose_image: the one linear orchestrator, from an image spec to output files.
 
-    preflight -> cache lookup -> imgbase .deb -> backend tree -> layers (files,
-    hooks, services) -> image.json -> scrub -> package db -> factory /etc ->
+    preflight -> cache lookup -> imgbase .deb -> backend tree (or its cached copy) ->
+    layers (files, hooks, services) -> image.json -> scrub -> package db -> factory /etc ->
     boot check -> clamp mtimes -> file listing -> squashfs -> manifest -> cache -> output
+
+Two caches, both under the cache directory and both skipped by ``--rebuild``: finished
+images keyed by every input (:func:`inputs_digest`), and the backend's package tree keyed
+by what shapes it alone (:func:`tree_digest`: distribution, mirrors, repositories, the
+package list, the imgbase package), so that a change to a layer's files, hooks or services
+-- a site layer, typically -- composes in seconds instead of reinstalling every package.
 
 Everything is built under the cache's work directory and published by rename,
 so an interrupted compose leaves neither a half-written output nor a cache
@@ -36,6 +42,7 @@ DEFAULT_CACHE = Path(os.environ.get("IMGBASE_CACHE", "/var/cache/imgbase"))
 WORK_MIN_FREE = 3 * GIB  # tree (~0.7 GiB), squashfs, apt downloads, headroom
 OUT_MIN_FREE = 1 * GIB
 ARTIFACTS = (".squashfs", ".manifest.json", ".sha256")
+TREES_KEPT = 2  # package trees in the cache (~0.7 GiB each), the most recently used
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,47 @@ def inputs_digest(image: ImageSpec) -> str:
     fields["layers"] = [(layer.name, layer.digest()) for layer in image.layers]
     fields["imgbase"] = debpkg.source_digest()
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tree_digest(image: ImageSpec, backend: str) -> str:
+    """The package tree's cache key: what the backend builds it from, and nothing else."""
+    fields = {"backend": backend, "packages": image.packages,
+              "imgbase": debpkg.source_digest() if any(
+                  layer.imgbase_package for layer in image.layers) else None,
+              **{k: getattr(image, k) for k in (
+                  "distro", "suite", "architecture", "mirror", "security_mirror", "repos",
+                  "gpgkeys", "unsigned", "source_date_epoch")}}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """An exact copy: owners, modes, times, xattrs, hard links, devices (cp -a)."""
+    run(["cp", "-a", "--reflink=auto", str(src), str(dst)])
+
+
+def _cached_tree(trees: Path, key: str, tree: Path) -> bool:
+    """Copy the cached package tree for key to tree, if there is one."""
+    entry = trees / key
+    if not entry.is_dir():
+        return False
+    _copy_tree(entry, tree)
+    os.utime(entry)  # most recently used: kept longest
+    return True
+
+
+def _keep_tree(trees: Path, key: str, tree: Path) -> None:
+    """Put a copy of the new package tree in the cache (by rename), dropping old ones."""
+    trees.mkdir(parents=True, exist_ok=True)
+    for stale in trees.glob(".*.tmp-*"):  # a compose interrupted while it copied
+        remove_tree(stale)
+    tmp = trees / f".{key}.tmp-{os.getpid()}"
+    _copy_tree(tree, tmp)
+    remove_tree(trees / key)
+    os.replace(tmp, trees / key)
+    old = sorted((p for p in trees.iterdir() if not p.name.startswith(".")),
+                 key=lambda p: p.stat().st_mtime, reverse=True)[TREES_KEPT:]
+    for path in old:
+        remove_tree(path)
 
 
 def _free(path: Path) -> int:
@@ -161,7 +209,7 @@ def compose_image(
         logfile.unlink(missing_ok=True)
         progress.open_log(logfile)
         try:
-            _build(image, backend, work, cache, logfile, progress, key)
+            _build(image, backend, work, cache, logfile, progress, key, rebuild)
             staged = work / "out"
             tmp_entry = entry.with_name(f"{key}.tmp-{os.getpid()}")
             remove_tree(tmp_entry)
@@ -187,7 +235,7 @@ def _result(nvr: str, outdir: Path, *, cached: bool, progress: Progress) -> Comp
 
 
 def _build(image: ImageSpec, backend: ComposerBackend, work: Path, cache: Path, logfile: Path,
-           progress: Progress, key: str) -> None:
+           progress: Progress, key: str, rebuild: bool = False) -> None:
     tree, staged = work / "tree", work / "out"
     staged.mkdir()
     local: tuple[Path, ...] = ()
@@ -198,9 +246,17 @@ def _build(image: ImageSpec, backend: ComposerBackend, work: Path, cache: Path, 
     ctx = BuildContext(image=image, workdir=work, cache_dir=cache, logfile=logfile,
                        progress=progress, local_packages=local)
 
+    # a backend that applies the layers itself (lorax) makes a tree that is more than
+    # its packages: not cached
+    trees, tkey = cache / "trees", tree_digest(image, backend.name)
     with progress.step("packages") as info:
-        backend.build_tree(ctx, tree)
-        info["detail"] = f"{len(image.packages)} requested"
+        if not backend.applies_layers and not rebuild and _cached_tree(trees, tkey, tree):
+            info["detail"] = f"{len(image.packages)} requested; the tree {tkey[:12]} reused"
+        else:
+            backend.build_tree(ctx, tree)
+            if not backend.applies_layers:
+                _keep_tree(trees, tkey, tree)
+            info["detail"] = f"{len(image.packages)} requested"
 
     with api_filesystems(tree):
         for layer in image.layers:

@@ -16,6 +16,7 @@ import testinfra
 import imgbase
 from imgbase.filelist import listing, read_listing
 from tests.conftest import ROOT, compose_json, imgbase_cli
+from tests.vm.prepare import E2E_MARK
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +89,10 @@ def test_the_file_listing_describes_the_image(image_tree: Path) -> None:
 def test_services_enabled(host) -> None:  # type: ignore[no-untyped-def]
     wants = host.file("/etc/systemd/system/multi-user.target.wants").listdir()
     assert "libvirtd.service" in wants and "systemd-networkd.service" in wants
+    # the base layer disables e2scrub (it would snapshot the node's LVs): installed, off
+    assert host.file("/usr/lib/systemd/system/e2scrub_all.timer").exists
+    assert not host.file("/etc/systemd/system/timers.target.wants/e2scrub_all.timer").exists
+    assert "e2scrub_reap.service" not in wants
 
 
 def test_manifest(default_image) -> None:  # type: ignore[no-untyped-def]
@@ -129,12 +134,31 @@ def test_two_composes_are_byte_identical(default_image, tmp_path: Path) -> None:
     assert first["sha256"] == second["sha256"]
 
 
+def test_a_site_layer_change_reuses_the_package_tree(default_image, lifecycle_images: Path
+                                                     ) -> None:  # type: ignore[no-untyped-def]
+    """v2 of the lifecycle test: the default image with its site layer changed, composed
+    after the session's v1 -- from v1's package tree, copied from the cache, not from
+    packages installed again; and only the layer's files and the image's identity differ."""
+    events = [json.loads(line) for line in
+              (lifecycle_images.parent / "compose-v2.jsonl").read_text().splitlines()]
+    packages = next(e for e in events if e["event"] == "step-done" and e["step"] == "packages")
+    assert "reused" in packages["detail"] and packages["seconds"] < 30, packages
+    v2 = lifecycle_images / "imgbase-node-1.1-1.squashfs"
+    differing = json.loads(imgbase_cli("diff", "--json", str(default_image["squashfs"]),
+                                       str(v2)).stdout)["differing"]
+    assert f"/{E2E_MARK}" in differing
+    others = [p for p in differing if not p.startswith(
+        ("/etc/", "/usr/share/factory/etc/", "/usr/lib/imgbase/"))]
+    assert others == [], differing
+
+
 def test_interrupted_compose_leaves_nothing_reusable(tmp_path: Path) -> None:
     cache = Path(os.environ.get("IMGBASE_CACHE", "/var/cache/imgbase"))
     out = tmp_path / "out"
-    proc = subprocess.Popen(
+    trees = sorted(p.name for p in (cache / "trees").glob("*"))
+    proc = subprocess.Popen(  # --rebuild: the packages installed, not a cached tree copied
         [sys.executable, "-m", "imgbase", "compose", str(ROOT / "images/node.toml"),
-         "-o", str(out), "--json", "--release", "interrupted"],
+         "-o", str(out), "--json", "--release", "interrupted", "--rebuild"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     key = None
@@ -154,5 +178,6 @@ def test_interrupted_compose_leaves_nothing_reusable(tmp_path: Path) -> None:
     assert not list((cache / "images").glob(f"{key}.tmp-*"))
     assert not list(out.glob("*.squashfs")) and not list(out.glob("*.manifest.json"))
     assert not list((cache / "work").glob(f"{key[:16]}.*"))
+    assert sorted(p.name for p in (cache / "trees").glob("*")) == trees  # no tree kept
     with open("/proc/self/mounts") as mounts:
         assert str(cache / "work") not in mounts.read()

@@ -152,3 +152,31 @@ def test_source_date_epoch_from_environment(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1234567890")
     assert load_image(write(tmp_path)).source_date_epoch == 1234567890
+
+
+def test_the_package_tree_key_follows_packages_and_sources_not_layer_files(
+        root_dir: Path, tmp_path: Path) -> None:
+    """compose reuses a cached package tree when only layers' files, hooks or services
+    (or the version) changed; any change to what is installed, or from where, is a new
+    tree."""
+    import shutil
+    from dataclasses import replace
+
+    from imgbase.compose.build import inputs_digest, tree_digest
+
+    for part in ("images", "layers"):
+        shutil.copytree(root_dir / part, tmp_path / part)
+    image, site = tmp_path / "images/node.toml", tmp_path / "layers/site.toml"
+    v1 = load_image(image)
+    (tmp_path / "layers/site/files/etc/site-note").write_text("changed\n")
+    site.write_text(site.read_text() + '\n[services]\nenable = ["fstrim.timer"]\n')
+    v2 = replace(load_image(image), version="1.1")
+    assert inputs_digest(v2) != inputs_digest(v1)  # a new image...
+    assert tree_digest(v2, "mmdebstrap") == tree_digest(v1, "mmdebstrap")  # ...same tree
+    site.write_text(site.read_text().replace("[services]", 'packages = ["htop"]\n\n[services]'))
+    more = load_image(image)
+    assert "htop" in more.packages
+    for changed in (more, replace(v1, mirror="http://mirror.example/debian"),
+                    replace(v1, suite="trixie")):
+        assert tree_digest(changed, "mmdebstrap") != tree_digest(v1, "mmdebstrap")
+    assert tree_digest(v1, "dnf") != tree_digest(v1, "mmdebstrap")

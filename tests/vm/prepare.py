@@ -112,6 +112,7 @@ def build_lifecycle_images(work: Path) -> Path:
          str(files), "--version", "1.1", "--json"], capture_output=True, text=True, cwd=ROOT)
     if compose.returncode != 0:
         raise AssertionError(f"compose of v2 failed: {compose.stderr[-2000:]}")
+    (work / "compose-v2.jsonl").write_text(compose.stdout)  # tests/compose reads its steps
     v2 = files / "imgbase-node-1.1-1.squashfs"
 
     def junk_initramfs(tree: Path) -> None:
