@@ -472,8 +472,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
             if not args.url.startswith(("http://", "https://")):
                 die(f"{args.url!r} is not an http(s) URL",
                     hint="the nodes download the image from it")
-            want = fleet.set_image(etcd, group, args.nvr, args.url, args.max_unavailable)
-            print(f"group {group}: desired {want.nvr}, {want.max_unavailable} node(s) at a time")
+            want = fleet.set_image(etcd, group, args.nvr, args.url, args.max_unavailable,
+                                   args.tries)
+            print(f"group {group}: desired {want.nvr}, {want.max_unavailable} node(s) at a "
+                  f"time, {want.tries} tries each")
         elif args.fleet_verb in ("pause", "resume"):
             fleet.set_rollout(etcd, group, "paused" if args.fleet_verb == "pause" else
                               "running", "paused by the admin" if args.fleet_verb == "pause"
@@ -813,6 +815,9 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("url", metavar="URL", help="where nodes download IMAGE (and .sha256, .sig)")
     fp.add_argument("--max-unavailable", type=int, default=1, metavar="K",
                     help="nodes of the group rebooting at once (default 1)")
+    fp.add_argument("--tries", type=int, default=3, metavar="N",
+                    help="boots a node gives the new image before GRUB falls back (1-9, "
+                    "default 3; 1: a canary that falls back at its first failed boot)")
     fsub.add_parser("status", help="nodes, versions, health, slot holders, rollout state")
     fsub.add_parser("pause", help="stop handing out reboot slots in the group")
     fsub.add_parser("resume", help="hand out reboot slots again")

@@ -56,7 +56,7 @@ class Node(Protocol):
     def state(self) -> NodeState: ...
     def stage(self, url: str, nvr: str) -> None: ...  # new base + layer, default untouched
     def drain(self, policy: str) -> None: ...
-    def reboot(self, nvr: str) -> None: ...  # into nvr's layer, on trial
+    def reboot(self, nvr: str, tries: int) -> None: ...  # into nvr's layer, on trial
 
 
 def decide(want: fleet.Desired | None, paused: bool, node: NodeState, holding: bool,
@@ -231,7 +231,7 @@ class Agent:
         elif action == "drain":
             self.node.drain(self.config.domains)
         elif action == "reboot" and want is not None:
-            self.node.reboot(want.nvr)
+            self.node.reboot(want.nvr, want.tries)
         elif action == "release":
             self.slots.release(self.node_id)
             self._remember_slot(False)

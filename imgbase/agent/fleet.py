@@ -57,6 +57,7 @@ class Desired:
     url: str
     max_unavailable: int = 1
     set_at: float = 0.0
+    tries: int = 3  # boots on trial for the new layer before GRUB falls back
 
 
 def parse_desired(text: str) -> Desired:
@@ -78,7 +79,10 @@ def parse_desired(text: str) -> Desired:
     k = doc.get("max_unavailable", 1)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ImgbaseError(f"the desired-image record's max_unavailable {k!r} is not >= 1")
-    return Desired(doc["nvr"], doc["url"], k, float(doc.get("set_at", 0.0)))
+    tries = doc.get("tries", 3)  # records written before tries existed: the default
+    if not isinstance(tries, int) or isinstance(tries, bool) or not 1 <= tries <= 9:
+        raise ImgbaseError(f"the desired-image record's tries {tries!r} is not 1-9")
+    return Desired(doc["nvr"], doc["url"], k, float(doc.get("set_at", 0.0)), tries)
 
 
 @dataclass(frozen=True)
@@ -199,11 +203,14 @@ class FleetLock:
 
 # -- the fleet as a whole: set-image, status ----------------------------------------------
 
-def set_image(etcd: Etcd, group: str, nvr: str, url: str, max_unavailable: int) -> Desired:
-    desired = Desired(str(Nvr.parse(nvr)), url, max_unavailable, round(time.time(), 3))
+def set_image(etcd: Etcd, group: str, nvr: str, url: str, max_unavailable: int,
+              tries: int = 3) -> Desired:
+    desired = Desired(str(Nvr.parse(nvr)), url, max_unavailable, round(time.time(), 3), tries)
     if max_unavailable < 1:
         raise ImgbaseError(f"--max-unavailable {max_unavailable}: at least 1",
                            hint="give 1 or more")
+    if not 1 <= tries <= 9:
+        raise ImgbaseError(f"--tries {tries} is out of range", hint="give 1 to 9")
     EtcdSlots(etcd, group, max_unavailable).set_max(max_unavailable)
     etcd.put(group_key(group, "desired"), json.dumps(asdict(desired), sort_keys=True))
     set_rollout(etcd, group, "running", None, "admin")

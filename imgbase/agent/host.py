@@ -118,8 +118,9 @@ class HostNode:
             conn.close()
         time.sleep(DRAIN_POLL)
 
-    def reboot(self, nvr: str) -> None:
-        """Make nvr's layer the default on trial -- the slot is ours now -- and reboot."""
+    def reboot(self, nvr: str, tries: int) -> None:
+        """Make nvr's layer the default on trial (tries boots) -- the slot is ours now --
+        and reboot."""
         from ..status import NodeFacts
         from .systemd import reboot
 
@@ -128,6 +129,6 @@ class HostNode:
                         key=lambda name: Layer.parse(name).index)
         if not layers:
             raise ImgbaseError(f"no layer of {nvr} to reboot into", hint="it is staged again")
-        run(["imgbase", "boot", "--set-default", layers[-1]])
+        run(["imgbase", "boot", "--set-default", layers[-1], "--tries", str(tries)])
         log.info("rebooting into %s (through logind)", layers[-1])
         reboot()

@@ -114,6 +114,21 @@ def test_set_image_and_a_malformed_record(etcd: Etcd) -> None:
         fleet.set_image(etcd, g, "garbage", "http://x/", 1)
 
 
+def test_the_tries_travel_with_the_desired_image(etcd: Etcd) -> None:
+    g = group()
+    assert fleet.set_image(etcd, g, "n-2.0-1", "http://127.0.0.1/n.squashfs", 1, 1).tries == 1
+    assert fleet.desired(etcd, g).tries == 1  # type: ignore[union-attr]
+    with pytest.raises(ImgbaseError, match="--tries 0 is out of range"):
+        fleet.set_image(etcd, g, "n-2.0-1", "http://127.0.0.1/n.squashfs", 1, 0)
+    assert fleet.desired(etcd, g).tries == 1  # type: ignore[union-attr]  # unchanged
+    # a record from before tries existed: the default; a bad one: refused, not a crash
+    etcd.put(fleet.group_key(g, "desired"), '{"nvr": "n-2.0-1", "url": "http://x/"}')
+    assert fleet.desired(etcd, g).tries == 3  # type: ignore[union-attr]
+    etcd.put(fleet.group_key(g, "desired"), '{"nvr": "n-2.0-1", "url": "http://x/", "tries": 99}')
+    with pytest.raises(ImgbaseError, match="tries 99 is not 1-9"):
+        fleet.desired(etcd, g)
+
+
 class SimNode:
     """A node as the agent sees it: staging is instant, a reboot comes back on the staged
     image after `down` ticks, healthy unless `bad` names that image (then it falls back)."""
@@ -133,8 +148,8 @@ class SimNode:
         if policy == "shutdown":
             self.domains = 0
 
-    def reboot(self, nvr: str) -> None:
-        assert nvr == self.staged
+    def reboot(self, nvr: str, tries: int) -> None:
+        assert nvr == self.staged and tries == 3
         self.reboots += 1
         self.down = 2
         if self.staged == self.bad:
