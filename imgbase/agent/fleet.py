@@ -21,7 +21,7 @@ its slot, which stops the group's rollout, as it should; ``imgbase fleet release
 (``POST /v1/pre-reboot`` and ``/v1/steady-state``, header ``fleet-lock-protocol: true``).
 
 >>> parse_desired('{"nvr": "n-2.0-1", "url": "http://h/n.squashfs", "max_unavailable": 2}')
-Desired(nvr='n-2.0-1', url='http://h/n.squashfs', max_unavailable=2, set_at=0.0)
+Desired(nvr='n-2.0-1', url='http://h/n.squashfs', max_unavailable=2, set_at=0.0, tries=3)
 >>> parse_desired('{"nvr": "n-2.0-1"}')
 Traceback (most recent call last):
 ...
