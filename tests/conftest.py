@@ -46,9 +46,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     config.stash[EARLY] = {name for item in items
                            for name in getattr(item, "fixturenames", ()) if name in WANTED}
-    # the lifecycle test last: the unit tests and the other guests run while its images
-    # build in the background (tests/vm/prepare.py) instead of waiting behind it
-    items.sort(key=lambda item: "/tests/e2e/" in str(item.path))
+    items.sort(key=run_order)
+
+
+# Guests that boot only the composed image first, while the installer guest makes the
+# disks in the background (tests/vm/prepare.py); the host tests next, so that the
+# guests booting installed disks do not wait for it; the lifecycle test last, so that its
+# images build in the background meanwhile.
+IMAGE_ONLY_GUESTS = ("tests/vm/test_live.py", "tests/vm/test_vm_bad_input.py")
+
+
+def run_order(item: pytest.Item) -> int:
+    """compose 0, image-only guests 1, host tests 2, installed-disk guests 3, e2e 4."""
+    path = str(item.path)
+    if "/tests/e2e/" in path:
+        return 4
+    if path.endswith(IMAGE_ONLY_GUESTS):
+        return 1
+    if "/tests/vm/" in path:
+        return 3
+    return 0 if "/tests/compose/" in path else 2
 
 
 @pytest.fixture(scope="session")
