@@ -7,10 +7,11 @@ libvirt domain. v2 -- a real compose with the site layer changed -- is served ov
 on the host's 127.0.0.1; `imgbase fleet set-image` publishes it (max-unavailable 1). Both
 agents stage it; the node takes the group's one slot, reboots, and comes back healthy on
 v2 with its /etc edits, a user and a disabled service carried over. b holds back while
-its domain runs (policy "wait") and updates once it is destroyed. From etcd's history:
-the slot never had two holders, and the two were never down together. b then leaves.
+its domain runs (policy "wait") and updates once it is destroyed -- while the admin rolls
+the node back to v1 (and the agent leaves it there). From etcd's history: the slot never
+had two holders, and the rollout's reboots never overlapped. b then leaves.
 
-The admin rolls back to v1 (and the agent leaves it there), then forward to v2 again. A
+The admin rolls the node forward to v2 again. A
 v3 that cannot boot (junk initramfs) is published with two tries: the node tries it
 twice, GRUB falls back to v2 by itself, and the agent pauses the rollout.
 
@@ -223,31 +224,35 @@ def test_the_life_of_a_node(guests: dict[str, Guest], etcd: EtcdCluster, served:
         peer = records(admin)["node-b"]
         assert (peer["nvr"], peer["staged"]) == (NVR, V2)
         assert slots.holders() == () and b.boot_id() == boots["b"]
-        b.run("virsh -q destroy idle")
-        b.wait_new_boot(boots["b"], timeout=900)
-        wait_for("b back on v2, healthy, its slot released", lambda: records(admin).get(
-            "node-b", {}).get("nvr") == V2 and records(admin)["node-b"].get("healthy") is True
-            and not slots.holders())
-        assert max_holders_in_history(admin, GROUP, start) == 1  # each took it; never both
-        gone = gone_intervals(admin, start)
-        assert len(gone) == 2, gone  # each node left (its reboot) and came back
-        [one], [other] = gone.values()
-        assert one[1] < other[0] or other[1] < one[0], gone  # never down together
-        group = json.loads(fleet_cli(etcd, "status", "--json"))["groups"][GROUP]
-        assert group["on_desired"] == group["nodes"] and len(group["nodes"]) == 2, group
-        assert group["rollout"]["state"] == "running", group
-        b.kill()  # b's part is done; its record goes when its lease runs out
-        t = phase("b waited for its domain, then updated; never both down", t)
+        b.run("virsh -q destroy idle")  # now b takes the slot and reboots into v2 ...
+        rolled_back_at = admin.revision() + 1
 
-        # -- the admin rolls back to v1: the agent leaves the node there -----------------
+        # -- ... while the admin rolls the node back to v1: the agent leaves it there ----
         node.run("imgbase rollback")
         node.reboot()
         stop(node, f"{NVR}+1", marker)
         wait_for("v1 registered again", lambda: mine().get("nvr") == NVR)
-        time.sleep(12)  # two more agent passes at least (ttl 15: one every 5 s)
+        registered = time.monotonic()
+        b.wait_new_boot(boots["b"], timeout=900)
+        wait_for("b back on v2, healthy, its slot released", lambda: records(admin).get(
+            "node-b", {}).get("nvr") == V2 and records(admin)["node-b"].get("healthy") is True
+            and not slots.holders())
+        time.sleep(max(0.0, registered + 12 - time.monotonic()))  # 2+ agent passes (5 s)
         assert state(node)["default_layer"] == f"{NVR}+1"  # not rolled forward again
-        assert mine()["nvr"] == NVR and not fleet.EtcdSlots(admin, GROUP).holders()
-        t = phase("rolled back to v1, rebooted, checked", t)
+        assert mine()["nvr"] == NVR and not slots.holders()
+        assert max_holders_in_history(admin, GROUP, start) == 1  # each took it; never both
+        # the reboots the rollout made -- each node's first time away -- never overlapped
+        # (the admin's rollback, the node's second, is no rollout's business)
+        gone = gone_intervals(admin, start)
+        assert len(gone) == 2, gone  # each node left (its reboot) and came back
+        one, other = (spans[0] for spans in gone.values())
+        assert min(one[0], other[0]) < rolled_back_at, gone  # the node's v2 reboot
+        assert one[1] < other[0] or other[1] < one[0], gone  # never down together
+        group = json.loads(fleet_cli(etcd, "status", "--json"))["groups"][GROUP]
+        assert len(group["nodes"]) == 2 and group["rollout"]["state"] == "running", group
+        b.kill()  # b's part is done; its record goes when its lease runs out
+        t = phase("b updated once the node was back; meanwhile the admin rolled the node "
+                  "back to v1, rebooted, checked", t)
 
         # -- and forward to v2 (the last good layer other than the booted one) -----------
         node.run("imgbase rollback")
