@@ -42,11 +42,15 @@ EARLY = pytest.StashKey[set[str]]()  # VM builds the selected tests want (tests/
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=run_order)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What the selected tests (after -m/-k deselection) will want built early."""
     from tests.vm.prepare import WANTED
 
-    config.stash[EARLY] = {name for item in items
-                           for name in getattr(item, "fixturenames", ()) if name in WANTED}
-    items.sort(key=run_order)
+    session.config.stash[EARLY] = {name for item in session.items for name in
+                                   getattr(item, "fixturenames", ()) if name in WANTED}
 
 
 # Guests that boot only the composed image first, while the installer guest makes the
