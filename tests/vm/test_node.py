@@ -303,6 +303,16 @@ def test_agent_joins_the_cluster_with_the_hosts_capabilities(node: Guest,
     assert node.run("systemctl is-active imgbase-agent").stdout.strip() == "active"
 
 
+def test_the_menu_timeout_is_a_grubenv_setting(node: Guest) -> None:
+    node.run("imgbase boot --menu-timeout 5")
+    assert json.loads(node.run("imgbase boot --json").stdout)["menu_timeout"] == 5
+    assert "imgbase_timeout=5" in node.run("grub-editenv /boot/grub/grubenv list").stdout
+    bad = node.run("imgbase boot --menu-timeout 900", check=False)
+    assert bad.rc == 2 and "menu timeout 900 is out of range" in bad.stderr
+    node.run("imgbase boot --menu-timeout 0")  # as installed: the rest boots without a wait
+    assert "imgbase_timeout=0" in node.run("grub-editenv /boot/grub/grubenv list").stdout
+
+
 def test_kargs_are_checked_and_carried_to_a_new_layer(node: Guest) -> None:
     before = node.run("cat /boot/grub/imgbase-entries.cfg").stdout
     for bad, message in (("--append \"a'b\"", "cannot go into a boot entry"),
