@@ -69,7 +69,7 @@ bench: setup
 docs: setup
 	$(BIN)/python -m imgbase.clidoc --markdown docs/cli.md --man docs/imgbase.1 --agent-man docs/imgbase-agent.8
 
-# the README's five-minute tour, run for real in qemu (~6 min); its output replaces the old
+# the README's five-minute tour, run for real in qemu (~5 min); its output replaces the old
 tour: setup
 	$(BIN)/python docs/tour.py --readme README.md
 

@@ -7,7 +7,7 @@ the node runs what a new admin would try: status, check, an update's report, the
 a reboot onto v2, and a rollback. v2 is the image with about 1 % of its files changed
 (tests/images.py), signed with a throw-away key that the node is given to trust.
 
-    python docs/tour.py              (root; ~6 min under TCG) prints the transcript
+    python docs/tour.py              (root; ~5 min under TCG) prints the transcript
     python docs/tour.py --readme README.md   also puts it between the README's tour markers
 """
 
@@ -74,7 +74,8 @@ def tour(work: Path) -> str:
     t = Transcript()
     imgbase = [sys.executable, "-m", "imgbase"]
     out = work / "out"
-    t.text("Compose the default node image (the cache answers at once when no input changed):")
+    t.text("Compose the default node image (a minute or so; the cache answers at once when "
+           "no input changed):")
     t.host([*imgbase, "compose", "images/node.toml", "-o", str(out)],
            "imgbase compose images/node.toml -o out")
     image = out / f"{NVR}.squashfs"

@@ -79,6 +79,8 @@ def test_files_are_paths_the_code_uses() -> None:
 # -- every verb the docs use exists ----------------------------------------------------------
 
 SHELL_FENCES = {"", "sh", "shell", "bash", "console", "shell-session", "text"}
+SESSION_FENCES = {"console", "shell-session"}  # commands after a prompt, then their output
+PROMPT = re.compile(r"^\s*[\w@.-]*[$#] ")
 FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([\w+-]*)")
 # `imgbase VERB`: not imgbase-agent, imgbase/paths, imgbase: tags or imgbase.agent.x=
 USE = re.compile(r"(?<![\w.-])imgbase\s+([^\s`'\"|;&()<>]+)(?:\s+([^\s`'\"|;&()<>]+))?")
@@ -91,17 +93,18 @@ def code_in(text: str) -> Iterator[tuple[int, str]]:
     lines = text.split("\n")
     prose = list(lines)
     fence: str | None = None
-    shell = False
+    shell = session = False
     for i, line in enumerate(lines):
         m = FENCE.match(line)
         if fence is None and m:
             fence, shell = m.group(1), m.group(2).lower() in SHELL_FENCES
+            session = m.group(2).lower() in SESSION_FENCES
             prose[i] = ""
         elif fence is not None:
             prose[i] = ""
             if line.strip().startswith(fence) and not line.strip().strip(fence[0]):
                 fence = None
-            elif shell:
+            elif shell and (not session or PROMPT.match(line)):
                 yield i + 1, line
     joined = "\n".join(prose)
     for para in re.finditer(r"(?:[^\n]+\n?)+", joined):
@@ -132,8 +135,11 @@ def test_scanner_finds_only_command_uses(tmp_path: Path) -> None:
                    "fleet pause`, not `imgbase-agent run`, `imgbase/cli.py`, `imgbase:pinned`,\n"
                    "`imgbase --version` or `imgbase VERB`.\n"
                    "```toml\nx = 1   # imgbase itself\n```\n"
-                   "```sh\n.venv/bin/imgbase compose images/node.toml -o out\n```\n")
-    assert list(verb_uses(doc)) == [(8, "compose", None), (1, "status", None),
+                   "```sh\n.venv/bin/imgbase compose images/node.toml -o out\n```\n"
+                   "```console\nnode# imgbase check\nok vg volume group imgbase tagged\n"
+                   "$ imgbase fleet status\n```\n")
+    assert list(verb_uses(doc)) == [(8, "compose", None), (11, "check", None),
+                                    (13, "fleet", "status"), (1, "status", None),
                                     (1, "fleet", "pause")]
 
 
