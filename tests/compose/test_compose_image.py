@@ -16,7 +16,6 @@ import testinfra
 import imgbase
 from imgbase.filelist import listing, read_listing
 from tests.conftest import ROOT, compose_json, imgbase_cli
-from tests.vm.prepare import E2E_MARK
 
 pytestmark = pytest.mark.slow
 
@@ -132,24 +131,6 @@ def test_two_composes_are_byte_identical(default_image, tmp_path: Path) -> None:
         diff = imgbase_cli("diff", str(first["squashfs"]), str(second["squashfs"]))
         pytest.fail(f"images differ; files:\n{diff.stdout[:3000]}{diff.stderr}")
     assert first["sha256"] == second["sha256"]
-
-
-def test_a_site_layer_change_reuses_the_package_tree(default_image, lifecycle_images: Path
-                                                     ) -> None:  # type: ignore[no-untyped-def]
-    """v2 of the lifecycle test: the default image with its site layer changed, composed
-    after the session's v1 -- from v1's package tree, copied from the cache, not from
-    packages installed again; and only the layer's files and the image's identity differ."""
-    events = [json.loads(line) for line in
-              (lifecycle_images.parent / "compose-v2.jsonl").read_text().splitlines()]
-    packages = next(e for e in events if e["event"] == "step-done" and e["step"] == "packages")
-    assert "reused" in packages["detail"] and packages["seconds"] < 30, packages
-    v2 = lifecycle_images / "imgbase-node-1.1-1.squashfs"
-    differing = json.loads(imgbase_cli("diff", "--json", str(default_image["squashfs"]),
-                                       str(v2)).stdout)["differing"]
-    assert f"/{E2E_MARK}" in differing
-    others = [p for p in differing if not p.startswith(
-        ("/etc/", "/usr/share/factory/etc/", "/usr/lib/imgbase/"))]
-    assert others == [], differing
 
 
 def test_interrupted_compose_leaves_nothing_reusable(tmp_path: Path) -> None:
