@@ -249,7 +249,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def cmd_boot(args: argparse.Namespace) -> int:
     from . import boot
-    from .bootloader.grub import MENU_TIMEOUT_KEY
+    from .bootloader.grub import DEFAULT_MENU_TIMEOUT, MENU_TIMEOUT_KEY
     from .status import NodeFacts
 
     facts = NodeFacts.gather()
@@ -264,7 +264,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
              "next": facts.env.get("next_entry") or None,
              "tries_left": facts.env.get("imgbase_tries") or None,
              "fallback": facts.env.get("imgbase_fallback") or None,
-             "menu_timeout": int(facts.env.get(MENU_TIMEOUT_KEY) or 2)}
+             "menu_timeout": int(facts.env.get(MENU_TIMEOUT_KEY) or DEFAULT_MENU_TIMEOUT)}
     print(json.dumps(state, indent=2) if args.json
           else "\n".join(f"{k}: {v}" for k, v in state.items()))
     return 0

@@ -45,6 +45,7 @@ def _countdown() -> str:
     return "".join(lines) + "  fi\n"
 
 
+DEFAULT_MENU_TIMEOUT = 2  # seconds, when grubenv has no imgbase_timeout
 MENU_TIMEOUT_KEY = "imgbase_timeout"  # seconds GRUB's menu waits; unset: grub.cfg's 2
 
 
@@ -77,7 +78,7 @@ def grub_cfg(default: str, boot_uuid: str | None = None) -> str:
     return (
         "# imgbase: written by imgbase; the entries live in imgbase-entries.cfg\n"
         "serial --unit=0 --speed=115200\nterminal_input serial console\n"
-        "terminal_output serial console\nset timeout=2\n"
+        f"terminal_output serial console\nset timeout={DEFAULT_MENU_TIMEOUT}\n"
         "insmod part_gpt\ninsmod part_msdos\ninsmod ext2\n"
         f"search --no-floppy {search}\n"
         "load_env\n"
