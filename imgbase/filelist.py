@@ -95,11 +95,12 @@ def listing(tree: Path, skip: Iterable[str] = (LISTING,)) -> list[str]:
     """The lines of tree's listing, sorted by path; paths in skip are left out."""
     skipped = set(skip)
     entries: list[tuple[str, str, os.stat_result]] = []
+    strip = len(os.path.join(tree, ""))  # os.walk's paths all start with it
     for dirpath, dirnames, filenames in os.walk(tree):
         dirnames.sort()
         for name in [*dirnames, *filenames]:
             path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, tree)
+            rel = path[strip:]
             if rel not in skipped:
                 entries.append((rel, path, os.lstat(path)))
     entries.sort()
@@ -115,16 +116,35 @@ def listing(tree: Path, skip: Iterable[str] = (LISTING,)) -> list[str]:
     return lines
 
 
-def write_listing(tree: Path) -> Path:
-    """Write tree's listing into it, leaving every other path's metadata as it was."""
+def write_listing(tree: Path) -> list[str]:
+    """Write tree's listing into it, leaving every other path's metadata as it was.
+
+    Returns its lines (without the header)."""
     out = tree / LISTING
     out.parent.mkdir(parents=True, exist_ok=True)
     parent = os.lstat(out.parent)
-    text = "\n".join([HEADER, *listing(tree)]) + "\n"
+    lines = listing(tree)
+    text = "\n".join([HEADER, *lines]) + "\n"
     out.write_text(text, encoding="utf-8", errors="surrogateescape")
     os.utime(out.parent, ns=(parent.st_atime_ns, parent.st_mtime_ns))
     os.utime(out, ns=(parent.st_mtime_ns, parent.st_mtime_ns))
-    return out
+    return lines
+
+
+def totals(lines: Iterable[str]) -> tuple[int, int]:
+    """(bytes in regular files, number of paths) of a listing's lines.
+
+    >>> lines = ["./ d", "a f 644 0 0 1 5 x - -", "b l 777 0 0 1 - a - -"]
+    >>> totals(line.replace(" ", "\\t") for line in lines)
+    (5, 3)
+    """
+    size = count = 0
+    for line in lines:
+        fields = line.split("\t", 7)
+        count += 1
+        if fields[1] == "f":
+            size += int(fields[6])
+    return size, count
 
 
 def read_listing(tree: str | Path) -> list[str] | None:

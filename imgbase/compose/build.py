@@ -1,6 +1,6 @@
 """compose_image: the one linear orchestrator, from an image spec to output files.
 
-    preflight -> cache lookup -> imgbase .deb -> backend tree (or its cached copy) ->
+    preflight -> cache lookup -> imgbase .deb -> backend tree (or the kept one, as an overlay) ->
     layers (files, hooks, services) -> image.json -> scrub -> package db -> factory /etc ->
     boot check -> clamp mtimes -> file listing -> squashfs -> manifest -> cache -> output
 
@@ -32,17 +32,16 @@ from ..errors import die
 from ..progress import Progress
 from ..run import run
 from ..spec import ImageSpec
-from . import debpkg, postprocess
+from . import debpkg, postprocess, treecache
 from .backend import BuildContext, ComposerBackend
 from .chroot import api_filesystems, remove_tree
-from .squashfs import make_squashfs, sha256_file, tree_size
+from .squashfs import make_squashfs, sha256_file
 
 GIB = 1 << 30
 DEFAULT_CACHE = Path(os.environ.get("IMGBASE_CACHE", "/var/cache/imgbase"))
 WORK_MIN_FREE = 3 * GIB  # tree (~0.7 GiB), squashfs, apt downloads, headroom
 OUT_MIN_FREE = 1 * GIB
 ARTIFACTS = (".squashfs", ".manifest.json", ".sha256")
-TREES_KEPT = 2  # package trees in the cache (~0.7 GiB each), the most recently used
 
 
 @dataclass(frozen=True)
@@ -62,47 +61,6 @@ def inputs_digest(image: ImageSpec) -> str:
     fields["layers"] = [(layer.name, layer.digest()) for layer in image.layers]
     fields["imgbase"] = debpkg.source_digest()
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def tree_digest(image: ImageSpec, backend: str) -> str:
-    """The package tree's cache key: what the backend builds it from, and nothing else."""
-    fields = {"backend": backend, "packages": image.packages,
-              "imgbase": debpkg.source_digest() if any(
-                  layer.imgbase_package for layer in image.layers) else None,
-              **{k: getattr(image, k) for k in (
-                  "distro", "suite", "architecture", "mirror", "security_mirror", "repos",
-                  "gpgkeys", "unsigned", "source_date_epoch")}}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _copy_tree(src: Path, dst: Path) -> None:
-    """An exact copy: owners, modes, times, xattrs, hard links, devices (cp -a)."""
-    run(["cp", "-a", "--reflink=auto", str(src), str(dst)])
-
-
-def _cached_tree(trees: Path, key: str, tree: Path) -> bool:
-    """Copy the cached package tree for key to tree, if there is one."""
-    entry = trees / key
-    if not entry.is_dir():
-        return False
-    _copy_tree(entry, tree)
-    os.utime(entry)  # most recently used: kept longest
-    return True
-
-
-def _keep_tree(trees: Path, key: str, tree: Path) -> None:
-    """Put a copy of the new package tree in the cache (by rename), dropping old ones."""
-    trees.mkdir(parents=True, exist_ok=True)
-    for stale in trees.glob(".*.tmp-*"):  # a compose interrupted while it copied
-        remove_tree(stale)
-    tmp = trees / f".{key}.tmp-{os.getpid()}"
-    _copy_tree(tree, tmp)
-    remove_tree(trees / key)
-    os.replace(tmp, trees / key)
-    old = sorted((p for p in trees.iterdir() if not p.name.startswith(".")),
-                 key=lambda p: p.stat().st_mtime, reverse=True)[TREES_KEPT:]
-    for path in old:
-        remove_tree(path)
 
 
 def _free(path: Path) -> int:
@@ -247,17 +205,34 @@ def _build(image: ImageSpec, backend: ComposerBackend, work: Path, cache: Path, 
                        progress=progress, local_packages=local)
 
     # a backend that applies the layers itself (lorax) makes a tree that is more than
-    # its packages: not cached
-    trees, tkey = cache / "trees", tree_digest(image, backend.name)
+    # its packages: built in place, not kept
+    trees, tkey = cache / "trees", treecache.tree_digest(image, backend.name)
+    remover = None
     with progress.step("packages") as info:
-        if not backend.applies_layers and not rebuild and _cached_tree(trees, tkey, tree):
-            info["detail"] = f"{len(image.packages)} requested; the tree {tkey[:12]} reused"
-        else:
+        info["detail"] = f"{len(image.packages)} requested"
+        lower = None if backend.applies_layers or rebuild else treecache.lookup(trees, tkey)
+        if backend.applies_layers:
             backend.build_tree(ctx, tree)
-            if not backend.applies_layers:
-                _keep_tree(trees, tkey, tree)
-            info["detail"] = f"{len(image.packages)} requested"
+        elif lower:
+            info["detail"] += f"; the tree {tkey[:12]} reused"
+        else:
+            backend.build_tree(ctx, work / "packages")
+            lower, remover = treecache.store(trees, tkey, work / "packages",
+                                             image.source_date_epoch)
+    try:
+        with contextlib.ExitStack() as stack:
+            if lower:
+                stack.enter_context(treecache.overlay(lower, work, tree))
+            _finish(ctx, backend, tree, staged, key)
+    finally:
+        if remover:
+            remover.join()
 
+
+def _finish(ctx: BuildContext, backend: ComposerBackend, tree: Path, staged: Path,
+            key: str) -> None:
+    """Layers, checks, post-processing, squashfs and manifest, on the package tree."""
+    image, progress = ctx.image, ctx.progress
     with api_filesystems(tree):
         for layer in image.layers:
             if backend.applies_layers:  # e.g. lorax: the build kickstart's %post did
@@ -282,8 +257,8 @@ def _build(image: ImageSpec, backend: ComposerBackend, work: Path, cache: Path, 
         postprocess.move_package_db(tree, backend.package_db_paths())
         postprocess.factory_etc(tree)
         postprocess.clamp_mtimes(tree, image.source_date_epoch)
-        filelist.write_listing(tree)  # last: it lists every other path as it will stay
-        size, entries = tree_size(tree)
+        # last: it lists every other path as it will stay
+        size, entries = filelist.totals(filelist.write_listing(tree))
 
     nvr = str(image.nvr)
     sq = staged / f"{nvr}.squashfs"

@@ -1,4 +1,4 @@
-"""The squashfs image: made from a tree, hashed, listed."""
+"""The squashfs image: made from a tree, hashed."""
 
 from __future__ import annotations
 
@@ -25,14 +25,3 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def tree_size(tree: Path) -> tuple[int, int]:
-    """(apparent bytes, number of entries) of a tree, links not followed."""
-    size = count = 0
-    for p in tree.rglob("*"):
-        st = p.lstat()
-        count += 1
-        if not p.is_dir():
-            size += st.st_size
-    return size, count

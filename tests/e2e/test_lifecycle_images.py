@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow]
 def test_a_site_layer_change_reuses_the_package_tree(default_image: dict[str, object],
                                                      lifecycle_images: Path) -> None:
     """v2 of the lifecycle test: the default image with its site layer changed, composed
-    after the session's v1 -- from v1's package tree, copied from the cache, not from
+    after the session's v1 -- on v1's kept package tree (an overlay), not on
     packages installed again; and only the layer's files and the image's identity differ."""
     events = [json.loads(line) for line in
               (lifecycle_images.parent / "compose-v2.jsonl").read_text().splitlines()]

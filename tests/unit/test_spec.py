@@ -162,7 +162,8 @@ def test_the_package_tree_key_follows_packages_and_sources_not_layer_files(
     import shutil
     from dataclasses import replace
 
-    from imgbase.compose.build import inputs_digest, tree_digest
+    from imgbase.compose.build import inputs_digest
+    from imgbase.compose.treecache import tree_digest
 
     for part in ("images", "layers"):
         shutil.copytree(root_dir / part, tmp_path / part)
