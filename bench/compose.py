@@ -106,13 +106,25 @@ def timed(argv: list[str], **kw: object) -> float:
 
 
 def site_change_compose(work: Path, i: int) -> float:
-    """images/ and layers/ copied, a site layer file changed: a new image, same packages."""
+    """images/ and layers/ copied, a site layer file changed: a new image, same packages.
+
+    The change is new on every call (an image cached by an earlier bench would be
+    timed as a recompose), and the compose's events must show a new image built on
+    the kept package tree, or the bench stops."""
     for part in ("images", "layers"):
         shutil.copytree(ROOT / part, work / part)
-    (work / "layers/site/files/etc/imgbase-bench-site").write_text(f"site change {i}\n")
+    (work / "layers/site/files/etc/imgbase-bench-site").write_text(
+        f"site change {i} {time.time_ns()}\n")
     argv = [sys.executable, "-m", "imgbase", "compose", str(work / "images/node.toml"),
-            "-o", str(work / "out")]
-    return timed(argv, cwd=ROOT)
+            "-o", str(work / "out"), "--json"]
+    t0 = time.monotonic()
+    out = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT).stdout
+    seconds = time.monotonic() - t0
+    events = [json.loads(line) for line in out.splitlines()]
+    packages = [e for e in events if e["event"] == "step-done" and e["step"] == "packages"]
+    if not packages or "reused" not in packages[0].get("detail", ""):
+        sys.exit(f"bench/compose: the site change did not compose on the kept tree: {packages}")
+    return seconds
 
 
 def imgbase_compose(out: Path, rebuild: bool) -> float:
