@@ -207,13 +207,12 @@ def _build(image: ImageSpec, backend: ComposerBackend, work: Path, cache: Path, 
     # a backend that applies the layers itself (lorax) makes a tree that is more than
     # its packages: built in place, not kept
     trees, tkey = cache / "trees", treecache.tree_digest(image, backend.name)
-    remover = None
+    lower, remover = None, None
     with progress.step("packages") as info:
         info["detail"] = f"{len(image.packages)} requested"
-        lower = None if backend.applies_layers or rebuild else treecache.lookup(trees, tkey)
         if backend.applies_layers:
             backend.build_tree(ctx, tree)
-        elif lower:
+        elif not rebuild and (lower := treecache.lookup(trees, tkey)):
             info["detail"] += f"; the tree {tkey[:12]} reused"
         else:
             backend.build_tree(ctx, work / "packages")
