@@ -80,3 +80,59 @@ def test_the_module_runs_as_the_update_runs_it(tmp_path: Path,
     assert "conflict: /etc/b (keep-local)" in capsys.readouterr().out
     assert main([str(of), str(oe)]) == 2
     assert main([str(of), str(oe), str(nf), str(target), "whatever"]) == 2
+
+
+def snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every path under root with its contents (files) or link target (symlinks)."""
+    out: dict[str, bytes | str] = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = (os.readlink(p) if p.is_symlink() else
+                    p.read_bytes() if p.is_file() else "dir")
+    return out
+
+
+def test_a_directory_the_new_image_makes_an_absolute_symlink_is_not_written_through(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The update runs the merge outside any chroot: /etc/x -> /somewhere in the new
+    image must not put the local edits of /etc/x/* into the running system's /somewhere."""
+    from imgbase.etcmerge import main
+
+    host = tmp_path / "host"  # the running system's directory the link names
+    tree(host, {"keep": "host's own"})
+    before = snapshot(host)
+    of = tree(tmp_path / "of", {"x/conf": "v1", "x/gone": "g", "y/conf": "y"})
+    oe = tree(tmp_path / "oe", {"x/conf": "local edit", "x/mine": "admin's", "y/conf": "y"})
+    nf = tree(tmp_path / "nf", {"x": f"->{host}", "y/conf": "y"})
+    target = tmp_path / "t"
+    shutil.copytree(nf, target, symlinks=True)
+    assert main([str(of), str(oe), str(nf), str(target)]) == 0
+    assert snapshot(host) == before  # nothing written, nothing removed there
+    assert os.readlink(target / "x") == str(host)  # the image's link stays
+    report = json.loads((target / "imgbase/etc-merge.json").read_text())
+    assert report["skipped"] == ["x/conf", "x/mine"]
+    assert "skipped: /etc/x/conf" in capsys.readouterr().out
+
+
+def test_an_account_database_or_report_dir_that_is_a_symlink_is_not_written_through(
+        tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    tree(host, {"passwd": "host's\n", "etc-merge.json": "host's\n"})
+    before = snapshot(host)
+    of = tree(tmp_path / "of", {"passwd": "root:x:0:0\n"})
+    oe = tree(tmp_path / "oe", {"passwd": "root:x:0:0\nann:x:1001:1001\n"})
+    nf = tree(tmp_path / "nf", {"passwd": "root:x:0:0\n"})
+    target = tmp_path / "t"
+    shutil.copytree(nf, target)
+    (target / "passwd").unlink()
+    os.symlink(host / "passwd", target / "passwd")  # replaced, not written through
+    merge(of, oe, nf, target)
+    assert (target / "passwd").read_text() == "root:x:0:0\nann:x:1001:1001\n"
+    assert not (target / "passwd").is_symlink()
+    shutil.rmtree(target / "imgbase")
+    os.symlink(host, target / "imgbase")
+    from imgbase.intree import NotInside
+
+    with pytest.raises(NotInside):
+        merge(of, oe, nf, target)
+    assert snapshot(host) == before
