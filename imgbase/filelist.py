@@ -155,7 +155,10 @@ def read_listing(tree: str | Path) -> list[str] | None:
             text = f.read()
     except FileNotFoundError:
         return None
-    lines = text.splitlines()
+    # "\n" only: a path's other line breaks (\r, \x85, \u2028) are not escaped
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
     if not lines or lines[0] != HEADER:
         return None
     return lines[1:]

@@ -5,7 +5,8 @@ symlinks are data, and an absolute one (Debian's ``var/run -> /run``) names a pa
 tree, not of the host that works on it. Three tools, for three needs:
 
 * :func:`parts`: a relative path from a listing or a spec, checked -- not absolute, no
-  ``..``, no NUL or newline -- and split into its components;
+  ``..``, no NUL -- and split into its components (a newline is a file name's right:
+  a list of paths that must not hold one says so itself);
 * :class:`Dirs`: directories of a tree opened one component at a time with
   ``O_NOFOLLOW``, each once; a symlink on the way is refused (:class:`NotInside`), so
   what is written relative to them stays in the tree even when the tree changes meanwhile;
@@ -43,8 +44,8 @@ def parts(rel: str) -> list[str]:
     """The components of a path relative to a tree; refuses one that could leave it."""
     if not rel or rel.startswith("/"):
         raise NotInside(f"{rel!r} is not a path relative to its tree")
-    if "\0" in rel or "\n" in rel:
-        raise NotInside(f"{rel!r} has a NUL or a newline")
+    if "\0" in rel:
+        raise NotInside(f"{rel!r} has a NUL")
     comps = [c for c in rel.split("/") if c not in ("", ".")]
     if ".." in comps:
         raise NotInside(f"{rel!r} leads out of its tree (a '..' component)")

@@ -13,18 +13,24 @@ With ``--mount``, the squashfs IMAGE_FILE and the base's BASE_DEVICE are mounted
 two directories first and unmounted after, whatever happens: one step of the update
 instead of three, each with its own process and journal records.
 
-Imports only imgbase.filelist, .run and .errors, and those lazily where they can: it
+The listing comes with the image: a path in it that could lead out of the base
+(absolute, ``..``, a NUL) refuses the sync, and a removal never follows a symlink
+(:mod:`imgbase.intree`).
+
+Imports only imgbase.filelist, .intree, .run and .errors, and those lazily where they can: it
 runs as its own process in an update, where every import costs under emulation.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from typing import TYPE_CHECKING
 
 from .errors import ImgbaseError
 from .filelist import LISTING, diff, read_listing
+from .intree import Dirs, NotInside, parts
 from .run import run
 
 # --whole-file: a listed file is copied whole, not matched block by block -- an updated
@@ -37,13 +43,38 @@ if TYPE_CHECKING:
 RSYNC = ("rsync", "-aHAXS", "--numeric-ids", "--inplace", "--whole-file")
 
 
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
+def _remove(dirs: Dirs, rel: str) -> None:
+    """Remove base's rel, found through real directories only: a path under a symlink
+    of the base is not in the base, and nothing is removed through the link."""
+    parent, _, name = rel.rpartition("/")
+    try:
+        dfd = dirs.get(parent)
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except (NotInside, FileNotFoundError):
+        return
+    if stat.S_ISDIR(st.st_mode):
         import shutil
 
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
+        dirs.forget(rel)
+        shutil.rmtree(name, dir_fd=dfd)
+    else:
+        os.unlink(name, dir_fd=dfd)
+
+
+def checked(paths: list[str], image: str) -> list[str]:
+    """The listing's paths, each refused if it could lead out of the tree: absolute,
+    with a '..' component, or a NUL (it would split rsync's list). A newline is a file
+    name's right: it reaches rsync NUL-separated, and a listing line holds it escaped."""
+    for rel in paths:
+        if rel != ".":
+            try:
+                parts(rel)
+            except NotInside as exc:
+                raise ImgbaseError(f"the file listing of {image} is not to be trusted: "
+                                   f"{exc.message}",
+                                   hint=f"{LISTING} of a composed image lists relative "
+                                   "paths only; recompose the image") from exc
+    return paths
 
 
 def sync(image: str | Path, base: str | Path) -> str:
@@ -57,14 +88,16 @@ def sync(image: str | Path, base: str | Path) -> str:
         return "whole tree (no file listing on " + ("both sides)" if old is new else
                                                     "one side)")
     d = diff(old, new)
-    for rel in d.remove:
-        _remove(os.path.join(base, rel))
-    paths = [*d.transfer, LISTING]
+    transfer, remove = checked(d.transfer, image), checked(d.remove, image)
+    with Dirs(base) as dirs:
+        for rel in remove:
+            _remove(dirs, rel)
+    paths = [*transfer, LISTING]
     # --ignore-times: a listed file can differ in content with the same size and mtime.
     # The list goes through stdin, names that are not UTF-8 as the bytes they are.
     run([*RSYNC, "--ignore-times", "--from0", "--files-from=-", f"{image}/", f"{base}/"],
         input="\0".join(paths) + "\0", errors="surrogateescape")
-    return f"delta: {len(d.transfer)} paths copied, {len(d.remove)} removed"
+    return f"delta: {len(transfer)} paths copied, {len(remove)} removed"
 
 
 def mounted_sync(image_file: str, base_dev: str, image: str, base: str) -> str:

@@ -149,3 +149,37 @@ def test_a_base_that_cannot_be_mounted_fails_with_mounts_reason(
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("mount failed") and err.count("\n") == 1, err
     assert "/dev/imgbase-test-nothere" in err
+
+
+def add_line(tree: Path, path: str) -> None:
+    """A listing line of a file named path, as a crafted image would carry."""
+    with open(tree / LISTING, "a", encoding="utf-8") as f:
+        f.write("\t".join((path, "f", "644", "0", "0", str(EPOCH), "6", "x", "-", "-")) + "\n")
+
+
+@pytest.mark.parametrize("side", ["image", "base"])  # a path to copy, a path to remove
+@pytest.mark.parametrize("path", ["../victim", "{tmp}/victim", "usr/../../victim"])
+def test_a_listing_path_out_of_the_tree_is_refused(
+        trees: tuple[Path, Path], side: str, path: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    image, base = trees
+    victim = image.parent / "victim"
+    victim.write_text("host's")
+    add_line(image if side == "image" else base, path.format(tmp=image.parent))
+    assert main([str(image), str(base)]) == 1
+    err = capsys.readouterr().err
+    assert "listing" in err and "not to be trusted" in err and err.count("\n") == 1, err
+    assert victim.read_text() == "host's"
+    assert not (image.parent / "base/victim").exists()
+
+
+def test_a_removal_does_not_follow_a_symlink_of_the_base(trees: tuple[Path, Path]) -> None:
+    """A path the listings say is gone, under a directory that is a symlink out of the
+    base by now: not in the base, so nothing is removed (the link's target least of all)."""
+    image, base = trees
+    outside = base.parent / "outside"
+    make(outside, {"doc/gone/file": "host's"})
+    shutil.rmtree(base / "usr/share")
+    os.symlink(outside, base / "usr/share")
+    sync(image, base)
+    assert (outside / "doc/gone/file").read_text() == "host's"
