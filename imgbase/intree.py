@@ -25,6 +25,7 @@ Light imports: the update's helper processes (etcmerge, treesync) use it.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -109,7 +110,8 @@ class Dirs:
 def resolve(root: str | Path, rel: str, *, create: bool = False, mode: int = 0o755) -> Path:
     """``root/rel`` as a real directory path: every symlink on the way resolved relative
     to root as a chroot of root would, and one that climbs above root refused
-    (:class:`NotInside`). ``create=True`` makes the missing directories (with ``mode``).
+    (:class:`NotInside`). ``create=True`` makes the missing directories (with ``mode``);
+    without, a missing one is FileNotFoundError. A file on the way: NotADirectoryError.
 
     The tree must not be changed by someone else meanwhile (a compose's own tree): the
     result is a path, checked component by component, not a handle.
@@ -145,8 +147,7 @@ def resolve(root: str | Path, rel: str, *, create: bool = False, mode: int = 0o7
             todo.extend(target.split("/")[::-1])
             continue
         if not stat.S_ISDIR(st.st_mode):
-            raise NotInside(f"{rel!r} in {root}: {os.path.join(*done, name)} is not a "
-                            "directory")
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", path)
         done.append(name)
     return Path(root, *done)
 

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from .. import intree
 from ..errors import ImgbaseError
 from ..run import run
 
@@ -38,12 +39,14 @@ def unmount_all(path: Path) -> None:
 
 @contextlib.contextmanager
 def api_filesystems(tree: Path) -> Iterator[None]:
-    """/proc, /sys, /dev and /run mounted in the tree for the duration."""
+    """/proc, /sys, /dev and /run mounted in the tree for the duration.
+
+    Each mount point resolved inside the tree (mount follows symlinks: a tree's
+    ``run -> /run`` would otherwise mount over the build host's)."""
     done: list[Path] = []
     try:
         for rel, args in API_MOUNTS:
-            target = tree / rel
-            target.mkdir(parents=True, exist_ok=True)
+            target = intree.resolve(tree, rel, create=True)
             run(["mount", *args, str(target)])
             done.append(target)
         yield

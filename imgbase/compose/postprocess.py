@@ -3,17 +3,25 @@
 Order (see build.py): layer files, hooks and services per layer; then
 image.json, scrub (machine-id, SSH host keys, caches, logs), package database
 into the image, factory /etc, and last the timestamp clamp.
+
+The tree's symlinks are the image's, not the build host's: every path a step writes or
+removes is resolved inside the tree as a chroot of it would (:func:`imgbase.intree.inside`:
+Debian's ``var/run -> /run`` is the tree's ``run``), and its last component is replaced,
+never followed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import imgbase
 
+from .. import intree
 from ..errors import ImgbaseError
 from ..spec import ImageSpec, LayerSpec
 from .chroot import chroot_run
@@ -24,43 +32,81 @@ SYSIMAGE_DPKG = "usr/lib/sysimage/dpkg"
 
 
 def apply_files(tree: Path, layer: LayerSpec) -> int:
-    """Copy the layer's files/ over the tree (owner root, modes kept); return the count."""
+    """Copy the layer's files/ over the tree (owner root, modes kept); return the count.
+
+    A path goes where the image will see it: its directories resolved inside the tree
+    (``var/run/x`` of a tree with ``var/run -> /run`` is the tree's ``run/x``), the file
+    itself replacing what is there."""
     if not layer.files:
         return 0
     count = 0
     for src in sorted(layer.files.rglob("*")):
-        dst = tree / src.relative_to(layer.files)
-        if src.is_dir() and not src.is_symlink():
-            dst.mkdir(mode=src.stat().st_mode & 0o7777, exist_ok=True)
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.is_symlink() or dst.exists():
-            dst.unlink()
-        if src.is_symlink():
+        rel = src.relative_to(layer.files).as_posix()
+        st = src.lstat()
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                intree.resolve(tree, rel, create=True, mode=stat.S_IMODE(st.st_mode))
+                continue
+            dst = intree.inside(tree, rel, create=True)
+            _replaceable(dst)
+        except (intree.NotInside, NotADirectoryError, IsADirectoryError) as exc:
+            raise ImgbaseError(f"layer {layer.name!r}: files/{rel} cannot go into the tree: "
+                               f"{exc}", hint=f"the files are in {layer.files}") from exc
+        if stat.S_ISLNK(st.st_mode):
             dst.symlink_to(os.readlink(src))
         else:
-            shutil.copy2(src, dst)
+            shutil.copy2(src, dst, follow_symlinks=False)
         os.lchown(dst, 0, 0)
         count += 1
     return count
 
 
+def _replaceable(path: Path) -> None:
+    """Remove path (not followed) so that a new file can take its place; a directory
+    is not replaced by a file."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"{path} is a directory in the tree")
+    path.unlink()
+
+
+def write_text(tree: Path, rel: str, text: str) -> Path:
+    """Write a file of the tree: rel resolved inside it, a symlink at rel replaced by
+    the file (an existing file keeps its mode and owner)."""
+    path = intree.inside(tree, rel, create=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        path.unlink()
+        fd = os.open(path, flags, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
 def run_hooks(tree: Path, layer: LayerSpec, image: ImageSpec, env: dict[str, str]) -> None:
     """Run the layer's hook scripts in order inside the tree (API filesystems mounted)."""
+    inside = "run/imgbase-hook"
     for hook in layer.hooks:
-        inside = Path("/run/imgbase-hook")
-        (tree / "run").mkdir(exist_ok=True)
-        shutil.copy2(hook, tree / inside.relative_to("/"))
-        (tree / inside.relative_to("/")).chmod(0o755)
+        copy = intree.inside(tree, inside, create=True)
+        _replaceable(copy)
+        shutil.copy2(hook, copy, follow_symlinks=False)
+        copy.chmod(0o755)
         try:
-            chroot_run(tree, [str(inside)], env={
+            chroot_run(tree, [f"/{inside}"], env={
                 **env, "IMGBASE_LAYER": layer.name, "IMGBASE_NVR": str(image.nvr),
             })
         except ImgbaseError as exc:
             raise ImgbaseError(f"hook {hook.name} of layer {layer.name!r} failed: {exc.message}",
                                hint=f"the hook is {hook}") from exc
         finally:
-            (tree / inside.relative_to("/")).unlink(missing_ok=True)
+            copy.unlink(missing_ok=True)  # in the tree's /run, a tmpfs mounted for hooks
 
 
 def apply_services(tree: Path, layer: LayerSpec) -> None:
@@ -96,9 +142,7 @@ def identity(image: ImageSpec, inputs_digest: str) -> dict[str, object]:
 def write_image_json(tree: Path, image: ImageSpec, inputs_digest: str) -> dict[str, object]:
     info = identity(image, inputs_digest)
     info["layers"] = [layer.name for layer in image.layers]
-    path = tree / IMAGE_JSON
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    write_text(tree, IMAGE_JSON, json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
 
 
@@ -112,33 +156,52 @@ def _empty_dir(path: Path) -> None:
             child.unlink()
 
 
+def _in(tree: Path, rel: str) -> Path | None:
+    """rel's path in the tree (:func:`intree.inside`), None where its directory is not."""
+    try:
+        return intree.inside(tree, rel)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _dir_in(tree: Path, rel: str) -> Path | None:
+    """The directory rel of the tree, resolved inside it; None if there is none."""
+    try:
+        return intree.resolve(tree, rel)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def scrub(tree: Path) -> None:
     """Drop what must be unique to a node or is only build-time litter."""
-    (tree / "etc/machine-id").write_text("")  # empty: systemd makes one on first boot
-    dbus_id = tree / "var/lib/dbus/machine-id"
-    if dbus_id.exists() and not dbus_id.is_symlink():
+    write_text(tree, "etc/machine-id", "")  # empty: systemd makes one on first boot
+    dbus_id = _in(tree, "var/lib/dbus/machine-id")
+    if dbus_id and dbus_id.is_file() and not dbus_id.is_symlink():
         dbus_id.unlink()
-    for key in (tree / "etc/ssh").glob("ssh_host_*"):
-        key.unlink()
-    resolv = tree / "etc/resolv.conf"
-    if resolv.exists() and not resolv.is_symlink():
+    if ssh := _dir_in(tree, "etc/ssh"):
+        for key in ssh.glob("ssh_host_*"):
+            key.unlink()
+    resolv = _in(tree, "etc/resolv.conf")
+    if resolv and resolv.is_file() and not resolv.is_symlink():
         resolv.unlink()
-    (tree / "etc/hostname").write_text("localhost\n")
+    write_text(tree, "etc/hostname", "localhost\n")
     for rel in ("var/lib/apt/lists", "var/cache/apt", "var/cache/debconf/tmp", "tmp", "var/tmp",
                 "run", "var/lib/systemd/random-seed"):
-        p = tree / rel
-        if p.is_dir():
-            _empty_dir(p)
-        elif p.exists():
+        if d := _dir_in(tree, rel):
+            _empty_dir(d)
+        elif (p := _in(tree, rel)) and os.path.lexists(p):
             p.unlink()
-    (tree / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
-    for old in (tree / "var/cache/debconf").glob("*-old"):
-        old.unlink()
-    for log in (tree / "var/log").rglob("*"):
-        if log.is_file():
-            log.unlink()
+    intree.resolve(tree, "var/lib/apt/lists/partial", create=True)
+    if debconf := _dir_in(tree, "var/cache/debconf"):
+        for old in debconf.glob("*-old"):
+            old.unlink()
+    if logs := _dir_in(tree, "var/log"):
+        for log in logs.rglob("*"):
+            if log.is_file() or log.is_symlink():
+                log.unlink()
     for cache in ("var/cache/ldconfig/aux-cache",):
-        (tree / cache).unlink(missing_ok=True)
+        if (p := _in(tree, cache)) and not p.is_dir():
+            p.unlink(missing_ok=True)
 
 
 def move_package_db(tree: Path, db_paths: tuple[str, ...]) -> None:
@@ -150,29 +213,28 @@ def move_package_db(tree: Path, db_paths: tuple[str, ...]) -> None:
     """
     rules = []
     for rel in db_paths:
-        src = tree / rel
-        if not src.is_dir() or src.is_symlink():
+        src = _in(tree, rel)
+        if src is None or not src.is_dir() or src.is_symlink():
             continue
-        dst = tree / "usr/lib/sysimage" / Path(rel).name
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst = intree.inside(tree, f"usr/lib/sysimage/{Path(rel).name}", create=True)
         shutil.move(src, dst)
         target = os.path.relpath(dst, src.parent)
         src.symlink_to(target)
         rules.append(f"L+ /{rel} - - - - {target}")
     if rules:
-        conf = tree / "usr/lib/tmpfiles.d/imgbase-package-db.conf"
-        conf.parent.mkdir(parents=True, exist_ok=True)
-        conf.write_text("# imgbase: the package database travels with the image\n"
-                        + "\n".join(rules) + "\n")
+        write_text(tree, "usr/lib/tmpfiles.d/imgbase-package-db.conf",
+                   "# imgbase: the package database travels with the image\n"
+                   + "\n".join(rules) + "\n")
 
 
 def factory_etc(tree: Path) -> None:
     """A pristine copy of /etc: the baseline of later 3-way merges."""
-    dst = tree / FACTORY_ETC
-    if dst.exists():
+    dst = intree.inside(tree, FACTORY_ETC, create=True)
+    if dst.is_dir() and not dst.is_symlink():
         shutil.rmtree(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(tree / "etc", dst, symlinks=True)
+    elif os.path.lexists(dst):
+        dst.unlink()
+    shutil.copytree(intree.resolve(tree, "etc"), dst, symlinks=True)
 
 
 def clamp_mtimes(tree: Path, epoch: int) -> int:

@@ -6,8 +6,11 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from imgbase.compose import postprocess
-from imgbase.spec import load_image
+from imgbase.errors import ImgbaseError
+from imgbase.spec import LayerSpec, load_image
 
 
 def fake_tree(tmp_path: Path) -> Path:
@@ -107,3 +110,57 @@ def test_the_copied_deb_goes_but_packaged_dirs_stay(tmp_path: Path) -> None:
     (tree / "var/lib/dpkg/info/base-files.list").write_text("/.\n/var\n/var/tmp\n")
     _remove_copied_deb(tree, deb)
     assert (tree / "var/tmp").is_dir() and not any((tree / "var/tmp").iterdir())
+
+
+def layer_with_files(tmp_path: Path, files: dict[str, str]) -> LayerSpec:
+    root = tmp_path / "layers/site/files"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return LayerSpec(name="site", path=tmp_path / "layers/site.toml", files=root)
+
+
+def test_apply_files_resolves_the_trees_symlinks_inside_the_tree(tmp_path: Path) -> None:
+    """Debian's var/run -> /run and var/lock -> /run/lock: a layer file under them goes
+    to the tree's /run, never the build host's."""
+    host = tmp_path / "host-run"  # stands for the build host's /run
+    host.mkdir()
+    name = f"imgbase-test-{os.getpid()}"
+    tree = fake_tree(tmp_path)
+    os.symlink(host, tree / "var/run")  # absolute, as the image has it
+    (tree / "run/lock").mkdir(parents=True)
+    os.symlink("/run/lock", tree / "var/lock")
+    layer = layer_with_files(tmp_path, {"var/run/x.conf": "x", f"var/lock/{name}": "y"})
+    try:
+        assert postprocess.apply_files(tree, layer) == 2
+        assert os.listdir(host) == [] and not os.path.lexists(f"/run/lock/{name}")
+    finally:
+        for leaked in (host / "x.conf", Path(f"/run/lock/{name}")):
+            leaked.unlink(missing_ok=True)
+    assert (tree / str(host).lstrip("/") / "x.conf").read_text() == "x"
+    assert (tree / "run/lock" / name).read_text() == "y"
+    assert os.readlink(tree / "var/run") == str(host)  # the links stay as they were
+
+
+def test_apply_files_refuses_a_tree_symlink_that_climbs_out(tmp_path: Path) -> None:
+    tree = fake_tree(tmp_path)
+    os.symlink("../../..", tree / "etc/up")
+    layer = layer_with_files(tmp_path, {"etc/up/escaped": "x"})
+    with pytest.raises(ImgbaseError, match="cannot go into the tree"):
+        postprocess.apply_files(tree, layer)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
+
+
+def test_scrub_does_not_follow_the_trees_symlinks_out(tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "keep").write_text("host's")
+    (host / "hostname").write_text("buildhost\n")
+    tree = fake_tree(tmp_path)
+    os.symlink(host, tree / "var/tmp")  # emptied as the tree's, not the host's
+    os.symlink(host / "hostname", tree / "etc/hostname")
+    postprocess.scrub(tree)
+    assert (host / "keep").read_text() == "host's"
+    assert (host / "hostname").read_text() == "buildhost\n"
+    assert (tree / "etc/hostname").read_text() == "localhost\n"
+    assert not (tree / "etc/hostname").is_symlink()
