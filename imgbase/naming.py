@@ -26,6 +26,13 @@ _NAME = r"[A-Za-z0-9][A-Za-z0-9._]*(?:-[A-Za-z0-9._]*[A-Za-z_][A-Za-z0-9._]*)*"
 _FIELD = r"[A-Za-z0-9][A-Za-z0-9._~]*"
 _NVR_RE = re.compile(rf"^(?P<name>{_NAME})-(?P<version>{_FIELD})-(?P<release>{_FIELD})$")
 _SEGMENT = re.compile(r"\d+|[A-Za-z]+|~")
+#: An image's NVR names its base LV, and ``<nvr>+<n>`` its layers. LVM takes at most 127
+#: characters of ``[A-Za-z0-9+_.-]`` in a name, and device-mapper's ``<vg>-<lv>`` (each
+#: '-' doubled) at most 127 as well: an NVR of 64 leaves room for both.
+MAX_NVR = 64
+#: what LVM refuses in an LV name (its own sub-volumes' suffixes)
+LVM_RESERVED = ("_cdata", "_cmeta", "_corig", "_iorig", "_mimage", "_mlog", "_pmspare",
+                "_rimage", "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin")
 
 
 def vercmp(a: str, b: str) -> int:
@@ -73,7 +80,7 @@ class Nvr:
         ...
         imgbase.errors.InputError: 'node' is not a name-version-release (NVR)
         """
-        m = _NVR_RE.match(text)
+        m = _NVR_RE.fullmatch(text)  # $ alone would take a trailing newline
         if not m:
             die(
                 f"{text!r} is not a name-version-release (NVR)",
@@ -83,19 +90,30 @@ class Nvr:
 
     @classmethod
     def check_parts(cls, name: str, version: str, release: str) -> Nvr:
-        """Build an NVR from parts, refusing parts that would not parse back.
+        """Build an NVR from parts (an image being composed), refusing parts that would
+        not parse back or that LVM would not take as a name (:data:`MAX_NVR`).
 
         >>> Nvr.check_parts("node", "1-0", "1")
         Traceback (most recent call last):
         ...
         imgbase.errors.InputError: 'node-1-0-1' is not a name-version-release (NVR)
+        >>> Nvr.check_parts("node", "1" * 70, "1")
+        Traceback (most recent call last):
+        ...
+        imgbase.errors.InputError: the NVR 'node-111...-1' has 77 characters, more than 64
         """
-        nvr = cls.parse(f"{name}-{version}-{release}")
+        text = f"{name}-{version}-{release}"
+        if len(text) > MAX_NVR:
+            die(f"the NVR {text[:8] + '...' + text[-2:]!r} has {len(text)} characters, "
+                f"more than {MAX_NVR}",
+                hint="its layers are LVM volumes <nvr>+<n>, and LVM names stop at 127")
+        nvr = cls.parse(text)
         if nvr != cls(name, version, release):
-            die(
-                f"'{name}-{version}-{release}' is not a name-version-release (NVR)",
-                hint="version and release may not contain '-'",
-            )
+            die(f"{text!r} is not a name-version-release (NVR)",
+                hint="version and release may not contain '-'")
+        if "~" in text or any(r in text for r in LVM_RESERVED):
+            die(f"{text!r} cannot name an LVM volume",
+                hint=f"no '~' and none of {', '.join(LVM_RESERVED)}")
         return nvr
 
     def __str__(self) -> str:

@@ -12,18 +12,26 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import die
+from . import intree
+from .errors import ImgbaseError, die
+from .kargs import UNSAFE
 from .naming import Nvr
 
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\@-]+$")
 LAYER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 REPO_URL_RE = re.compile(r"^(?:https?|ftp|file)://\S+$")
+#: a Debian mirror goes into a sources line: no space (a second field), no brackets
+#: (options such as [trusted=yes]), no quotes
+MIRROR_RE = re.compile(r"(?:https?|file)://[^\s\[\]\"'`#]+")
+#: suite, distribution, architecture: one plain word (bookworm, 40, amd64, x86_64)
+WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 COMPRESSIONS = {"zstd": range(1, 23), "xz": range(0, 1), "gzip": range(1, 10), "lz4": range(0, 1)}
 
 
@@ -100,7 +108,7 @@ class _Table:
         for v in values:
             if not isinstance(v, str):
                 self.src.fail(self.name, key, f"'{key}' must be a list of strings, found {v!r}")
-            if pattern and not pattern.match(v):
+            if pattern and not pattern.fullmatch(v):  # $ alone takes a trailing newline
                 self.src.fail(self.name, key, f"'{key}': {v!r} is not a valid {what}",
                               hint=hint)
             if v in seen:
@@ -168,18 +176,16 @@ def load_layer(path: Path) -> LayerSpec:
     t = _Table(src, "layer", src.data["layer"],
                {"name", "description", "packages", "imgbase_package", "kernel_args", "hooks"})
     name = t.get("name", str, required=True)
-    if not LAYER_NAME_RE.match(name):
+    if not LAYER_NAME_RE.fullmatch(name):
         src.fail("layer", "name", f"layer name {name!r} must be lower-case letters, digits, '-'")
     if name != path.stem:
         src.fail("layer", "name", f"layer name {name!r} differs from its file name {path.name!r}",
                  hint=f"rename the file to {name}.toml or the layer to {path.stem!r}")
     layer_dir = path.parent / name
-    hooks = []
-    for rel in t.strings("hooks"):
-        hook = (layer_dir / rel).resolve()
-        if not hook.is_file():
-            src.fail("layer", "hooks", f"hook {rel!r} not found at {hook}")
-        hooks.append(hook)
+    if layer_dir.is_symlink():
+        src.fail("layer", "name", f"the layer directory {layer_dir} is a symlink",
+                 hint="a layer's hooks and files live in its own directory")
+    hooks = tuple(_hook(src, layer_dir, rel) for rel in t.strings("hooks"))
     services = Services()
     if "services" in src.data:
         s = _Table(src, "services", src.data["services"], {"enable", "disable", "mask"})
@@ -191,9 +197,11 @@ def load_layer(path: Path) -> LayerSpec:
             src.fail("services", None, f"services both enabled and disabled/masked: {sorted(both)}")
     kargs = t.strings("kernel_args")
     for karg in kargs:
-        if not karg or any(c in karg for c in " \t\n\"'\\;"):
-            src.fail("layer", "kernel_args", f"kernel argument {karg!r} has a space or quote")
-    files = layer_dir / "files"
+        if not karg or UNSAFE.search(karg):
+            src.fail("layer", "kernel_args", f"kernel argument {karg!r} cannot go into a "
+                     "boot entry", hint="no quotes, spaces, newlines, $, `, braces, "
+                     "backslashes or ;")
+    files = _files(src, layer_dir)
     return LayerSpec(
         name=name,
         path=path.resolve(),
@@ -202,9 +210,46 @@ def load_layer(path: Path) -> LayerSpec:
         imgbase_package=t.get("imgbase_package", bool, False),
         services=services,
         kernel_args=kargs,
-        hooks=tuple(hooks),
-        files=files.resolve() if files.is_dir() else None,
+        hooks=hooks,
+        files=files,
     )
+
+
+def _hook(src: _Source, layer_dir: Path, rel: str) -> Path:
+    """A hook: a regular file in the layer's directory, found there (a symlink may point
+    within the directory, never out of it)."""
+    try:
+        intree.parts(rel)
+        if "\n" in rel:
+            raise intree.NotInside(f"{rel!r} has a newline")
+    except intree.NotInside as exc:
+        src.fail("layer", "hooks", f"hook {rel!r}: {exc.message}",
+                 hint=f"hooks are paths relative to {layer_dir}, e.g. hooks/10-setup.sh")
+    hook = (layer_dir / rel).resolve()
+    if not hook.is_relative_to(layer_dir.resolve()):
+        src.fail("layer", "hooks", f"hook {rel!r} leads out of {layer_dir} (to {hook})",
+                 hint="a hook is a file of the layer's directory")
+    if not hook.is_file():
+        src.fail("layer", "hooks", f"hook {rel!r} not found at {hook}")
+    return hook
+
+
+def _files(src: _Source, layer_dir: Path) -> Path | None:
+    """The layer's files/ tree: a real directory of directories, regular files and
+    symlinks (copied as links), or None."""
+    files = layer_dir / "files"
+    if files.is_symlink():
+        src.fail("layer", None, f"{files} is a symlink",
+                 hint="files/ is copied into the image: it must be a directory of the layer")
+    if not files.is_dir():
+        return None
+    for dirpath, dirnames, filenames in os.walk(files):
+        for name in dirnames + filenames:
+            mode = os.lstat(os.path.join(dirpath, name)).st_mode
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                src.fail("layer", None, f"{os.path.join(dirpath, name)} is not a file, "
+                         "directory or symlink", hint="files/ holds only those")
+    return files.resolve()
 
 
 # -- images ---------------------------------------------------------------------
@@ -271,8 +316,8 @@ def load_image(path: Path, layer_dir: Path | None = None,
     release = t.get("release", str, "1")
     try:
         Nvr.check_parts(name, version, release)
-    except Exception as exc:
-        src.fail("image", "version", str(exc), hint="version and release may not contain '-'")
+    except ImgbaseError as exc:
+        src.fail("image", "version", exc.message, hint=exc.hint)
     if layer_dir is None:
         layer_dir = (path.parent / t.get("layer_dir", str, "../layers")).resolve()
     layers = []
@@ -309,11 +354,12 @@ def load_image(path: Path, layer_dir: Path | None = None,
         name=name,
         version=version,
         release=release,
-        distro=t.get("distro", str, "debian"),
-        suite=t.get("suite", str, "bookworm"),
-        architecture=t.get("architecture", str, "amd64"),
-        mirror=t.get("mirror", str, "http://deb.debian.org/debian"),
-        security_mirror=t.get("security_mirror", str, "http://deb.debian.org/debian-security"),
+        distro=_word(src, t, "distro", "debian"),
+        suite=_word(src, t, "suite", "bookworm"),
+        architecture=_word(src, t, "architecture", "amd64"),
+        mirror=_mirror(src, t, "mirror", "http://deb.debian.org/debian"),
+        security_mirror=_mirror(src, t, "security_mirror",
+                                "http://deb.debian.org/debian-security"),
         backend=t.get("backend", str, "mmdebstrap"),
         layers=tuple(layers),
         source_date_epoch=sde,
@@ -324,6 +370,23 @@ def load_image(path: Path, layer_dir: Path | None = None,
         unsigned=unsigned,
         bootable=t.get("bootable", bool, True),
     )
+
+
+def _word(src: _Source, t: _Table, key: str, default: str) -> str:
+    value: str = t.get(key, str, default)
+    if not WORD_RE.fullmatch(value):
+        src.fail("image", key, f"{key} {value!r} is not one plain word",
+                 hint="letters, digits, '.', '_', '+', '-' (e.g. bookworm, 40, amd64)")
+    return value
+
+
+def _mirror(src: _Source, t: _Table, key: str, default: str) -> str:
+    value: str = t.get(key, str, default)
+    if not MIRROR_RE.fullmatch(value):
+        src.fail("image", key, f"{key} {value!r} is not one http, https or file URL",
+                 hint="no spaces, newlines, brackets ([trusted=yes] is not taken), quotes "
+                 "or '#'; e.g. http://deb.debian.org/debian")
+    return value
 
 
 def _repositories(src: _Source, t: _Table) -> tuple[tuple[str, ...], tuple[str, ...], bool]:

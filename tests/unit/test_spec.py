@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -124,7 +126,100 @@ def test_missing_hook_is_an_error(tmp_path: Path) -> None:
 
 def test_kernel_arg_with_quote_is_refused(tmp_path: Path) -> None:
     msg = error_of(write(tmp_path, layer=LAYER + "kernel_args = ['a=\"b c\"']\n"))
-    assert "space or quote" in msg
+    assert "cannot go into a boot entry" in msg
+
+
+@pytest.mark.parametrize("karg", ["a}", "x=$y", "x=`id`", "a{", "a\\nb"])
+def test_kernel_arg_that_a_boot_entry_cannot_hold_is_refused(tmp_path: Path,
+                                                             karg: str) -> None:
+    """What kargs.UNSAFE refuses on a node is refused at compose already: one such
+    argument would leave GRUB a menu it cannot parse."""
+    layer = LAYER + f"kernel_args = ['console=ttyS0', '{karg}']\n"
+    msg = error_of(write(tmp_path, layer=layer))
+    assert msg.startswith(f"{tmp_path}/layers/base.toml:4: kernel argument ") and \
+        "cannot go into a boot entry" in msg and "(hint: " in msg, msg
+
+
+@pytest.mark.parametrize("key, value", [
+    ("mirror", "[trusted=yes] http://x"),
+    ("mirror", "http://x/debian\ndeb [trusted=yes] http://evil/ sid main"),
+    ("mirror", "http://x/debian bookworm-backports"),
+    ("mirror", "ftp://x/debian"),
+    ("security_mirror", "http://x/debian-security [trusted=yes]"),
+    ("suite", "bookworm main\ndeb http://evil/ sid"),
+    ("suite", "bookworm [trusted=yes]"),
+    ("architecture", "amd64 --hook-dir=/tmp"),
+])
+def test_mirror_and_suite_that_would_add_to_a_sources_line_are_refused(
+        tmp_path: Path, key: str, value: str) -> None:
+    image = IMAGE + f"{key} = {json.dumps(value)}\n"
+    msg = error_of(write(tmp_path, image))
+    assert msg.startswith(f"{tmp_path}/images/node.toml:7: {key} ") and "(hint: " in msg, msg
+
+
+def test_plain_mirror_suite_and_file_url_still_load(tmp_path: Path) -> None:
+    image = IMAGE + ('mirror = "file:///srv/mirror/debian"\nsuite = "trixie"\n'
+                     'security_mirror = "https://security.debian.org/debian-security"\n')
+    img = load_image(write(tmp_path, image))
+    assert (img.mirror, img.suite) == ("file:///srv/mirror/debian", "trixie")
+
+
+@pytest.mark.parametrize("version, phrase", [
+    ("1" * 5000, "more than 64"),  # LVM names stop at 127: the layer is <nvr>+<n>
+    ("1.0~rc1", "cannot name an LVM volume"),
+    ("1_tmeta", "cannot name an LVM volume"),
+    ("1.0\n", "is not a name-version-release"),
+])
+def test_a_version_that_cannot_name_a_volume_is_refused(tmp_path: Path, version: str,
+                                                        phrase: str) -> None:
+    msg = error_of(write(tmp_path, IMAGE.replace('"1.0"', json.dumps(version))))
+    assert msg.startswith(f"{tmp_path}/images/node.toml:3: ") and phrase in msg, msg
+    assert len(msg) < 400
+
+
+def test_the_longest_nvr_its_layers_and_device_names_fit_lvm(tmp_path: Path) -> None:
+    version = "1." + "9" * (64 - len("node--1") - 2)
+    img = load_image(write(tmp_path, IMAGE.replace('"1.0"', f'"{version}"')))
+    layer = f"{img.nvr}+999"
+    assert len(str(img.nvr)) == 64 and len(layer) <= 127
+    assert len("imgbase-" + layer.replace("-", "--")) <= 127  # device-mapper's name
+
+
+@pytest.mark.parametrize("hook", ["/etc/shadow", "../../outside.sh", "hooks/../../x.sh",
+                                  "hooks/link.sh"])
+def test_a_hook_out_of_the_layer_directory_is_refused(tmp_path: Path, hook: str) -> None:
+    img = write(tmp_path, layer=LAYER + f'hooks = ["{hook}"]\n')
+    (tmp_path / "outside.sh").write_text("#!/bin/sh\n")  # exists: not a "not found"
+    (tmp_path / "layers/x.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "layers/base/hooks").mkdir(parents=True)
+    (tmp_path / "layers/base/hooks/link.sh").symlink_to("/etc/shadow")
+    msg = error_of(img)
+    assert msg.startswith(f"{tmp_path}/layers/base.toml:4: hook ") and "(hint: " in msg, msg
+    assert "not found" not in msg
+
+
+def test_a_hook_linked_within_the_layer_directory_loads(tmp_path: Path) -> None:
+    img = write(tmp_path, layer=LAYER + 'hooks = ["hooks/10-x.sh"]\n')
+    (tmp_path / "layers/base/hooks").mkdir(parents=True)
+    (tmp_path / "layers/base/shared.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "layers/base/hooks/10-x.sh").symlink_to("../shared.sh")
+    assert load_image(img).layers[0].hooks == ((tmp_path / "layers/base/shared.sh"),)
+
+
+def test_a_files_tree_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    """files/ -> /etc would copy the build host's /etc into the image."""
+    img = write(tmp_path)
+    (tmp_path / "layers/base").mkdir()
+    (tmp_path / "layers/base/files").symlink_to("/etc")
+    msg = error_of(img)
+    assert "files is a symlink" in msg and "(hint: " in msg
+
+
+def test_a_fifo_in_the_files_tree_is_refused(tmp_path: Path) -> None:
+    img = write(tmp_path)
+    (tmp_path / "layers/base/files").mkdir(parents=True)
+    os.mkfifo(tmp_path / "layers/base/files/pipe")
+    assert "is not a file, directory or symlink" in error_of(img)
 
 
 def test_services_both_enabled_and_masked(tmp_path: Path) -> None:
