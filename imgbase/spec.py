@@ -247,8 +247,10 @@ def _files(src: _Source, layer_dir: Path) -> Path | None:
         for name in dirnames + filenames:
             mode = os.lstat(os.path.join(dirpath, name)).st_mode
             if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-                src.fail("layer", None, f"{os.path.join(dirpath, name)} is not a file, "
-                         "directory or symlink", hint="files/ holds only those")
+                src.fail("layer", None, f"layer {layer_dir.name!r}: files/ holds "
+                         f"{os.path.join(dirpath, name)}, a special file (device, FIFO or "
+                         "socket)", hint="files/ holds directories, files and symlinks; "
+                         "create it in a hook (mknod, mkfifo)")
     return files.resolve()
 
 
