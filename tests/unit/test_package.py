@@ -26,8 +26,9 @@ from tests.images import stop_agent
 from tests.unit.test_trust import gen_key
 
 FAKE_MAIN = """import os, sys
+mode = oct(os.stat(os.path.dirname(sys.argv[-1])).st_mode & 0o7777)
 with open(os.environ["IMGBASE_TEST_CALLS"], "a") as f:
-    f.write(os.path.dirname(os.path.abspath(__file__)) + " " + " ".join(sys.argv[1:]) + "\\n")
+    f.write(" ".join([os.path.dirname(os.path.abspath(__file__)), mode, *sys.argv[1:]]) + "\\n")
 raise SystemExit(int(os.environ.get("IMGBASE_TEST_RC", "0")))
 """
 GOOD = {"name": "n", "version": "2.0", "release": "1", "nvr": "n-2.0-1", "architecture": "amd64"}
@@ -96,9 +97,10 @@ def assert_ran_image_imgbase_on_a_private_copy(calls: list[str], var: Path) -> N
     """One call: `update COPY`, by the imgbase unpacked from COPY, in a 0700 work directory
     under var that is gone afterwards."""
     assert len(calls) == 1, calls
-    where, verb, copy = calls[0].split(" ")
+    where, mode, verb, copy = calls[0].split(" ")
     work = Path(copy).parent
     assert verb == "update" and Path(copy).name == "n-2.0-1.squashfs"
+    assert mode == "0o700"
     assert re.fullmatch(rf"{re.escape(str(var))}/package\.\w{{6}}", str(work)), work
     assert where == f"{work}/root/usr/lib/python3/dist-packages/imgbase"
     assert not work.exists()
