@@ -408,7 +408,7 @@ def cmd_update(args: argparse.Namespace) -> int:
 def cmd_package(args: argparse.Namespace) -> int:
     from .package import build
 
-    print(build(args.image, args.format, Path(args.output)))
+    print(build(args.image, args.format, Path(args.output), Path(args.trusted)))
     return 0
 
 
@@ -769,13 +769,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_update)
 
     p = sub.add_parser("package", help="wrap an image as a deb or rpm that updates a node",
-                       description="Build <name>-image-update: the image with its .sha256 "
-                       "(and .sha256.sig) under /usr/share/imgbase/images, and a post-install "
-                       "script that runs imgbase update with the new image's imgbase.")
+                       description="Verify the image (sha256 and a signature by a key in "
+                       "--trusted), then build <name>-image-update from the verified copy: the "
+                       "image with its .sha256 and .sha256.sig under /usr/share/imgbase/images, "
+                       "and a post-install script that verifies it again with the node's "
+                       "imgbase and trusted keys before it runs imgbase update with the new "
+                       "image's imgbase.")
     p.add_argument("image", metavar="IMAGE.squashfs")
     p.add_argument("--format", required=True, choices=("deb", "rpm"))
     p.add_argument("-o", "--output", default=".", metavar="DIR",
                    help="where to write the package (default: .)")
+    p.add_argument("--trusted", default="/etc/imgbase/trusted.d", metavar="DIR",
+                   help="the publisher keys (*.gpg) to check the image's signature with "
+                   "(default: /etc/imgbase/trusted.d)")
     p.set_defaults(func=cmd_package)
 
     p = sub.add_parser("sign", help="sign an image's .sha256 with gpg (IMAGE.sha256.sig)",

@@ -86,7 +86,7 @@ def build_media_files(node_image: Path, work: Path) -> Path:
         image = derive(node_image, files, version)
         trust.sign(str(image), homedir=str(home))
     stop_agent(home)
-    package.build(str(files / f"{V3}.squashfs"), "deb", files)
+    package.build(str(files / f"{V3}.squashfs"), "deb", files, trusted=files)  # trusted.gpg
     for suffix in ("", ".sha256", ".sha256.sig"):
         (files / f"{V3}.squashfs{suffix}").unlink()  # v3 travels in its package only
     return files
