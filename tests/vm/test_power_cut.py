@@ -8,7 +8,10 @@ The cut is real: IMGBASE_POWER_CUT makes the update reset the guest through
 is lost -- and the guest boots again from its disk through GRUB.
 
 About 21 cuts, ~95 s each under TCG (~35 min): `make test-powercut` (marker `powercut`),
-apart from `make test`.
+apart from `make test`. Two more rows fill a disk during an update -- /boot (fallocate), and
+the thin pool (the VG's free space taken, then a thin LV written until the pool is full; the
+pool queues writes for 60 s, then fails them) -- and check that the update fails in one line,
+journaled, with no temporary file; the node boots the old layer; recover cleans up.
 """
 
 from __future__ import annotations
@@ -124,8 +127,9 @@ def test_power_cuts_through_an_update_leave_a_node_that_boots_and_recovers(
 # -- a disk that fills up during an update -------------------------------------------------
 
 JOURNAL = "/var/lib/imgbase/journal.jsonl"
-# /boot filled to its last MiB: a kernel and initrd no longer fit
-FILL_BOOT = ("fallocate -l $(( $(stat -f -c '%f*%S' /boot) - 1048576 )) /boot/filler")
+# /boot filled to its last 8 MiB (the margin: fallocate's own extent blocks): a kernel and
+# initrd no longer fit
+FILL_BOOT = ("fallocate -l $(( $(stat -f -c '%f*%S' /boot) - 8388608 )) /boot/filler")
 
 
 def update_filling(guest: Guest, step: str, fill: str) -> tuple[int, str]:
@@ -170,6 +174,7 @@ def assert_recovered(guest: Guest) -> None:
 
 def test_a_full_boot_fails_the_update_cleanly_and_recover_cleans_up(node: Guest) -> None:
     back_to_v1_only(node)
+    node.run("rm -f /boot/filler")
     node.run(FILL_BOOT)  # full before: refused by the space check, nothing written
     refused = node.run(f"imgbase update {IMAGE}", check=False)
     assert refused.rc == 2 and "/boot is too full" in refused.stderr, refused
@@ -187,6 +192,7 @@ def test_a_full_boot_fails_the_update_cleanly_and_recover_cleans_up(node: Guest)
 
 
 def test_a_full_pool_fails_the_update_cleanly_and_recover_cleans_up(node: Guest) -> None:
+    node.run("rm -f /boot/filler")  # whatever the /boot row left
     back_to_v1_only(node)
     st = status(node)
     vg, pool = st["vg"], st["pool"]
