@@ -8,6 +8,7 @@ layer (the node would boot something unexpected next time).
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from . import bootloader
@@ -35,13 +36,40 @@ def _boot_files_step(mnt: Path, boot: Path, layer: str) -> Step:
     return Step("boot-files", ("sh", "-c", script, "boot-files", str(mnt), str(boot / layer)))
 
 
+#: what another layer's kernel and initrd are taken to need when /boot has none to go by
+BOOT_NEED_FLOOR = 64 << 20
+
+
+def _existing(path: Path) -> Path:
+    """path, or its nearest parent that exists (what a file written there would fill)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def boot_need(boot: Path, model: str | None) -> int:
+    """Bytes another layer's kernel and initrd take on /boot, plus 10 %: as large as the
+    model layer's; else the largest layer's there; else BOOT_NEED_FLOOR."""
+    def size(d: Path) -> int:
+        return sum(st.st_size for st in (p.lstat() for p in d.iterdir())
+                   if stat.S_ISREG(st.st_mode))
+
+    if model and (boot / model).is_dir():
+        return size(boot / model) * 11 // 10
+    kernels = boot.glob("*/vmlinuz") if boot.is_dir() else []
+    return max((size(k.parent) * 11 // 10 for k in kernels), default=BOOT_NEED_FLOOR)
+
+
 def check_boot_space(boot: Path, model: str | None) -> None:
     """Refuse, before any entry changes, when /boot cannot take another kernel and initrd
-    (as large as model's, plus 10 %)."""
-    if model is None or not (boot / model).is_dir():
-        return
-    need = sum(p.stat().st_size for p in (boot / model).iterdir() if p.is_file()) * 11 // 10
-    st = os.statvfs(boot)
+    (`boot_need`). Never skipped: a directory that is missing is measured at its nearest
+    existing parent, where the files would go."""
+    need = boot_need(boot, model)
+    try:
+        st = os.statvfs(_existing(boot))
+    except OSError as exc:
+        die(f"{boot}: cannot measure its free space: {exc.strerror}",
+            hint="is /boot mounted? (findmnt /boot)")
     free = st.f_bavail * st.f_frsize
     if free < need:
         die(f"/boot is too full for another layer: {free >> 20} MiB free, {need >> 20} MiB "

@@ -172,7 +172,7 @@ def cmd_kickstart(args: argparse.Namespace) -> int:
         print("\n".join(kickstart.list_lines()))
         return 0
     text = kickstart.render_command(
-        args.template, image=args.image, url=args.url, no_checksum=args.no_checksum,
+        args.template, image=args.image, url=args.url,
         site_file=args.site, nist=args.nist, endpoints=args.endpoint, group=args.group,
         kernel_args=args.karg, ssh_keys=args.ssh_key, image_spec=args.image_spec,
         repos=args.repo)
@@ -628,10 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("template", nargs="?", metavar="TEMPLATE",
                     help="a name from 'imgbase kickstart list', or a template file's path")
     kp.add_argument("--image", metavar="IMG.squashfs",
-                    help="the image to install (checksum from IMG.sha256, else computed)")
+                    help="the image to install; its sha256 goes into liveimg --checksum "
+                    "(install templates: required)")
     kp.add_argument("--url", help="where anaconda downloads the image (liveimg --url)")
-    kp.add_argument("--no-checksum", action="store_true",
-                    help="a liveimg without --checksum (refused otherwise)")
     kp.add_argument("--site", metavar="SITE.toml", help="site parameters (docs/kickstart.md)")
     kp.add_argument("--nist", action="store_true",
                     help="node-explicit: separate /var/log, /var/log/audit, /var/tmp, /home, "

@@ -204,27 +204,44 @@ def sidecar_digest(text: str, name: str) -> str | None:
 
 
 def image_checksum(image: Path) -> str:
-    """sha256 of the image: from its sidecar (``IMG.sha256``, or ``<nvr>.sha256`` as
-    compose writes it) when that names the image, else by reading the image."""
+    """sha256 of the image, read from the image itself. A sidecar (``IMG.sha256``, or
+    ``<nvr>.sha256`` as compose writes it) that names the image must agree: one that does
+    not is stale or was tampered with, and is refused."""
     from .trust import sha256_of
 
+    digest = sha256_of(str(image))
     for sums in (Path(f"{image}.sha256"), image.with_suffix(".sha256")):
         if sums.is_file():
-            digest = sidecar_digest(sums.read_text(errors="replace"), image.name)
-            if digest:
-                return digest
-    return sha256_of(str(image))
+            said = sidecar_digest(sums.read_text(errors="replace"), image.name)
+            if said is not None and said != digest:
+                die(f"{sums} gives {image.name} the sha256 {said[:12]}..., but the image's "
+                    f"is {digest[:12]}...",
+                    hint="the sidecar is stale or was tampered with: compose or download "
+                    "the image and its .sha256 again")
+    return digest
 
 
-def liveimg_url(url: str, image_name: str | None) -> str:
+def check_liveimg(text: str, url: str, checksum: str, source: str) -> None:
+    """The rendered kickstart, parsed back, installs ``url`` with ``checksum``: a template
+    (a site's own, say) or a value that drops or changes either is refused."""
+    from pykickstart.parser import KickstartParser
+    from pykickstart.version import makeVersion
+
+    handler = makeVersion(syntax_versions()[-1])
+    KickstartParser(handler, errorsAreFatal=True, followIncludes=False
+                    ).readKickstartFromString(text)
+    got = (handler.liveimg.url, handler.liveimg.checksum) if handler.liveimg.seen else None
+    if got != (url, checksum):
+        die(f"{source}: the rendered kickstart's liveimg is {got!r}, not the image's URL "
+            f"and sha256 ({url}, {checksum[:12]}...)",
+            hint="an install template renders liveimg --url={{ url }} "
+            "--checksum={{ checksum }} (kickstarts/_node-head.ks.j2)")
+
+
+def liveimg_url(url: str, image_name: str) -> str:
     """The image's URL: ``url`` itself, or ``url`` + the image's file name when ``url``
     is a directory (ends in ``/``)."""
-    if not url.endswith("/"):
-        return url
-    if image_name is None:
-        die(f"image_url {url!r} is a directory, and no --image names the file in it",
-            hint="give --image IMG.squashfs, or --url with the image's full URL")
-    return url + image_name
+    return url + image_name if url.endswith("/") else url
 
 
 @dataclass(frozen=True)
@@ -250,7 +267,7 @@ def explicit_volumes(nist: bool) -> tuple[Volume, ...]:
 
 
 def render_install(template: Template, *, image: Path | None, url: str | None,
-                   site: Site, no_checksum: bool = False, nist: bool = False) -> str:
+                   site: Site, nist: bool = False) -> str:
     """A node install kickstart from an install template, validated."""
     from . import __version__
     from .compose.postprocess import IMAGE_JSON
@@ -265,26 +282,22 @@ def render_install(template: Template, *, image: Path | None, url: str | None,
             hint="the explicit layout has it: imgbase kickstart render node-explicit --nist")
     if image is not None and not image.is_file():
         die(f"{image}: no such image", hint="give the .squashfs made by imgbase compose")
-    checksum = None
-    if not no_checksum:
-        if image is None:
-            die("a liveimg without a checksum installs whatever the URL serves",
-                hint="give --image IMG.squashfs (its sha256 goes into the kickstart), or "
-                "--no-checksum to do without")
-        checksum = image_checksum(image)
+    if image is None:
+        die("a liveimg without a checksum installs whatever the URL serves",
+            hint="give --image IMG.squashfs: its sha256 goes into the kickstart")
     source = url or site.image_url
     if source is None:
         die("anaconda needs the image's URL for liveimg",
             hint="--url http://.../IMG.squashfs, or image_url in the site file")
-    source = check_url(liveimg_url(source, image.name if image else None),
-                       "--url" if url else "image_url")
+    source = check_url(liveimg_url(source, image.name), "--url" if url else "image_url")
     served = PurePosixPath(urlsplit(source).path).name
-    if image is not None and checksum and served != image.name:
+    if served != image.name:
         die(f"the URL serves {served!r}, but the checksum is of {image.name!r}",
-            hint="give the URL of this image, or --no-checksum")
+            hint="give the URL of this image")
+    checksum = image_checksum(image)
     volumes = explicit_volumes(nist)
     context = {
-        "imgbase_version": __version__, "image_name": image.name if image else served,
+        "imgbase_version": __version__, "image_name": image.name,
         "url": source, "checksum": checksum, "site": site, "nist": nist,
         "agent_toml": site.cluster.agent_toml() if site.cluster else None,
         "vg": VG, "pool": POOL, "root_size": ROOT_SIZE_MIB, "volumes": volumes,
@@ -293,6 +306,7 @@ def render_install(template: Template, *, image: Path | None, url: str | None,
     }
     text = _render(template, context)
     validate(text, str(template.path))
+    check_liveimg(text, source, checksum, str(template.path))
     return text
 
 
@@ -468,7 +482,7 @@ def list_lines() -> list[str]:
 
 
 def render_command(name: str | None, *, image: str | None = None, url: str | None = None,
-                   no_checksum: bool = False, site_file: str | None = None,
+                   site_file: str | None = None,
                    nist: bool = False, endpoints: list[str] | None = None,
                    group: str | None = None, kernel_args: list[str] | None = None,
                    ssh_keys: list[str] | None = None, image_spec: str | None = None,
@@ -477,9 +491,9 @@ def render_command(name: str | None, *, image: str | None = None, url: str | Non
     from .site import load_site
 
     template = find_template(name)
-    install_flags = {"--image": image, "--url": url, "--no-checksum": no_checksum,
-                     "--site": site_file, "--nist": nist, "--endpoint": endpoints,
-                     "--group": group, "--karg": kernel_args, "--ssh-key": ssh_keys}
+    install_flags = {"--image": image, "--url": url, "--site": site_file, "--nist": nist,
+                     "--endpoint": endpoints, "--group": group, "--karg": kernel_args,
+                     "--ssh-key": ssh_keys}
     if template.kind == "build":
         given = [flag for flag, value in install_flags.items() if value]
         if given:
@@ -499,4 +513,4 @@ def render_command(name: str | None, *, image: str | None = None, url: str | Non
     site = site.override(endpoints=endpoints, group=group, kernel_args=kernel_args,
                          ssh_keys=ssh_keys)
     return render_install(template, image=Path(image) if image else None, url=url, site=site,
-                          no_checksum=no_checksum, nist=nist)
+                          nist=nist)

@@ -106,24 +106,43 @@ class Plan:
                            "steps": [asdict(s) for s in self.steps]}, indent=2)
 
 
-def write_atomic(path: Path, content: str) -> None:
-    """Write a file so that a crash leaves either the old or the new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.imgbase-tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dirfd = os.open(path.parent, os.O_DIRECTORY)
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable: a file created, renamed or removed in it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(dirfd)
+        os.fsync(fd)
     finally:
-        os.close(dirfd)
+        os.close(fd)
+
+
+def write_atomic(path: Path, content: str) -> None:
+    """Write a file so that a crash leaves either the old or the new content.
+
+    A write that fails (a full or failing disk: ENOSPC, EIO) leaves the old file and no
+    temporary one, and raises an ImgbaseError naming the file and the reason. A temporary
+    file left by a crash is removed first, never written through (it may be a symlink)."""
+    tmp = path.with_name(f".{path.name}.imgbase-tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ImgbaseError(f"cannot write {path}: {exc.strerror or exc}",
+                           hint="free space on that file system (df -h)") from None
 
 
 class Journal:
-    """Append-only JSON lines, fsync'd; removed when the operation completes."""
+    """Append-only JSON lines, fsync'd; removed when the operation completes. Creating and
+    removing the file fsync its directory, so a power cut cannot lose or revive it."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -131,15 +150,31 @@ class Journal:
     def record(self, **fields: Any) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.path.exists()
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if new:
+                fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise ImgbaseError(f"cannot write the journal {self.path}: "
+                               f"{exc.strerror or exc}",
+                               hint="free space on /var (df -h /var), then run imgbase recover"
+                               ) from None
 
     def close(self) -> None:
         if self.path is not None:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+                fsync_dir(self.path.parent)
+            except OSError as exc:
+                raise ImgbaseError(f"cannot remove the journal {self.path}: "
+                                   f"{exc.strerror or exc}",
+                                   hint="the operation is done; imgbase recover removes it"
+                                   ) from None
 
 
 @contextlib.contextmanager
@@ -213,9 +248,13 @@ def execute(plan: Plan, progress: Progress, journal: Path | None = JOURNAL) -> N
                 elif out := run(step.argv).stdout.strip():
                     info["detail"] = out.splitlines()[-1][:200]  # e.g. what a sync did
             except ImgbaseError as exc:
-                j.record(event="failed", step=step.name, error=exc.message)
+                with contextlib.suppress(ImgbaseError):  # a full /var: the step's error counts
+                    j.record(event="failed", step=step.name,
+                             error=" ".join(exc.message.split()))
                 raise ImgbaseError(f"{plan.operation}: step {step.name!r} failed: "
-                                   f"{exc.message}", hint=plan.failure_hint) from exc
+                                   f"{exc.message}",
+                                   hint="; then ".join(h for h in (exc.hint, plan.failure_hint)
+                                                       if h)) from exc
             if timer is not None:  # the step was quicker than the cut: cut at its end
                 timer.cancel()
                 power_cut()

@@ -123,13 +123,26 @@ class Site:
         return site
 
 
+#: what may stand in a URL on a kickstart line: RFC 3986's characters without those that
+#: pykickstart's shlex.split(comments=True) treats specially -- # (the rest of the line is
+#: a comment: a liveimg's --checksum would go), quotes, backslash -- and no whitespace
+URL_RE = re.compile(r"^[A-Za-z0-9\-._~:/?\[\]@!$&()*+,;=%]+$")
+
+
 def check_url(url: str, where: str) -> str:
-    """A URL anaconda can fetch, safe on a kickstart line."""
-    parts = urlsplit(url)
-    if (parts.scheme not in URL_SCHEMES or not (parts.netloc or parts.scheme == "file")
-            or not parts.path or re.search(r"[\s'\"\\]", url)):
+    """A URL anaconda can fetch, that stands on a kickstart line as one word and is read
+    back whole: no fragment, whitespace, quotes, backslash, control or non-ASCII character,
+    and % only in an escape (%2F)."""
+    try:
+        parts = urlsplit(url) if URL_RE.match(url) else None
+    except ValueError:  # e.g. an unclosed [ in the host
+        parts = None
+    if parts is None or re.search(r"%(?![0-9A-Fa-f]{2})", url) \
+            or parts.scheme not in URL_SCHEMES \
+            or not (parts.netloc or parts.scheme == "file") or not parts.path:
         die(f"{where}: {url!r} is not a URL anaconda can fetch",
-            hint=f"a {', '.join(URL_SCHEMES)} URL without spaces or quotes")
+            hint=f"a {', '.join(URL_SCHEMES)} URL without a #fragment, spaces, quotes or "
+            "backslashes (escape them: %23, %20)")
     return url
 
 

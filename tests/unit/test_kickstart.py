@@ -213,25 +213,89 @@ def test_thinp_has_no_nist(image: Path) -> None:
         kickstart.render_command("node-thinp", image=str(image), url=URL, nist=True)
 
 
-def test_default_template_and_no_checksum(image: Path) -> None:
-    text = kickstart.render_command(None, url=URL, no_checksum=True)
+def test_default_template(image: Path) -> None:
+    text = kickstart.render_command(None, image=str(image), url=URL)
     assert "kickstarts/node-thinp.ks.j2" in text
     for version in VERSIONS:
         h = parse(text, version)
-        assert h.liveimg.url == URL and not h.liveimg.checksum
+        assert h.liveimg.url == URL and h.liveimg.checksum == sha256(image)
 
 
-def test_checksum_sidecars(image: Path, tmp_path: Path) -> None:
-    # compose's <nvr>.sha256 (the fixture), read without hashing
+def test_checksum_is_of_the_image_and_a_sidecar_must_agree(image: Path, tmp_path: Path) -> None:
+    # compose's <nvr>.sha256 (the fixture) agrees
     assert kickstart.image_checksum(image) == sha256(image)
     img = tmp_path / image.name
     shutil.copy(image, img)
-    # IMG.sha256 that names the image is believed (it is what publishers ship) ...
-    (tmp_path / f"{img.name}.sha256").write_text(f"{'ab' * 32}  {img.name}\n")
-    assert kickstart.image_checksum(img) == "ab" * 32
-    # ... one that names another file is not: the image is read
+    # a sidecar that names another file says nothing about the image
     (tmp_path / f"{img.name}.sha256").write_text(f"{'ab' * 32}  other.squashfs\n")
     assert kickstart.image_checksum(img) == sha256(image)
+    # one that names the image with another digest is stale or forged: refused, never used
+    (tmp_path / f"{img.name}.sha256").write_text(f"{'ab' * 32}  {img.name}\n")
+    with pytest.raises(InputError, match=r"gives tiny-node-1.0-1.squashfs the sha256 "
+                       r"abababababab\.\.\., but the image's is"):
+        kickstart.image_checksum(img)
+
+
+@pytest.mark.parametrize("url", [
+    f"{URL}#",  # shlex.split(comments=True): the rest of the line, --checksum too, is gone
+    f"{URL}?x=#y",
+    f"http://images.example.org/nodes/{NVR}.squashfs\t",
+    f"http://images.example.org/a b/{NVR}.squashfs",
+    f"http://images.example.org/a'b/{NVR}.squashfs",
+    f'http://images.example.org/a"b/{NVR}.squashfs',
+    f"http://images.example.org/a\\b/{NVR}.squashfs",
+    f"http://images.example.org/a%2/{NVR}.squashfs",
+    f"http://images.example.org/\u00e9/{NVR}.squashfs",
+    f"http://[::1/{NVR}.squashfs",
+], ids=["fragment", "query-fragment", "tab", "space", "quote", "double-quote", "backslash",
+        "bad-escape", "non-ascii", "bad-host"])
+def test_urls_anaconda_would_read_otherwise_are_refused(image: Path, tmp_path: Path,
+                                                        url: str) -> None:
+    out = tmp_path / "node.ks"
+    proc = imgbase_cli("kickstart", "render", "--image", str(image), "--url", url,
+                       "-o", str(out))
+    assert_refused(proc, "--url", "is not a URL anaconda can fetch", "#fragment")
+    assert not out.exists()
+    site = tmp_path / "site.toml"
+    site.write_text(f"image_url = {json.dumps(url)}\n")
+    proc = imgbase_cli("kickstart", "render", "--image", str(image), "--site", str(site),
+                       "-o", str(out))
+    assert_refused(proc, "image_url", "is not a URL anaconda can fetch")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("url", [
+    URL, f"https://images.example.org:8443/n%20odes/{NVR}.squashfs",
+    f"http://images.example.org/nodes/{NVR}.squashfs?token=a-b_c~d&x=1;y=$z",
+    f"http://[fd00::1]:8080/nodes/{NVR}.squashfs", f"file:///srv/images/{NVR}.squashfs",
+], ids=["plain", "port-escape", "query", "ipv6", "file"])
+def test_the_rendered_liveimg_parses_back_to_the_url_and_checksum(image: Path,
+                                                                  url: str) -> None:
+    text = kickstart.render_command("node-explicit", image=str(image), url=url)
+    lines = [line for line in text.splitlines() if line.startswith("liveimg ")]
+    assert lines == [f"liveimg --url={url} --checksum={sha256(image)}"]
+    for version in VERSIONS:
+        h = parse(text, version)
+        assert (h.liveimg.url, h.liveimg.checksum) == (url, sha256(image))
+
+
+@pytest.mark.parametrize("line", [
+    "liveimg --url={{ url }}",
+    "liveimg --url={{ url }}#{{ checksum }}",
+    "liveimg --url=http://elsewhere.example.org/{{ image_name }} --checksum={{ checksum }}",
+], ids=["no-checksum", "commented-out", "other-url"])
+def test_a_template_that_loses_the_checksum_or_url_is_refused(image: Path, tmp_path: Path,
+                                                              line: str) -> None:
+    template = tmp_path / "custom.ks.j2"
+    head = (ROOT / "kickstarts/_node-head.ks.j2").read_text()
+    template.write_text((ROOT / "kickstarts/node-thinp.ks.j2").read_text().replace(
+        '{% include "_node-head.ks.j2" %}',
+        head.replace("liveimg --url={{ url }} --checksum={{ checksum }}", line)))
+    out = tmp_path / "node.ks"
+    proc = imgbase_cli("kickstart", "render", str(template), "--image", str(image),
+                       "--url", URL, "-o", str(out))
+    assert_refused(proc, "the rendered kickstart's liveimg is", "--checksum={{ checksum }}")
+    assert not out.exists()
 
 
 def test_templates_listed() -> None:
@@ -315,11 +379,11 @@ def test_custom_template_that_passes(image: Path, tmp_path: Path) -> None:
 def test_liveimg_without_checksum_refused(tmp_path: Path) -> None:
     out = tmp_path / "node.ks"
     proc = imgbase_cli("kickstart", "render", "--url", URL, "-o", str(out))
-    assert_refused(proc, "without a checksum", "--no-checksum")
+    assert_refused(proc, "without a checksum", "--image")
     assert not out.exists()
     proc = imgbase_cli("kickstart", "render", "--url", URL, "--no-checksum", "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert f"liveimg --url={URL}\n" in out.read_text()
+    assert proc.returncode == 2 and "unrecognized arguments: --no-checksum" in proc.stderr
+    assert not out.exists()
 
 
 def test_missing_image(tmp_path: Path) -> None:
@@ -379,11 +443,11 @@ def test_bad_flags(image: Path, tmp_path: Path, args: tuple[str, ...],
     assert not out.exists()
 
 
-def test_url_from_site_needs_image_for_a_directory(tmp_path: Path) -> None:
+def test_url_from_site_needs_the_image(tmp_path: Path) -> None:
     site = tmp_path / "site.toml"
     site.write_text('image_url = "http://images.example.org/nodes/"\n')
-    proc = imgbase_cli("kickstart", "render", "--site", str(site), "--no-checksum")
-    assert_refused(proc, "is a directory", "--image")
+    proc = imgbase_cli("kickstart", "render", "--site", str(site))
+    assert_refused(proc, "without a checksum", "--image")
 
 
 # -- the build kickstart ------------------------------------------------------------------

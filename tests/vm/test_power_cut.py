@@ -8,7 +8,10 @@ The cut is real: IMGBASE_POWER_CUT makes the update reset the guest through
 is lost -- and the guest boots again from its disk through GRUB.
 
 About 21 cuts, ~95 s each under TCG (~35 min): `make test-powercut` (marker `powercut`),
-apart from `make test`.
+apart from `make test`. Two more rows fill a disk during an update -- /boot (fallocate), and
+the thin pool (the VG's free space taken, then a thin LV written until the pool is full; the
+pool queues writes for 60 s, then fails them) -- and check that the update fails in one line,
+journaled, with no temporary file; the node boots the old layer; recover cleans up.
 """
 
 from __future__ import annotations
@@ -119,3 +122,92 @@ def test_power_cuts_through_an_update_leave_a_node_that_boots_and_recovers(
             assert [b["name"] for b in st["bases"]] == [NVR], outcomes
         back_to_v1_only(node)
     print("\n".join(f"{p:32} booted {b}, default after recover {d}" for p, b, d in outcomes))
+
+
+# -- a disk that fills up during an update -------------------------------------------------
+
+JOURNAL = "/var/lib/imgbase/journal.jsonl"
+# /boot filled to its last 8 MiB (the margin: fallocate's own extent blocks): a kernel and
+# initrd no longer fit
+FILL_BOOT = ("fallocate -l $(( $(stat -f -c '%f*%S' /boot) - 8388608 )) /boot/filler")
+
+
+def update_filling(guest: Guest, step: str, fill: str) -> tuple[int, str]:
+    """Run the update; once its journal shows `step` started (its checks all passed), stop
+    its processes, run `fill`, and let them go on. The update's exit status and output."""
+    guest.run(f"rm -f /root/update.log; setsid imgbase update {IMAGE} > /root/update.log "
+              "2>&1 < /dev/null & u=$!; "
+              f"until grep -qs '\"step\": \"{step}\"' {JOURNAL}; do "
+              "kill -0 $u 2>/dev/null || break; sleep 0.1; done; "
+              f"kill -STOP -- -$u; {fill}; kill -CONT -- -$u; wait $u; echo $? > /root/update.rc",
+              timeout=1800)
+    rc = int(guest.run("cat /root/update.rc").stdout)
+    return rc, guest.run("cat /root/update.log").stdout
+
+
+def assert_failed_cleanly(guest: Guest, rc: int, log: str, step: str, reason: str) -> None:
+    """One error line and a hint, no traceback, the failure journaled, no temporary file."""
+    errors = [line for line in log.splitlines() if line.startswith("imgbase: error:")]
+    assert rc == 1 and "Traceback" not in log, log
+    assert len(errors) == 1 and f"step {step!r} failed" in errors[0], log
+    assert reason in errors[0] and "(hint: " in errors[0], log
+    last = json.loads(guest.run(f"tail -n 1 {JOURNAL}").stdout)
+    assert last["event"] == "failed" and last["step"] == step and reason in last["error"], last
+    assert guest.run("find /boot /var/lib/imgbase /etc -xdev -name '*.imgbase-tmp'").stdout == ""
+
+
+def assert_recovered(guest: Guest) -> None:
+    """After the boot: the old layer runs; recover leaves no incomplete LV, no new layer or
+    base, no /boot files of the new layer, no temporary file, and no journal."""
+    booted = guest.run("imgbase w").stdout.strip()
+    assert booted == A, booted
+    guest.run("systemctl is-system-running --wait", check=False, timeout=300)
+    guest.run("imgbase recover")
+    st = status(guest)
+    assert st["incomplete"] == [] and st["default_layer"] == A, st
+    assert [la["name"] for la in st["layers"]] == [A], st
+    assert [b["name"] for b in st["bases"]] == [NVR], st
+    assert guest.run(f"test ! -e /boot/{NEW} && test ! -e {JOURNAL} && "
+                     "find /boot /var/lib/imgbase /etc -xdev -name '*.imgbase-tmp'"
+                     ).stdout == ""
+
+
+def test_a_full_boot_fails_the_update_cleanly_and_recover_cleans_up(node: Guest) -> None:
+    back_to_v1_only(node)
+    node.run("rm -f /boot/filler")
+    node.run(FILL_BOOT)  # full before: refused by the space check, nothing written
+    refused = node.run(f"imgbase update {IMAGE}", check=False)
+    assert refused.rc == 2 and "/boot is too full" in refused.stderr, refused
+    assert node.run(f"test ! -e {JOURNAL} && lvs --noheadings -o lv_name | "
+                    f"grep -c '{V2}' || true").stdout.strip() == "0"
+    node.run("rm /boot/filler")
+    # full during: the copy of kernel and initrd runs out of space
+    rc, log = update_filling(node, "base-sync", FILL_BOOT)
+    assert_failed_cleanly(node, rc, log, "boot-files", "No space left on device")
+    node.reboot()  # /boot still full
+    mount_media(node)
+    assert_recovered(node)
+    node.run("rm /boot/filler")
+    recover_and_check(node)
+
+
+def test_a_full_pool_fails_the_update_cleanly_and_recover_cleans_up(node: Guest) -> None:
+    node.run("rm -f /boot/filler")  # whatever the /boot row left
+    back_to_v1_only(node)
+    st = status(node)
+    vg, pool = st["vg"], st["pool"]
+    # the VG's free space taken first, so that the pool cannot autoextend; then, once the
+    # update writes its base, a thin LV written until the pool has no block left (with the
+    # pool's default queue_if_no_space, writes wait 60 s and then fail)
+    node.run(f"lvcreate -y -l 100%FREE -n fill-vg {vg}")
+    fill = (f"lvcreate -y -V {pool['size']}b -T {vg}/{pool['name']} -n fill-pool && "
+            f"(dd if=/dev/zero of=/dev/{vg}/fill-pool bs=4M oflag=direct 2>/root/dd.log; "
+            "true)")
+    rc, log = update_filling(node, "base-sync", fill)
+    assert status(node)["pool"]["data_percent"] >= 99.9, status(node)["pool"]
+    assert_failed_cleanly(node, rc, log, "base-sync", "")
+    node.run(f"lvremove -y {vg}/fill-pool {vg}/fill-vg")
+    node.reboot()
+    mount_media(node)
+    assert_recovered(node)
+    recover_and_check(node)
