@@ -234,6 +234,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     from . import recover
+    from .health import read_history
     from .plan import read_journal
     from .status import NodeFacts
 
@@ -241,7 +242,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     what = recover.interrupted(journal)
     facts = NodeFacts.gather()
     plan = recover.plan_recover(facts, recover.work_mounts(), journal,
-                                boot_dirs=recover.layer_dirs(facts.boot))
+                                boot_dirs=recover.layer_dirs(facts.boot),
+                                history=read_history())
     if not args.json:
         print(f"interrupted: {what}" if what else "no interrupted operation in the journal")
     return _apply(plan, args, journal=None)
@@ -285,6 +287,7 @@ def cmd_kargs(args: argparse.Namespace) -> int:
         print(json.dumps(current) if args.json else " ".join(current))
         return 0
     new = kargs.edit(current, append=args.append, delete=args.delete, replace=args.replace)
+    facts.need_boot()
     lv = facts.layout.get(layer)
     assert lv is not None
     changed: dict[str, str | None] = {layer: entry(facts.boot, layer, lv.path, " ".join(new))}

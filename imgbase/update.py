@@ -158,6 +158,7 @@ def _size(path: str) -> int:
 def gather_facts(image: str, *, insecure: bool, allow_downgrade: bool, tries: int,
                  full_copy: bool = False, stage_only: bool = False) -> UpdateFacts:
     node = NodeFacts.gather()
+    node.need_boot()  # else the update "succeeds" into the root's /boot, unseen by GRUB
     info = image_info(image)
     verdict = verify_image(image, insecure=insecure)
     new = Nvr.parse(info["nvr"])
