@@ -298,8 +298,6 @@ def cmd_kargs(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     from . import boot, health
-    from .bootloader import commit_argv, grubenv
-    from .plan import write_atomic
     from .status import NodeFacts
 
     config = health.load_config()
@@ -312,9 +310,8 @@ def cmd_health(args: argparse.Namespace) -> int:
                           health.read_history())
     for event in verdict.events:
         health.append_history({"time": rec["time"], "boot_id": boot_id, **event})
-    if verdict.env != facts.env:
-        write_atomic(facts.boot / "grub/grubenv", grubenv.render(verdict.env))
-        run(list(commit_argv(facts.boot)))  # so that GRUB reads it, too
+    if verdict.env != facts.env and not health.write_env(facts, facts.env, verdict.env):
+        print("grubenv changed while the checks ran: left as it is now", file=sys.stderr)
     if args.json:
         print(json.dumps({**rec, "events": verdict.events, "reboot": verdict.reboot}, indent=2))
     else:
