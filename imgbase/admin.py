@@ -77,6 +77,7 @@ def check_boot_space(boot: Path, model: str | None) -> None:
 
 
 def plan_layer_add(f: NodeFacts, base: str | None, fstab: str) -> Plan:
+    f.need_boot()
     layout = f.layout
     base = base or f.booted_base
     if base is None:
@@ -116,6 +117,7 @@ def plan_layer_remove(f: NodeFacts, layer: str) -> Plan:
     if lv is None or lv not in f.layout.layers:
         die(f"{layer} is not a layer of this node", hint="imgbase layer --list names them")
     _refuse_in_use(f, layer, f"cannot remove {layer}")
+    f.need_boot()
     steps = [*bootloader.remove_entry_steps(f.boot, layer, f.entries),
              Step("layer-remove", ("lvremove", "-y", lv.path))]
     return Plan("layer-remove", tuple(bootloader.committed(f.boot, steps)))
@@ -141,6 +143,7 @@ def plan_base_remove(f: NodeFacts, base: str) -> Plan:
     layers = [la.name for la in f.layout.layers_of(base)]
     for layer in layers:
         _refuse_in_use(f, layer, f"cannot remove base {base}")
+    f.need_boot()
     steps: list[Step] = []
     entries = dict(f.entries)
     for layer in layers:

@@ -13,7 +13,6 @@ on trial and healthy → mark good (clear the counter); on trial and not → reb
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .bootloader import committed, grubenv, uses_bls
@@ -26,8 +25,11 @@ DEFAULT_TRIES = 3
 TRIAL_KEYS = ("imgbase_tries", "imgbase_fallback")
 
 
-def _env_step(boot: Path, env: dict[str, str]) -> Step:
-    return Step("grubenv", write=(str(boot / "grub/grubenv"), grubenv.render(env)))
+def _env_plan(f: NodeFacts, operation: str, env: dict[str, str]) -> Plan:
+    """One grubenv write, refused when /boot is not mounted (GRUB would not see it)."""
+    f.need_boot()
+    return Plan(operation, tuple(committed(f.boot, [
+        Step("grubenv", write=(str(f.boot / "grub/grubenv"), grubenv.render(env)))])))
 
 
 def _need_layer(f: NodeFacts, layer: str) -> None:
@@ -40,8 +42,7 @@ def _need_layer(f: NodeFacts, layer: str) -> None:
 def plan_next(f: NodeFacts, layer: str) -> Plan:
     """Boot layer once, at the next boot; the default stays."""
     _need_layer(f, layer)
-    return Plan("boot-next", tuple(committed(f.boot, [
-        _env_step(f.boot, {**f.env, "next_entry": layer})])))
+    return _env_plan(f, "boot-next", {**f.env, "next_entry": layer})
 
 
 def plan_set_default(f: NodeFacts, layer: str, tries: int | None = DEFAULT_TRIES) -> Plan:
@@ -54,7 +55,7 @@ def plan_set_default(f: NodeFacts, layer: str, tries: int | None = DEFAULT_TRIES
     good = f.booted if f.booted and f.env.get("imgbase_tries", "") == "" else f.default
     if tries is not None and good and good != layer:
         env.update(imgbase_tries=str(tries), imgbase_fallback=good)
-    return Plan("boot-default", tuple(committed(f.boot, [_env_step(f.boot, env)])))
+    return _env_plan(f, "boot-default", env)
 
 
 def plan_menu_timeout(f: NodeFacts, seconds: int) -> Plan:
@@ -66,7 +67,7 @@ def plan_menu_timeout(f: NodeFacts, seconds: int) -> Plan:
         die("this node boots through the distribution's grub.cfg (BLS entries): imgbase does "
             "not own its menu", hint="set GRUB_TIMEOUT in /etc/default/grub, then grub2-mkconfig")
     env = {**f.env, **menu_timeout_env(seconds)}
-    return Plan("boot-menu-timeout", tuple(committed(f.boot, [_env_step(f.boot, env)])))
+    return _env_plan(f, "boot-menu-timeout", env)
 
 
 @dataclass(frozen=True)

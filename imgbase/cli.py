@@ -234,6 +234,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     from . import recover
+    from .health import read_history
     from .plan import read_journal
     from .status import NodeFacts
 
@@ -241,7 +242,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     what = recover.interrupted(journal)
     facts = NodeFacts.gather()
     plan = recover.plan_recover(facts, recover.work_mounts(), journal,
-                                boot_dirs=recover.layer_dirs(facts.boot))
+                                boot_dirs=recover.layer_dirs(facts.boot),
+                                history=read_history())
     if not args.json:
         print(f"interrupted: {what}" if what else "no interrupted operation in the journal")
     return _apply(plan, args, journal=None)
@@ -285,6 +287,7 @@ def cmd_kargs(args: argparse.Namespace) -> int:
         print(json.dumps(current) if args.json else " ".join(current))
         return 0
     new = kargs.edit(current, append=args.append, delete=args.delete, replace=args.replace)
+    facts.need_boot()
     lv = facts.layout.get(layer)
     assert lv is not None
     changed: dict[str, str | None] = {layer: entry(facts.boot, layer, lv.path, " ".join(new))}
@@ -295,8 +298,6 @@ def cmd_kargs(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     from . import boot, health
-    from .bootloader import commit_argv, grubenv
-    from .plan import write_atomic
     from .status import NodeFacts
 
     config = health.load_config()
@@ -309,9 +310,8 @@ def cmd_health(args: argparse.Namespace) -> int:
                           health.read_history())
     for event in verdict.events:
         health.append_history({"time": rec["time"], "boot_id": boot_id, **event})
-    if verdict.env != facts.env:
-        write_atomic(facts.boot / "grub/grubenv", grubenv.render(verdict.env))
-        run(list(commit_argv(facts.boot)))  # so that GRUB reads it, too
+    if verdict.env != facts.env and not health.write_env(facts, facts.env, verdict.env):
+        print("grubenv changed while the checks ran: left as it is now", file=sys.stderr)
     if args.json:
         print(json.dumps({**rec, "events": verdict.events, "reboot": verdict.reboot}, indent=2))
     else:

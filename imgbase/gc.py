@@ -5,11 +5,12 @@
   has been good. One grubenv write.
 * ``imgbase pin|unpin BASE``: a pinned base (tag ``imgbase:pinned``) is never collected.
 * ``imgbase gc [--keep N]``: keep N images (default 2; ``[gc] keep`` in imgbase.toml) plus
-  those of the booted, default and fallback layers and the pinned ones; remove the others
-  with their layers. The N kept are the images most recently found healthy (then the
-  newest): after a rollback from a bad v2 to v1 and an update to v3, v1 -- the known-good
-  way back -- stays and v2 goes. ``imgbase health --act`` runs it after it marks a new
-  layer good.
+  those :mod:`imgbase.keep` keeps (booted, default, next boot, fallback, staged, last
+  good, pinned); remove the others with their layers. It refuses, removing nothing, when
+  /boot is not mounted or its menu cannot be read. The N kept are the images most
+  recently found healthy (then the newest): after a rollback from a bad v2 to v1 and an
+  update to v3, v1 -- the known-good way back -- stays and v2 goes. ``imgbase health
+  --act`` runs it after it marks a new layer good.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from typing import Any
 from . import bootloader
 from .boot import plan_set_default
 from .errors import die
+from .keep import TAG_PINNED, keep_set
 from .plan import Plan, Step
 from .status import NodeFacts
 from .storage.layout import layer_key
 
-TAG_PINNED = "imgbase:pinned"
 DEFAULT_KEEP = 2
 CONFIG = Path("/etc/imgbase/imgbase.toml")
 
@@ -135,13 +136,12 @@ def plan_gc(f: NodeFacts, keep: int = DEFAULT_KEEP,
             history: list[dict[str, Any]] | None = None) -> Plan:
     if keep < 1:
         die(f"--keep {keep}: at least one image is kept", hint="give --keep 1 or more")
-    good = last_good(history or [])
+    history = history or []
+    in_use = keep_set(f, history)
+    good = last_good(history)
     bases = sorted(f.layout.bases, key=lambda lv: (good.get(lv.name, 0),
                                                    layer_key(f"{lv.name}+0")), reverse=True)
-    fallback = f.env.get("imgbase_fallback")
-    in_use = {lv.origin for lv in f.layout.layers if lv.name in (f.booted, f.default, fallback)}
-    kept = {lv.name for lv in bases[:keep]} | in_use | {
-        lv.name for lv in bases if TAG_PINNED in lv.tags}
+    kept = {lv.name for lv in bases[:keep]} | in_use.names
     steps: list[Step] = []
     entries = dict(f.entries)
     for base in (lv for lv in bases if lv.name not in kept):

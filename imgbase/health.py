@@ -11,28 +11,37 @@ Every check has a timeout (``[health] timeout`` in /etc/imgbase/imgbase.toml,
 default 60 s); a check that times out is red.
 
 Results are appended to ``/var/lib/imgbase/health.json`` (on the shared /var, so
-the layer that falls back can still read why the other one failed).
+the layer that falls back can still read why the other one failed). The grubenv the
+verdict calls for is written like every other grubenv write: under imgbase's lock
+(:func:`write_env` waits for it a while), to a mounted /boot, and only over the grubenv
+the verdict was made from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import die
+from .errors import InputError, die
+from .plan import LOCK, locked
+
+if TYPE_CHECKING:
+    from .status import NodeFacts
 
 HEALTH_D = Path("/etc/imgbase/health.d")
 HISTORY = Path("/var/lib/imgbase/health.json")
 CONFIG = Path("/etc/imgbase/imgbase.toml")
 HISTORY_KEEP = 50
 DEFAULT_TIMEOUT = 60.0
+LOCK_WAIT = 120.0  # seconds health waits for another imgbase command to finish
 # Units whose failure makes a boot bad (the [health] required_units setting replaces them).
 REQUIRED_UNITS = ("local-fs.target", "systemd-journald.service", "libvirtd.service")
 
@@ -172,3 +181,42 @@ def record(layer: str | None, boot_id: str, results: list[CheckResult]) -> dict[
     good, reason = verdict(results)
     return {"time": round(time.time()), "event": "health", "layer": layer, "boot_id": boot_id,
             "good": good, "reason": reason, "checks": [asdict(r) for r in results]}
+
+
+@contextlib.contextmanager
+def waiting_locked(path: Path = LOCK, wait: float = LOCK_WAIT) -> Iterator[None]:
+    """imgbase's lock, waited for up to wait seconds (health runs at boot, when the agent
+    may be busy); then refused as any second command is."""
+    deadline = time.monotonic() + wait
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(locked(path))
+                break
+            except InputError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+        yield
+
+
+def write_env(f: NodeFacts, seen: dict[str, str], env: dict[str, str],
+              lock: Path = LOCK, wait: float = LOCK_WAIT) -> bool:
+    """Write grubenv as the verdict says, under the lock, then commit /boot for GRUB.
+
+    False, nothing written, when grubenv is no longer ``seen`` (the one the verdict was
+    made from): a command that changed it meanwhile (the agent's boot --set-default) wins.
+    Refused when /boot is not mounted."""
+    from .bootloader import commit_argv, grubenv
+    from .plan import write_atomic
+    from .run import run
+
+    f.need_boot()
+    path = f.boot / "grub/grubenv"
+    block = grubenv.render(env)
+    with waiting_locked(lock, wait):
+        if grubenv.read(path) != seen:
+            return False
+        write_atomic(path, block)
+        run(list(commit_argv(f.boot)))  # so that GRUB reads it, too
+    return True

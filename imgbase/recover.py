@@ -9,8 +9,12 @@ operation short (a crash, a kill, power loss), the leftovers are visible.
 * boot entries with no layer, and their files in /boot;
 * LVs tagged ``imgbase:retired`` (anaconda's root after layout --init) once unused.
 
-The booted layer and its base are never touched, whatever their tags say; the
-journal of the interrupted operation is reported, then cleared.
+What :mod:`imgbase.keep` keeps -- the booted, default, next-boot, fallback, staged and
+last good layers and their bases, the pinned bases -- is never touched, whatever its
+tags say; and recover refuses, removing nothing, when it cannot read the menu (/boot not
+mounted, no entries file or one that does not parse, no default in grubenv): a layer
+"with no boot entry" is only one when the menu says so. The journal of the interrupted
+operation is reported, then cleared.
 
 One operation is finished rather than undone: an update cut short after its new layer
 was complete, with only the switch of the default left. Recover makes that switch (on
@@ -26,16 +30,19 @@ from typing import Any
 from . import bootloader
 from .boot import plan_set_default
 from .errors import ImgbaseError
+from .keep import keep_set
 from .plan import JOURNAL, Plan, Step
 from .status import NodeFacts
 from .storage.layout import TAG_INCOMPLETE, TAG_RETIRED, WORK
 
 
 def plan_recover(f: NodeFacts, work_mounts: list[str], journal: list[dict[str, Any]],
-                 journal_path: Path = JOURNAL, boot_dirs: tuple[str, ...] = ()) -> Plan:
-    """boot_dirs: the layer-named directories in /boot (kernel and initrd of a layer)."""
+                 journal_path: Path = JOURNAL, boot_dirs: tuple[str, ...] = (),
+                 history: list[dict[str, Any]] | None = None) -> Plan:
+    """boot_dirs: the layer-named directories in /boot (kernel and initrd of a layer);
+    history: the health history (the last good layer is kept)."""
     layout = f.layout
-    keep = {f.booted, f.booted_base} - {None}
+    keep = keep_set(f, history or []).names
     steps: list[Step] = [Step(f"umount-{Path(m).name}", ("umount", "-l", m))
                          for m in sorted(work_mounts, reverse=True)]
     doomed: list[str] = []
@@ -78,7 +85,7 @@ def plan_recover(f: NodeFacts, work_mounts: list[str], journal: list[dict[str, A
 
 
 def _unfinished_update_base(f: NodeFacts, journal: list[dict[str, Any]], doomed: list[str],
-                            keep: set[str | None]) -> str | None:
+                            keep: frozenset[str]) -> str | None:
     """The base an update made before it was cut short, once it has no layer left: a base
     that is complete but was never given its layer would otherwise stay for good."""
     if not journal or journal[0].get("operation") != "update":

@@ -30,6 +30,7 @@ from .admin import _boot_files_step
 from .boot import DEFAULT_TRIES
 from .bootloader import grubenv
 from .errors import ImgbaseError, die
+from .kargs import check_args
 from .naming import Layer, Nvr
 from .plan import Plan, Step
 from .run import run
@@ -157,6 +158,7 @@ def _size(path: str) -> int:
 def gather_facts(image: str, *, insecure: bool, allow_downgrade: bool, tries: int,
                  full_copy: bool = False, stage_only: bool = False) -> UpdateFacts:
     node = NodeFacts.gather()
+    node.need_boot()  # else the update "succeeds" into the root's /boot, unseen by GRUB
     info = image_info(image)
     verdict = verify_image(image, insecure=insecure)
     new = Nvr.parse(info["nvr"])
@@ -186,7 +188,8 @@ def gather_facts(image: str, *, insecure: bool, allow_downgrade: bool, tries: in
 
     check_boot_space(node.boot, node.booted or node.default)
     return UpdateFacts(node=node, image=image, nvr=str(new),
-                       image_kargs=tuple(info.get("kernel_args", [])),
+                       image_kargs=check_args(info.get("kernel_args", []),
+                                              f"{image}: kernel_args"),
                        origin=str(origin) if origin else None,
                        fstab=Path("/etc/fstab").read_text(), tries=tries,
                        verdict=verdict, stage_only=stage_only)

@@ -16,7 +16,7 @@ from . import bls, grub, grubenv
 from .grub import ENTRIES, grub_cfg, read_grubenv, render_entries
 
 __all__ = ["ENTRIES", "add_entry_steps", "commit_argv", "committed", "entry", "grub_cfg",
-           "kernel_args", "read_entries", "read_grubenv", "remove_entry_steps",
+           "kernel_args", "read_entries", "read_grubenv", "read_menu", "remove_entry_steps",
            "render_entries", "set_default_step", "uses_bls", "write_entry_steps"]
 
 # GRUB reads /boot's ext4 without replaying its journal: a file written and fsync'd, but
@@ -53,6 +53,22 @@ def uses_bls(boot: Path) -> bool:
 def read_entries(boot: Path) -> dict[str, str]:
     """imgbase's entries, by layer name."""
     return bls.read(boot) if uses_bls(boot) else grub.read_entries(boot)
+
+
+def read_menu(boot: Path) -> tuple[dict[str, str], str | None]:
+    """The entries, and why the menu is not to be trusted (None: it is): no entries file,
+    text that is not an entry, an entry GRUB may not read as written, no grubenv or no
+    default in it. Planners that remove what the menu does not name refuse on a problem."""
+    if uses_bls(boot):
+        entries, problem = bls.read(boot), None
+    else:
+        entries, problem = grub.read_menu(boot)
+    env_path = boot / grub.GRUB_DIR / grub.GRUBENV
+    if problem is None and not env_path.is_file():
+        problem = f"there is no {env_path}"
+    elif problem is None and not grubenv.read(env_path).get("saved_entry"):
+        problem = f"{env_path} names no default layer (saved_entry)"
+    return entries, problem
 
 
 def entry(boot: Path, layer: str, root: str, kargs: str) -> str:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import die
+from ..kargs import UNSAFE, cmdline
 from ..plan import Step
 
 ENTRIES_DIR = "loader/entries"
@@ -32,9 +34,12 @@ MARKER = "# imgbase-layer "
 
 
 def render(layer: str, root: str, kargs: str) -> str:
+    """blscfg expands ``options`` as GRUB script: its words are checked as a GRUB entry's."""
+    if not layer or UNSAFE.search(layer):
+        die(f"layer name {layer!r} cannot go into a boot entry", hint="a layer is <nvr>+<n>")
     return (f"{MARKER}{layer}\ntitle imgbase {layer}\nversion {layer}\n"
             f"linux /{layer}/vmlinuz\ninitrd /{layer}/initrd.img\n"
-            f"options root={root} {kargs}\ngrub_class imgbase\n")
+            f"options {cmdline(root, kargs)}\ngrub_class imgbase\n")
 
 
 def layer_of(text: str) -> str | None:

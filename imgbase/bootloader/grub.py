@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from ..errors import die
+from ..kargs import UNSAFE, cmdline
 from ..plan import Step
 from ..storage.layout import layer_key
 from . import grubenv
@@ -30,6 +31,10 @@ GRUB_DIR = "grub"
 ENTRIES = "imgbase-entries.cfg"
 GRUBENV = "grubenv"
 ENTRY_RE = re.compile(r"^menuentry [^\n]*--id '([^']+)' \{\n.*?^\}\n", re.M | re.S)
+# an entry exactly as :func:`entry` writes it: three lines, words GRUB reads literally
+STRICT_RE = re.compile(r"menuentry 'imgbase ([^'\n]+)' --id '\1' \{\n"
+                       r"  linux /\1/vmlinuz (root=[^ \n]+(?: [^ \n]+)*)\n"
+                       r"  initrd /\1/initrd\.img\n\}\n")
 
 
 MAX_TRIES = 9
@@ -96,9 +101,36 @@ def grub_cfg(default: str, boot_uuid: str | None = None) -> str:
 
 
 def entry(layer: str, root: str, kargs: str) -> str:
+    """A layer's menu entry. Every word in it is checked (:func:`imgbase.kargs.cmdline`):
+    a value GRUB's script syntax would read (a quote, ``}``, ``$``, ``;``...) is refused
+    here, whatever boundary let it through, so no entry can end early, swallow the entries
+    after it or run a command.
+
+    >>> entry("a+1", "/dev/vg/a+1", "rw x}")
+    Traceback (most recent call last):
+    ...
+    imgbase.errors.InputError: kernel argument 'x}' cannot go into a boot entry
+    """
+    if not layer or UNSAFE.search(layer):
+        die(f"layer name {layer!r} cannot go into a boot entry", hint="a layer is <nvr>+<n>")
     return (f"menuentry 'imgbase {layer}' --id '{layer}' {{\n"
-            f"  linux /{layer}/vmlinuz root={root} {kargs}\n"
+            f"  linux /{layer}/vmlinuz {cmdline(root, kargs)}\n"
             f"  initrd /{layer}/initrd.img\n}}\n")
+
+
+def entry_problem(layer: str, text: str) -> str | None:
+    """Why an entry is not one GRUB is sure to read as imgbase wrote it (None: it is).
+
+    >>> entry_problem("a+1", entry("a+1", "/dev/vg/a+1", "rw"))
+    >>> print(entry_problem("a+1", entry("a+1", "/dev/vg/a+1", "rw").replace("rw", "r$w")))
+    the entry of a+1 has a word GRUB does not read literally: 'r$w'
+    """
+    m = STRICT_RE.fullmatch(text)
+    if m is None or m.group(1) != layer:
+        return f"the entry of {layer} is not one imgbase writes"
+    bad = [w for w in m.group(2).split(" ") if UNSAFE.search(w)]
+    return (f"the entry of {layer} has a word GRUB does not read literally: {bad[0]!r}"
+            if bad else None)
 
 
 def parse_entries(text: str) -> dict[str, str]:
@@ -121,10 +153,27 @@ def unrecognised(text: str) -> str:
 
 
 def read_entries(boot: Path) -> dict[str, str]:
+    """The entries imgbase can parse ({} when there is no file: see :func:`read_menu`)."""
+    return read_menu(boot)[0]
+
+
+def read_menu(boot: Path) -> tuple[dict[str, str], str | None]:
+    """The entries, and why the menu cannot be trusted to be what GRUB will read (None:
+    it can). No file is not an empty menu: a /boot that is not mounted, or a file that
+    does not parse, must not read as "no layer has an entry"."""
+    path = boot / GRUB_DIR / ENTRIES
     try:
-        return parse_entries((boot / GRUB_DIR / ENTRIES).read_text())
+        text = path.read_text()
     except FileNotFoundError:
-        return {}
+        return {}, f"there is no {path}"
+    except (OSError, UnicodeDecodeError) as exc:
+        return {}, f"{path} cannot be read: {exc}"
+    found = parse_entries(text)
+    if junk := unrecognised(text):
+        return found, (f"{path} has text that is not an imgbase menu entry: "
+                       f"{junk.splitlines()[0][:60]!r}")
+    problems = [p for name, block in found.items() if (p := entry_problem(name, block))]
+    return found, (f"{path}: {problems[0]}" if problems else None)
 
 
 def kernel_args(block: str) -> str:
@@ -139,8 +188,18 @@ def kernel_args(block: str) -> str:
 
 def write_steps(boot: Path, current: dict[str, str], changes: dict[str, str | None]
                 ) -> list[Step]:
-    """Rewrite the entries file with the changed entries (None: removed)."""
+    """Rewrite the entries file with the changed entries (None: removed).
+
+    All entries share the file GRUB sources, and one that does not parse can take those
+    after it along (an open quote runs on through the fallback's entry): a file with an
+    entry that is not three literal lines (one an older imgbase wrote with an image's
+    unchecked argument) is never written; the hint names the repair."""
     entries = {k: v for k, v in {**current, **changes}.items() if v is not None}
+    for name, block in entries.items():
+        if problem := entry_problem(name, block):
+            die(f"{problem}; it would break the menu GRUB reads",
+                hint=f"imgbase kargs --layer {name} --delete ARG (or layer --remove {name}) "
+                     "first")
     return [Step("boot-entries", write=(str(boot / GRUB_DIR / ENTRIES),
                                         render_entries(entries)))]
 

@@ -329,6 +329,38 @@ def test_kargs_are_checked_and_carried_to_a_new_layer(node: Guest) -> None:
     assert "imgbase.test=carried" in layer(status(node), B)["kargs"]
 
 
+def test_with_boot_unmounted_or_a_broken_menu_nothing_is_removed_or_written(node: Guest
+                                                                             ) -> None:
+    """Issue 18: after layer --add and boot --set-default of the new layer, `umount /boot;
+    imgbase recover --dry-run` planned the lvremove of the default layer."""
+    node.run(f"imgbase boot --set-default {B}")
+    env = node.run("grub-editenv /boot/grub/grubenv list").stdout
+    assert f"saved_entry={B}" in env
+    node.run("umount /boot")
+    try:
+        root_boot = node.run("find /boot -xdev -printf '%p %s %T@\\n' | sort").stdout
+        for command in ("imgbase recover --dry-run", "imgbase gc --dry-run", "imgbase recover",
+                        f"imgbase boot --set-default {A} --no-trial", "imgbase layer --add",
+                        "imgbase kargs --append imgbase.test=x", f"imgbase boot --next {A}"):
+            proc = node.run(command, check=False)
+            assert proc.rc == 2 and "/boot is not mounted" in proc.stderr, (command, proc)
+            assert "lvremove" not in proc.stdout
+        # nothing went into the root's own /boot, which GRUB never reads
+        assert node.run("find /boot -xdev -printf '%p %s %T@\\n' | sort").stdout == root_boot
+    finally:
+        node.run("mount /boot")
+    assert node.run("grub-editenv /boot/grub/grubenv list").stdout == env
+    node.run(f"cp {ENTRIES} /root/entries.cfg && echo 'menuentry broken {{' >> {ENTRIES}")
+    try:
+        proc = node.run("imgbase recover --dry-run", check=False)
+        assert proc.rc == 2 and "cannot read the boot menu" in proc.stderr, proc
+    finally:
+        node.run(f"cp /root/entries.cfg {ENTRIES}")
+    assert "lvremove" not in node.run("imgbase recover --dry-run").stdout
+    assert [la["name"] for la in status(node)["layers"]] == [A, B]
+    node.run(f"imgbase boot --set-default {A} --no-trial")  # as the next test expects
+
+
 def check_ok(guest: Guest) -> None:
     report = json.loads(guest.run("imgbase check --json", check=False).stdout)
     assert report["ok"], [c for c in report["checks"] if not c["ok"]]
