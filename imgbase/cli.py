@@ -199,13 +199,14 @@ def cmd_base(args: argparse.Namespace) -> int:
     from .naming import Nvr
     from .status import NodeFacts, collect
 
-    facts = NodeFacts.gather()
     if args.add:
         if not Path(args.add).is_file():
             die(f"{args.add}: no such image", hint="give the .squashfs made by imgbase compose")
         parse_size(args.size)
+        trust.check_insecure(args.insecure)
         image = trust.verified_copy(args.add, insecure=args.insecure)
         try:
+            facts = NodeFacts.gather()
             nvr = args.nvr or image.nvr
             accepted = trust.read_accepted()
             trust.refuse_rollback(Nvr.parse(image.nvr), accepted, args.allow_downgrade)
@@ -213,6 +214,7 @@ def cmd_base(args: argparse.Namespace) -> int:
                                               image.key, accepted), args)
         finally:
             image.discard()
+    facts = NodeFacts.gather()
     if args.remove:
         return _apply(admin.plan_base_remove(facts, args.remove), args)
     bases = _names(collect(facts), "bases")

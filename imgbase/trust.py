@@ -367,8 +367,9 @@ def verified_copy(image: str, *, insecure: bool, trusted: Path = TRUSTED,
 
 # -- anti-rollback: the newest image this node has ever accepted ---------------------------
 
-def read_accepted(path: Path = ACCEPTED) -> dict[str, str]:
+def read_accepted(path: Path | None = None) -> dict[str, str]:
     """Product name -> the newest NVR of it the node accepted (update, install)."""
+    path = path or ACCEPTED
     if not path.exists():
         return {}
     try:
@@ -391,8 +392,9 @@ def refuse_rollback(new: Nvr, accepted: dict[str, str], allow_downgrade: bool) -
             hint="pass --allow-downgrade to go back anyway")
 
 
-def accepted_step(accepted: dict[str, str], new: Nvr, path: Path = ACCEPTED) -> Step:
+def accepted_step(accepted: dict[str, str], new: Nvr, path: Path | None = None) -> Step:
     """The plan step that raises the record to new (never lowers it); fsync'd."""
+    path = path or ACCEPTED
     high = accepted.get(new.name)
     keep = high is not None and not Nvr.parse(high) < new
     record = {**accepted, new.name: high if keep and high else str(new)}

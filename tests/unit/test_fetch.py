@@ -4,6 +4,7 @@ connection breaks, started over when the server ignores ranges, sidecars fetched
 from __future__ import annotations
 
 import http.server
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,3 +127,49 @@ def test_a_missing_image_is_a_clear_error(server: Server, tmp_path: Path) -> Non
 def test_an_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="cannot fetch http://127.0.0.1:9/x.squashfs"):
         fetch.fetch("http://127.0.0.1:9/x.squashfs", Progress(), tmp_path, insecure=True)
+
+
+def test_missing_sidecars_stop_before_the_image_is_asked_for(server: Server,
+                                                            tmp_path: Path) -> None:
+    server.files = {"/n.squashfs": BODY}
+    with pytest.raises(InputError, match=r"n.squashfs.sha256 is missing: the image cannot"):
+        fetch.fetch(url(server, "/n.squashfs"), Progress(), tmp_path / "dl")
+    assert all(not path.endswith(".squashfs") for path, _ in server.requests_seen)
+    assert list((tmp_path / "dl").iterdir()) == []
+    server.files["/n.squashfs.sha256"] = SUMS  # a checksum but no signature: the same
+    with pytest.raises(InputError, match=r"is not signed \(.*\.sig is missing\)"):
+        fetch.fetch(url(server, "/n.squashfs"), Progress(), tmp_path / "dl")
+    assert all(not path.endswith(".squashfs") for path, _ in server.requests_seen)
+    assert not (tmp_path / "dl/n.squashfs.part").exists()
+
+
+def test_a_signature_by_an_unknown_key_stops_before_the_image(server: Server,
+                                                             tmp_path: Path) -> None:
+    from tests.images import signing_key, stop_agent
+
+    home = signing_key(tmp_path / "gnupg", tmp_path / "key.gpg")
+    (tmp_path / "n.squashfs").write_bytes(BODY)
+    (tmp_path / "n.squashfs.sha256").write_bytes(SUMS)
+    subprocess.run(["gpg", "--homedir", str(home), "--batch", "--detach-sign", "--output",
+                    str(tmp_path / "sig"), str(tmp_path / "n.squashfs.sha256")], check=True)
+    stop_agent(home)
+    server.files = {"/n.squashfs": BODY, "/n.squashfs.sha256": SUMS,
+                    "/n.squashfs.sha256.sig": (tmp_path / "sig").read_bytes()}
+    (tmp_path / "trusted.d").mkdir()  # the key is not in it: nothing trusted
+    (tmp_path / "trusted.d/other.gpg").write_bytes(b"")
+    with pytest.raises(InputError, match="which is not in|could not be checked"):
+        fetch.fetch(url(server, "/n.squashfs"), Progress(), tmp_path / "dl",
+                    trusted=tmp_path / "trusted.d")
+    assert all(not path.endswith(".squashfs") for path, _ in server.requests_seen)
+
+
+def test_the_url_with_its_token_is_kept_root_only(server: Server, tmp_path: Path) -> None:
+    server.files = {"/n.squashfs": BODY, "/n.squashfs.sha256": SUMS}
+    server.break_after = 1 << 20
+    dl = tmp_path / "dl"
+    dl.mkdir(mode=0o755)
+    with pytest.raises(InputError, match="broke off"):
+        fetch.fetch(url(server, "/n.squashfs"), Progress(), dl, insecure=True)
+    assert (dl / "n.squashfs.part.url").read_text() == url(server, "/n.squashfs")
+    assert (dl / "n.squashfs.part.url").stat().st_mode & 0o777 == 0o600
+    assert dl.stat().st_mode & 0o777 == 0o700
