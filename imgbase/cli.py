@@ -90,6 +90,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
         serial_log=Path(args.serial_log) if args.serial_log else None,
         cmdline=tuple(args.append),
         selfcheck=args.selfcheck,
+        trusted=tuple(Path(k) for k in args.trust),
     )
     guest = Guest(spec)
     if args.selfcheck:
@@ -592,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serial-log", metavar="FILE", help="keep the serial console here")
     p.add_argument("--append", action="append", default=[], metavar="KARG",
                    help="extra kernel argument (live boot)")
+    p.add_argument("--trust", action="append", default=[], metavar="KEY.gpg",
+                   help="--live: a public key the guest trusts (/etc/imgbase/trusted.d); the "
+                   "image's .sha256 and .sha256.sig go to /run/imgbase/live/, for install")
     p.add_argument("--timeout", type=float, default=900, metavar="S",
                    help="limit for --run and --selfcheck (default 900)")
     how = p.add_mutually_exclusive_group()

@@ -294,6 +294,27 @@ def _hash_fd(fd: int, out: int | None = None) -> str:
     return h.hexdigest()
 
 
+def _copy_prefix(name: str) -> str:
+    return f".{os.getpid()}.{name}."
+
+
+def clear_stale(dest_dir: Path) -> None:
+    """Remove the copies that processes no longer running left (an update cut short by a
+    power loss): each copy is named after the pid that made it."""
+    if not dest_dir.is_dir():
+        return
+    for entry in dest_dir.iterdir():
+        pid = entry.name.split(".")[1] if entry.name.count(".") >= 2 else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            entry.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
 def private_dir(path: Path) -> Path:
     """path as a directory only root reads: made 0700, or made so."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -307,7 +328,7 @@ def _copy_hashing(fd: int, size: int, dest_dir: Path, name: str) -> tuple[Path, 
     if size > free:
         die(f"{dest_dir} has {free >> 20} MiB free, the image's verified copy needs "
             f"{size >> 20} MiB", hint="free space on /var (imgbase gc; remove old downloads)")
-    out_fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=dest_dir)
+    out_fd, tmp = tempfile.mkstemp(prefix=_copy_prefix(name), dir=dest_dir)
     try:
         got = _hash_fd(fd, out_fd)
         os.fsync(out_fd)
@@ -330,6 +351,7 @@ def verified_copy(image: str, *, insecure: bool, trusted: Path = TRUSTED,
     nothing can change it. adopt: a root-only directory (the downloads) whose files are
     renamed into dest_dir instead of copied."""
     check_insecure(insecure, config)
+    clear_stale(dest_dir)
     side = read_sidecars(image, sums)
     want, key = judge(image, side, insecure=insecure, trusted=trusted)
     fd, st = _open_image(image)
@@ -340,7 +362,7 @@ def verified_copy(image: str, *, insecure: bool, trusted: Path = TRUSTED,
                 die(f"{image} is a writable block device", hint="give the image as a file")
             path, got, copy = Path(image), _hash_fd(fd), False
         elif adopt is not None and Path(image).resolve().parent == adopt.resolve():
-            tmp_fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=private_dir(dest_dir))
+            tmp_fd, tmp = tempfile.mkstemp(prefix=_copy_prefix(name), dir=private_dir(dest_dir))
             os.close(tmp_fd)
             path = Path(tmp)
             os.rename(image, path)  # same filesystem, both root-only: nobody else writes

@@ -323,3 +323,19 @@ def test_update_refuses_below_the_record_even_with_no_newer_base(
     write = plan.steps[names.index("accepted")].write
     assert write is not None and write[0] == str(record)
     assert json.loads(write[1]) == {"n": "n-2.0-1"}
+
+
+def test_copies_left_by_a_process_that_is_gone_are_removed(keys: dict, real: Path,
+                                                           tmp_path: Path) -> None:
+    dest = tmp_path / "images"
+    dest.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = dest / f".{dead.pid}.n-1.0-1.squashfs.abc123"
+    left.write_bytes(b"a copy an update cut short left")
+    mine = dest / f".{os.getpid()}.n-1.0-1.squashfs.def456"
+    mine.write_bytes(b"a copy in use")
+    trust.sign(str(real), homedir=str(keys["home"]))
+    got = trust.verified_copy(str(real), insecure=False, trusted=keys["trusted"],
+                              dest_dir=dest, config=tmp_path / "none.toml")
+    assert not left.exists() and mine.exists() and got.path.exists()
