@@ -26,6 +26,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,9 +223,10 @@ def verify(image: str | None, *, insecure: bool, sums: str | None = None) -> Ver
     return verified_copy(image, insecure=insecure, sums=Path(sums) if sums else None)
 
 
-def gather_facts(disk: str, verify_image: Any, *, volumes: str, pool_size: str | None,
-                 wipe: bool, vg: str = "imgbase", join: JoinConfig | None = None,
-                 menu_timeout: int | None = None) -> tuple[InstallFacts, Verified]:
+def gather_facts(disk: str, verify_image: Callable[[], Verified], *, volumes: str,
+                 pool_size: str | None, wipe: bool, vg: str = "imgbase",
+                 join: JoinConfig | None = None, menu_timeout: int | None = None,
+                 ) -> tuple[InstallFacts, Verified]:
     """verify_image: called once the disk passed its checks; returns the Verified image
     (whose copy the caller discards when the install is done)."""
     if menu_timeout is not None:
@@ -259,7 +261,7 @@ def gather_facts(disk: str, verify_image: Any, *, volumes: str, pool_size: str |
     if vg in elsewhere:
         die(f"a volume group named {vg} already exists on another disk",
             hint="name this node's volume group with --vg NAME")
-    image: Verified = verify_image()
+    image = verify_image()
     try:
         kernel = image_kernel(str(image.path))
     except BaseException:

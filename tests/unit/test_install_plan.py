@@ -104,8 +104,8 @@ def test_bad_nvr_is_refused() -> None:
 def test_missing_disk_is_refused(tmp_path: Path) -> None:
     (tmp_path / "img").write_text("x")
     with pytest.raises(InputError, match="no such disk"):
-        gather_facts(str(tmp_path / "nope"), str(tmp_path / "img"), volumes="minimal",
-                     pool_size=None, wipe=False)
+        gather_facts(str(tmp_path / "nope"), lambda: pytest.fail("verified before the disk"),
+                     volumes="minimal", pool_size=None, wipe=False)
 
 
 def test_menu_timeout_goes_into_the_first_grubenv() -> None:
