@@ -351,6 +351,8 @@ def verified_copy(image: str, *, insecure: bool, trusted: Path = TRUSTED,
     nothing can change it. adopt: a root-only directory (the downloads) whose files are
     renamed into dest_dir instead of copied."""
     check_insecure(insecure, config)
+    if not os.path.lexists(image):  # said first: its sidecars are missing too
+        die(f"{image}: no such image", hint="give the .squashfs made by imgbase compose")
     clear_stale(dest_dir)
     side = read_sidecars(image, sums)
     want, key = judge(image, side, insecure=insecure, trusted=trusted)

@@ -339,3 +339,10 @@ def test_copies_left_by_a_process_that_is_gone_are_removed(keys: dict, real: Pat
     got = trust.verified_copy(str(real), insecure=False, trusted=keys["trusted"],
                               dest_dir=dest, config=tmp_path / "none.toml")
     assert not left.exists() and mine.exists() and got.path.exists()
+
+
+def test_a_missing_image_is_named_as_such(keys: dict, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="nothere.squashfs: no such image"):
+        trust.verified_copy(str(tmp_path / "nothere.squashfs"), insecure=False,
+                            trusted=keys["trusted"], dest_dir=tmp_path / "images",
+                            config=tmp_path / "none.toml")
