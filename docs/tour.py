@@ -81,15 +81,19 @@ def tour(work: Path) -> str:
     image = out / f"{NVR}.squashfs"
     disk = work / "node.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "20G"])
-    t.text("Install it onto a blank 20 GB disk, from the image booted live in qemu:")
-    t.host([*imgbase, "vm", "--live", str(image), "--attach", str(disk), "--run",
-            "imgbase install --disk /dev/vdb"],
-           f"imgbase vm --live out/{image.name} --attach node.qcow2 "
-           "--run 'imgbase install --disk /dev/vdb'")
-
     updates = work / "updates"
     updates.mkdir()
     home = signing_key(work / "gnupg", updates / "site.gpg")
+    t.text("Sign it (a throw-away key here; a site keeps its own):")
+    t.host([*imgbase, "sign", str(image), "--homedir", str(home)],
+           f"imgbase sign out/{image.name}")
+    t.text("Install it onto a blank 20 GB disk, from the image booted live in qemu, which "
+           "is given the image's .sha256 and .sig and the key to check them with:")
+    t.host([*imgbase, "vm", "--live", str(image), "--trust", str(updates / "site.gpg"),
+            "--attach", str(disk), "--run", "imgbase install --disk /dev/vdb"],
+           f"imgbase vm --live out/{image.name} --trust site.gpg --attach node.qcow2 "
+           "--run 'imgbase install --disk /dev/vdb'")
+
     v2 = derive(image, updates, "1.1")
     trust.sign(str(v2), homedir=str(home))
     stop_agent(home)

@@ -24,6 +24,7 @@ from .storage.layout import (
     mountpoint_of,
     rewrite_fstab,
 )
+from .trust import accepted_step, with_key
 
 
 def _boot_files_step(mnt: Path, boot: Path, layer: str) -> Step:
@@ -123,7 +124,11 @@ def plan_layer_remove(f: NodeFacts, layer: str) -> Plan:
     return Plan("layer-remove", tuple(bootloader.committed(f.boot, steps)))
 
 
-def plan_base_add(f: NodeFacts, image: str, nvr: str, size: str) -> Plan:
+def plan_base_add(f: NodeFacts, image: str, nvr: str, size: str, key: str | None = None,
+                  accepted: dict[str, str] | None = None) -> Plan:
+    """image: a verified copy (trust.verified_copy); key: what signed it (tagged on the
+    base); accepted: the anti-rollback record, raised to the image's NVR when it is done
+    (None: left alone)."""
     Nvr.parse(nvr)
     if f.layout.get(nvr) is not None:
         die(f"{nvr} already exists on this node", hint="imgbase base --list names the bases")
@@ -131,7 +136,10 @@ def plan_base_add(f: NodeFacts, image: str, nvr: str, size: str) -> Plan:
     if pool is None:
         die(f"volume group {f.layout.vg} has no thin pool tagged imgbase:pool",
             hint="imgbase check tells what is wrong")
-    steps = base_from_image_steps(f.layout.vg, nvr, image, size, WORK / "base-add", pool.name)
+    steps = with_key(base_from_image_steps(f.layout.vg, nvr, image, size, WORK / "base-add",
+                                           pool.name), f.layout.vg, nvr, key)
+    if accepted is not None:
+        steps.append(accepted_step(accepted, Nvr.parse(nvr)))
     return Plan("base-add", tuple(steps))
 
 

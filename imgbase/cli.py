@@ -90,6 +90,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
         serial_log=Path(args.serial_log) if args.serial_log else None,
         cmdline=tuple(args.append),
         selfcheck=args.selfcheck,
+        trusted=tuple(Path(k) for k in args.trust),
     )
     guest = Guest(spec)
     if args.selfcheck:
@@ -145,17 +146,24 @@ def _apply(plan: Plan, args: argparse.Namespace, journal: Path | None = JOURNAL)
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from . import install
+    from . import install, trust
 
     join = None
     if args.join:
         join = install.join_config(args.join, args.group, args.ca, args.cert, args.key)
     elif args.ca or args.cert or args.key:
         die("--ca, --cert and --key go with --join", hint="add --join ENDPOINTS")
-    facts = install.gather_facts(args.disk, args.image, volumes=args.volumes,
-                                 pool_size=args.pool_size, wipe=args.wipe, vg=args.vg,
-                                 join=join, menu_timeout=args.menu_timeout)
-    return _apply(install.plan_install(facts), args, journal=install.JOURNAL)
+    trust.check_insecure(args.insecure)
+    if args.image is not None and not Path(args.image).is_file():
+        die(f"{args.image}: no such image", hint="give the .squashfs made by imgbase compose")
+    facts, image = install.gather_facts(
+        args.disk, lambda: install.verify(args.image, insecure=args.insecure, sums=args.sha256),
+        volumes=args.volumes, pool_size=args.pool_size, wipe=args.wipe, vg=args.vg, join=join,
+        menu_timeout=args.menu_timeout)
+    try:
+        return _apply(install.plan_install(facts), args, journal=install.JOURNAL)
+    finally:
+        image.discard()
 
 
 def cmd_layout(args: argparse.Namespace) -> int:
@@ -187,17 +195,27 @@ def _names(status: dict[str, object], key: str) -> list[dict[str, object]]:
 
 
 def cmd_base(args: argparse.Namespace) -> int:
-    from . import admin
-    from .install import _image_info, parse_size
+    from . import admin, trust
+    from .install import parse_size
+    from .naming import Nvr
     from .status import NodeFacts, collect
 
-    facts = NodeFacts.gather()
     if args.add:
         if not Path(args.add).is_file():
             die(f"{args.add}: no such image", hint="give the .squashfs made by imgbase compose")
         parse_size(args.size)
-        nvr = args.nvr or _image_info(args.add)["nvr"]
-        return _apply(admin.plan_base_add(facts, args.add, nvr, args.size), args)
+        trust.check_insecure(args.insecure)
+        image = trust.verified_copy(args.add, insecure=args.insecure)
+        try:
+            facts = NodeFacts.gather()
+            nvr = args.nvr or image.nvr
+            accepted = trust.read_accepted()
+            trust.refuse_rollback(Nvr.parse(image.nvr), accepted, args.allow_downgrade)
+            return _apply(admin.plan_base_add(facts, str(image.path), nvr, args.size,
+                                              image.key, accepted), args)
+        finally:
+            image.discard()
+    facts = NodeFacts.gather()
     if args.remove:
         return _apply(admin.plan_base_remove(facts, args.remove), args)
     bases = _names(collect(facts), "bases")
@@ -378,24 +396,32 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    from . import fetch, update
+    from . import fetch, trust, update
 
+    trust.check_insecure(args.insecure)
     with locked():
-        source = args.source
+        source, adopt = args.source, None
         if fetch.is_url(source):
-            source = str(fetch.fetch(source, Progress(json_lines=args.json)))
-        facts = update.gather_facts(source, insecure=args.insecure,
-                                    allow_downgrade=args.allow_downgrade, tries=args.tries,
-                                    full_copy=args.full_copy, stage_only=args.stage_only)
-        plan = update.plan_update(facts)
-        if args.check:
-            report = update.check_report(facts, Path("/run/imgbase"))
-            print(json.dumps(report, indent=2) if args.json else update.render_report(report))
-            return 0
-        if args.dry_run:
-            print(plan.to_json() if args.json else plan.describe())
-            return 0
-        execute(plan, Progress(json_lines=args.json))
+            source = str(fetch.fetch(source, Progress(json_lines=args.json),
+                                     insecure=args.insecure))
+            adopt = fetch.DOWNLOADS  # root-only: the download is renamed, not copied
+        image = trust.verified_copy(source, insecure=args.insecure, adopt=adopt)
+        try:
+            facts = update.gather_facts(image, allow_downgrade=args.allow_downgrade,
+                                        tries=args.tries, full_copy=args.full_copy,
+                                        stage_only=args.stage_only)
+            plan = update.plan_update(facts)
+            if args.check:
+                report = update.check_report(facts, Path("/run/imgbase"))
+                print(json.dumps(report, indent=2) if args.json
+                      else update.render_report(report))
+                return 0
+            if args.dry_run:
+                print(plan.to_json() if args.json else plan.describe())
+                return 0
+            execute(plan, Progress(json_lines=args.json))
+        finally:
+            image.discard()  # done or failed: the plan needs it no more
     if args.json:
         pass
     elif args.stage_only:
@@ -567,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serial-log", metavar="FILE", help="keep the serial console here")
     p.add_argument("--append", action="append", default=[], metavar="KARG",
                    help="extra kernel argument (live boot)")
+    p.add_argument("--trust", action="append", default=[], metavar="KEY.gpg",
+                   help="--live: a public key the guest trusts (/etc/imgbase/trusted.d); the "
+                   "image's .sha256 and .sha256.sig go to /run/imgbase/live/, for install")
     p.add_argument("--timeout", type=float, default=900, metavar="S",
                    help="limit for --run and --selfcheck (default 900)")
     how = p.add_mutually_exclusive_group()
@@ -597,6 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", metavar="FILE", help="CA certificate for etcd TLS (with --join)")
     p.add_argument("--cert", metavar="FILE", help="client certificate (with --join)")
     p.add_argument("--key", metavar="FILE", help="client certificate key (with --join)")
+    p.add_argument("--sha256", metavar="FILE",
+                   help="the image's signed checksum file (its signature: FILE.sig); default "
+                   "IMAGE.sha256, or in the live environment /run/imgbase/live/image.sha256")
+    p.add_argument("--insecure", action="store_true",
+                   help="accept an image without .sha256 or .sha256.sig, only where "
+                   "imgbase.toml has [trust] allow_insecure = true")
     _plan_args(p)
     p.set_defaults(func=cmd_install)
 
@@ -660,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
             how.add_argument("--add", metavar="IMAGE.squashfs", help="a new base from an image")
             p.add_argument("--nvr", help="--add: name of the base (default: the image's NVR)")
             p.add_argument("--size", default="8G", help="--add: size of the base (default 8G)")
+            _trust_args(p)
             how.add_argument("--remove", metavar="NVR",
                              help="a base and its layers (never the booted one's)")
         else:
@@ -751,10 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="IMAGE.squashfs|URL",
                    help="a path, or an http(s) URL (downloaded resumably to "
                    "/var/lib/imgbase/downloads with its .sha256 and .sha256.sig)")
-    p.add_argument("--insecure", action="store_true",
-                   help="accept an image without .sha256 or .sha256.sig (a bad one is still "
-                   "refused)")
-    p.add_argument("--allow-downgrade", action="store_true")
+    _trust_args(p)
     p.add_argument("--full-copy", action="store_true",
                    help="unpack the whole image into a new base instead of a delta of the "
                    "closest one (slower; for a base you no longer trust)")
@@ -851,6 +884,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=cmd_ssh_credential)
     return parser
+
+
+def _trust_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--insecure", action="store_true",
+                   help="accept an image without .sha256 or .sha256.sig, only where "
+                   "imgbase.toml has [trust] allow_insecure = true (a bad one is still "
+                   "refused)")
+    p.add_argument("--allow-downgrade", action="store_true",
+                   help="accept an image older than the newest this node has accepted")
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:

@@ -4,8 +4,11 @@ Downloads go to ``/var/lib/imgbase/downloads`` (on /var, so they outlive a layer
 ``NAME.part`` and are renamed to ``NAME`` once complete. A download cut short keeps its
 ``.part``; running the same command again asks the server for the rest (``Range``) and
 starts over only when the server does not do ranges. The checksum and signature files
-are fetched next to the image, where :mod:`imgbase.trust` looks for them; a server
-without them answers 404 and the image is then judged as an unsigned one.
+are fetched first, next to the image, where :mod:`imgbase.trust` looks for them, and
+judged before the image is asked for: a server without them (404) or a signature that is
+bad or by an untrusted key stops the download before its first byte, unless the image
+may be accepted unsigned (``--insecure`` where the node allows it). The downloads
+directory is root-only (0700): a ``.part.url`` holds the URL, token and all.
 
 >>> is_url("https://example.org/n-2.0-1.squashfs"), is_url("/var/tmp/n.squashfs")
 (True, False)
@@ -22,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from . import trust
 from .errors import die
 from .progress import Progress
 
@@ -78,14 +82,19 @@ def _small(url: str, dest: Path) -> bool:
     return True
 
 
-def fetch(url: str, progress: Progress, downloads: Path = DOWNLOADS) -> Path:
-    """Download url (resuming a .part) and its sidecars; return the local image path."""
+def fetch(url: str, progress: Progress, downloads: Path = DOWNLOADS, *,
+          insecure: bool = False, trusted: Path = trust.TRUSTED) -> Path:
+    """Download url's sidecars, judge them, then the image (resuming a .part); return
+    the local image path. insecure: an unsigned image may be accepted (the caller has
+    checked that the node allows it)."""
     requests = _requests()
     name = name_from_url(url)
-    downloads.mkdir(parents=True, exist_ok=True)
+    trust.private_dir(downloads)
     final, part = downloads / name, downloads / f"{name}.part"
     for suffix in SIDECARS:  # small, fetched first: a bad URL fails before the big one
         _small(sidecar_url(url, suffix), downloads / f"{name}{suffix}")
+    # refused here, before the big download, unless insecure excuses it
+    trust.judge(url, trust.read_sidecars(str(final)), insecure=insecure, trusted=trusted)
     origin = downloads / f"{name}.part.url"  # a .part resumes only from the URL it came from
     if part.exists() and (not origin.exists() or origin.read_text() != url):
         part.unlink()
@@ -118,7 +127,10 @@ def fetch(url: str, progress: Progress, downloads: Path = DOWNLOADS) -> Path:
         if rest and rest > free:
             die(f"{downloads} has {free >> 20} MiB free, the download needs {rest >> 20} MiB",
                 hint="free space on /var, or download the image yourself and give its path")
-        origin.write_text(url)
+        fd = os.open(origin, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:  # the URL may carry a token
+            os.fchmod(f.fileno(), 0o600)
+            f.write(url)
         progress.emit("download-start", url=url, resume_from=have, total=total)
         done, last, broke = have, 0.0, ""
         try:

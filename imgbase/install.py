@@ -10,6 +10,14 @@ unformatted for grub-efi), 3 /boot (ext4, 1 GiB), 4 LVM PV. The volume group
 (<nvr>, read-only, activation skipped, imgbase:base), its first layer
 (<nvr>+1, writable thin snapshot, imgbase:layer) and the volumes
 (imgbase:volume): /var always, the NIST set with --volumes nist.
+
+The image is verified before anything reads it (:func:`imgbase.trust.verified_copy`): its
+``.sha256`` signed by a key in /etc/imgbase/trusted.d, unless ``--insecure`` where
+imgbase.toml allows it. In the live environment the image is the running one, read from
+its read-only device, and its sidecars are ``/run/imgbase/live/image.sha256`` and
+``.sig`` (``imgbase vm --live`` puts them there from next to the image; ``--sha256``
+names others). The new base is tagged with the signing key, and the node's record of
+accepted images (anti-rollback, ``/var/lib/imgbase/accepted.json``) starts with it.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +47,14 @@ from .storage.layout import (
     volume_steps,
 )
 from .storage.lvm import TAG_POOL, TAG_VG
+from .trust import ACCEPTED, Verified, accepted_step, verified_copy, with_key
 
 GIB = 1 << 30
 MIN_DISK = 8 * GIB
 RESERVED = 1282 * (1 << 20)  # partitions 1-3 and the GPT
 WORK = Path("/run/imgbase/install")
 JOURNAL = Path("/run/imgbase/install.journal")  # the live environment: /run
+LIVE_SUMS = Path("/run/imgbase/live/image.sha256")  # the running image's, and its .sig
 VOLUME_PROFILES: dict[str, list[tuple[str, str, str]]] = {
     # (mount point, LV name, size)
     "minimal": [("/var", "var", "4G")],
@@ -70,6 +81,7 @@ class InstallFacts:
     extra: dict[str, str] = field(default_factory=dict)
     join: JoinConfig | None = None  # the agent's cluster, written into the first layer
     menu_timeout: int | None = None  # GRUB's menu wait in seconds; None: grub.cfg's 2
+    key: str | None = None  # the image's signing key: tagged on the base
 
 
 @dataclass(frozen=True)
@@ -141,11 +153,15 @@ def plan_install(f: InstallFacts) -> Plan:
         Step("vg", ("vgcreate", "-y", "--addtag", TAG_VG, vg, pv)),
         Step("pool", ("lvcreate", "-y", "--type", "thin-pool", *pool, "--addtag", TAG_POOL,
                       "--metadataprofile", THIN_PROFILE, "-n", "pool", vg)),
-        *base_from_image_steps(vg, nvr, f.image, f.base_size, base_mnt),
+        *with_key(base_from_image_steps(vg, nvr, f.image, f.base_size, base_mnt), vg, nvr,
+                  f.key),
     ]
     volumes = [(mp, f"/dev/{vg}/{lv}") for mp, lv, _ in VOLUME_PROFILES[f.volumes]]
     fstab = rewrite_fstab("LABEL=boot /boot ext4 defaults 0 2\n", f"/dev/{vg}/{layer}", volumes)
     steps += layer_create_steps(vg, nvr, layer, root_mnt, fstab)
+    # the anti-rollback record starts with this image (in the layer's /var, which the
+    # /var volume is filled from next)
+    steps.append(accepted_step({}, Nvr.parse(nvr), root_mnt / ACCEPTED.relative_to("/")))
     for mountpoint, lv, size in VOLUME_PROFILES[f.volumes]:
         steps += volume_steps(vg, lv, mountpoint, size, root_mnt / mountpoint.lstrip("/"),
                               WORK / f"vol-{lv}")
@@ -197,14 +213,24 @@ def parse_size(text: str) -> int:
     return int(text[:-1]) << {"M": 20, "G": 30, "T": 40}[text[-1]]
 
 
-def gather_facts(disk: str, image: str | None, *, volumes: str, pool_size: str | None,
-                 wipe: bool, vg: str = "imgbase", join: JoinConfig | None = None,
-                 menu_timeout: int | None = None) -> InstallFacts:
+def verify(image: str | None, *, insecure: bool, sums: str | None = None) -> Verified:
+    """The image given, or the running one, verified (trust.verified_copy)."""
+    if image is None:
+        return verified_copy(running_image(), insecure=insecure,
+                             sums=Path(sums) if sums else LIVE_SUMS)
+    if not os.path.isfile(image):
+        die(f"{image}: no such image", hint="give the .squashfs made by imgbase compose")
+    return verified_copy(image, insecure=insecure, sums=Path(sums) if sums else None)
+
+
+def gather_facts(disk: str, verify_image: Callable[[], Verified], *, volumes: str,
+                 pool_size: str | None, wipe: bool, vg: str = "imgbase",
+                 join: JoinConfig | None = None, menu_timeout: int | None = None,
+                 ) -> tuple[InstallFacts, Verified]:
+    """verify_image: called once the disk passed its checks; returns the Verified image
+    (whose copy the caller discards when the install is done)."""
     if menu_timeout is not None:
         grub.menu_timeout_env(menu_timeout)  # checked before anything else
-    if image is not None and not os.path.isfile(image):
-        die(f"{image}: no such image", hint="give the .squashfs made by imgbase compose")
-    image = image or running_image()
     try:
         mode = os.stat(disk).st_mode
     except FileNotFoundError:
@@ -235,11 +261,16 @@ def gather_facts(disk: str, image: str | None, *, volumes: str, pool_size: str |
     if vg in elsewhere:
         die(f"a volume group named {vg} already exists on another disk",
             hint="name this node's volume group with --vg NAME")
-    info = _image_info(image)
-    return InstallFacts(disk=disk, disk_size=size, image=image, nvr=info["nvr"],
-                        kernel=info["kernel"], kernel_args=tuple(info.get("kernel_args", [])),
-                        vg=vg, volumes=volumes, pool_size=pool_size, wipe_vgs=on_disk,
-                        join=join, menu_timeout=menu_timeout)
+    image = verify_image()
+    try:
+        kernel = image_kernel(str(image.path))
+    except BaseException:
+        image.discard()
+        raise
+    return InstallFacts(disk=disk, disk_size=size, image=str(image.path), nvr=image.nvr,
+                        kernel=kernel, kernel_args=image.kernel_args, vg=vg,
+                        volumes=volumes, pool_size=pool_size, wipe_vgs=on_disk, join=join,
+                        menu_timeout=menu_timeout, key=image.key), image
 
 
 def _walk(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -250,16 +281,13 @@ def _walk(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _image_info(image: str) -> dict[str, Any]:
-    from .update import image_info
-
-    info = image_info(image)  # readable, and an imgbase image
+def image_kernel(image: str) -> str:
+    """The newest kernel version in a (verified) image's /boot."""
     listing = run(["unsquashfs", "-l", "-d", "", image, "boot"]).stdout.split()
     kernels = sorted(p.removeprefix("/boot/vmlinuz-") for p in listing
                      if p.startswith("/boot/vmlinuz-"))
     if not kernels:
         die(f"{image} has no kernel in /boot", hint="compose the image with a kernel package")
-    info["kernel"] = kernels[-1]
-    return info
+    return kernels[-1]
 
 

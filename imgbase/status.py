@@ -96,6 +96,18 @@ def _last_health(history: list[dict[str, Any]], layer: str) -> dict[str, Any] | 
     return None if last is None else {k: last.get(k) for k in ("time", "good", "reason")}
 
 
+def signed_by(tags: frozenset[str]) -> str | None:
+    """The fingerprint of the key a base's image was signed with (its imgbase:key: tag);
+    None: accepted unsigned (--insecure), or made before bases were tagged.
+
+    >>> signed_by(frozenset({"imgbase:base", "imgbase:key:AB12"})), signed_by(frozenset())
+    ('AB12', None)
+    """
+    from .trust import KEY_TAG
+
+    return next((t.removeprefix(KEY_TAG) for t in sorted(tags) if t.startswith(KEY_TAG)), None)
+
+
 def collect(facts: NodeFacts | None = None,
             history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     from .health import read_history
@@ -116,7 +128,8 @@ def collect(facts: NodeFacts | None = None,
     } for lv in layout.layers]
     bases = [{"name": lv.name, "read_only": lv.read_only, "active": lv.active,
               "activation_skip": lv.skip_activation, "size": lv.size,
-              "layers": [la["name"] for la in layers if la["base"] == lv.name]}
+              "layers": [la["name"] for la in layers if la["base"] == lv.name],
+              "signed_by": signed_by(lv.tags)}
              for lv in layout.bases]
     pool = layout.pool
     return {
@@ -148,7 +161,8 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"pool {pool['name']}: {pool['size'] / (1 << 30):.1f} GiB, data "
                      f"{pool['data_percent']}%, metadata {pool['metadata_percent']}%")
     for base in status["bases"]:
-        lines.append(f"base {base['name']}{' (read-only)' if base['read_only'] else ''}")
+        lines.append(f"base {base['name']}{' (read-only)' if base['read_only'] else ''}, "
+                     + (f"signed by {base['signed_by']}" if base["signed_by"] else "unsigned"))
         for layer in status["layers"]:
             if layer["base"] == base["name"]:
                 marks = [m for m in ("booted", "default", "next_boot") if layer[m]]

@@ -1,10 +1,14 @@
 """`imgbase update SOURCE`: a new base and layer from an image, the node's state carried.
 
-Facts first, every refusal before anything is written: the image is readable and an
-imgbase image of the same product; its sha256 matches ``SOURCE.sha256`` and that file's
-signature is good by a key in /etc/imgbase/trusted.d (:mod:`imgbase.trust`; or
-``--insecure``); it is newer than every base (or ``--allow-downgrade``; the same NVR
-exits 77, "already up to date"), and pool and /boot have room.
+Facts first, every refusal before anything is written: ``SOURCE.sha256``'s signature is
+good by a key in /etc/imgbase/trusted.d, then the image is copied into a root-only
+directory and its sha256 checked on the way (:mod:`imgbase.trust`; unsigned only with
+``--insecure`` where imgbase.toml allows it); from there on only that verified copy is
+read. It is an imgbase image of the same product, newer than every base and than the
+newest image the node has ever accepted (``/var/lib/imgbase/accepted.json``; or
+``--allow-downgrade``; the same NVR exits 77, "already up to date"), and pool (data:
+the bytes of the files that differ, from the two images' file listings; metadata) and
+/boot have room. The verified copy is removed when the update ends, done or not.
 
 The new base is a thin snapshot of the closest existing base, synced from the mounted
 squashfs (:mod:`imgbase.treesync`: the two images' file listings say which paths differ,
@@ -30,7 +34,6 @@ from .admin import _boot_files_step
 from .boot import DEFAULT_TRIES
 from .bootloader import grubenv
 from .errors import ImgbaseError, die
-from .kargs import check_args
 from .naming import Layer, Nvr
 from .plan import Plan, Step
 from .run import run
@@ -46,10 +49,18 @@ from .storage.layout import (
     rewrite_fstab,
 )
 from .storage.lvm import TAG_BASE
-from .trust import Verdict, verify_image
+from .trust import (
+    Verdict,
+    Verified,
+    accepted_step,
+    read_accepted,
+    refuse_rollback,
+    with_key,
+)
 
 EXIT_UP_TO_DATE = 77
 BASE_SIZE = "8G"
+METADATA_MAX = 90.0  # % of the pool's metadata in use above which an update is refused
 
 
 class UpToDate(ImgbaseError):
@@ -67,6 +78,9 @@ class UpdateFacts:
     tries: int = DEFAULT_TRIES
     stage_only: bool = False  # leave the default alone: the agent switches at its reboot
     verdict: Verdict = Verdict("not checked", "not checked")
+    key: str | None = None  # the image's signing key: tagged on the new base
+    accepted: tuple[tuple[str, str], ...] = ()  # the anti-rollback record, raised at the end
+    need: int = 0  # bytes the new base writes into the pool (estimate)
 
 
 def merge_kargs(carried: str, image_args: tuple[str, ...]) -> str:
@@ -101,6 +115,7 @@ def plan_update(f: UpdateFacts) -> Plan:
                       "two images' file listings"),
             *base_seal_steps(vg, nvr),
         ]
+    steps = with_key(steps, vg, nvr, f.key)
     volumes = [(mp, lv.path) for lv in layout.volumes if (mp := mountpoint_of(lv))]
     create = layer_create_steps(vg, nvr, layer, mnt,
                                 rewrite_fstab(f.fstab, f"/dev/{vg}/{layer}", volumes))
@@ -119,6 +134,7 @@ def plan_update(f: UpdateFacts) -> Plan:
         *bootloader.write_entry_steps(node.boot, node.entries, {
             layer: bootloader.entry(node.boot, layer, f"/dev/{vg}/{layer}", kargs)}),
         *layer_finish_steps(vg, layer, mnt),
+        accepted_step(dict(f.accepted), Nvr.parse(nvr)),
     ]
     if not f.stage_only:
         env = {k: v for k, v in node.env.items()
@@ -155,44 +171,105 @@ def _size(path: str) -> int:
         return f.seek(0, os.SEEK_END)
 
 
-def gather_facts(image: str, *, insecure: bool, allow_downgrade: bool, tries: int,
+def listing_sizes(text: str) -> dict[str, int]:
+    """Bytes per listing line of an image's file listing (filelist: size is field 7).
+
+    >>> listing_sizes("# header\\netc/a\\tf\\t644\\t0\\t0\\t1\\t300\\tx\\t-\\t-\\n")
+    {'etc/a\\tf\\t644\\t0\\t0\\t1\\t300\\tx\\t-\\t-': 300}
+    """
+    sizes = {}
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if line.startswith("#") or len(fields) < 7:
+            continue
+        sizes[line] = int(fields[6]) if fields[6].isdigit() else 0
+    return sizes
+
+
+def space_needed(new_listing: str | None, old_listing: str | None, image_size: int) -> int:
+    """Bytes the new base writes: the files whose listing lines differ (a delta), or all
+    of them (a full unpack), plus 10 % for the filesystem's own blocks. Without a listing:
+    three times the compressed image.
+
+    >>> line = "\\t".join(("a", "f", "644", "0", "0", "1", "{}", "d", "-", "-"))
+    >>> space_needed(line.format(1000), None, 10)
+    1100
+    >>> space_needed(line.format(1000) + "\\n" + line.format(50).replace("a", "b", 1),
+    ...              line.format(1000), 10)
+    55
+    """
+    if new_listing is None:
+        return image_size * 3
+    new = listing_sizes(new_listing)
+    old = set(listing_sizes(old_listing)) if old_listing is not None else set()
+    return sum(size for line, size in new.items() if line not in old) * 11 // 10
+
+
+def _listing_of_image(image: str) -> str | None:
+    from .filelist import LISTING
+
+    proc = run(["unsquashfs", "-cat", image, LISTING], check=False)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def check_pool_space(pool: Any, need: int) -> None:
+    free = int(pool.size * (100 - (pool.data_percent or 0)) / 100)
+    if free < need:
+        die(f"the pool is too full for the update: {free >> 20} MiB free, about {need >> 20} "
+            "MiB needed", hint="imgbase gc, or grow the pool (lvextend)")
+    meta = pool.metadata_percent or 0
+    if meta >= METADATA_MAX:
+        die(f"the pool's metadata is {meta}% full (an update needs it below "
+            f"{METADATA_MAX:.0f}%)",
+            hint="imgbase gc, or grow the pool's metadata (lvextend --poolmetadatasize)")
+
+
+def gather_facts(image: Verified, *, allow_downgrade: bool, tries: int,
                  full_copy: bool = False, stage_only: bool = False) -> UpdateFacts:
+    """image: what trust.verified_copy returned; nothing else of the image is read."""
     node = NodeFacts.gather()
     node.need_boot()  # else the update "succeeds" into the root's /boot, unseen by GRUB
-    info = image_info(image)
-    verdict = verify_image(image, insecure=insecure)
-    new = Nvr.parse(info["nvr"])
+    path = str(image.path)
+    new = Nvr.parse(image.nvr)
     # a base still being made (an update cut short: recover removes it) is no base yet
     bases = sorted(Nvr.parse(lv.name) for lv in node.layout.bases
                    if TAG_INCOMPLETE not in lv.tags)
     same_product = [b for b in bases if b.name == new.name]
     if bases and not same_product:
-        die(f"{image} is {new}, an image of another product than this node's "
+        die(f"{image.nvr} is an image of another product than this node's "
             f"({', '.join(str(b) for b in bases)})", hint="update from an image of this product")
     if any(b == new for b in bases):
         raise UpToDate(f"{new} is already on this node", hint="nothing to do")
     newest = same_product[-1] if same_product else None
     if newest is not None and new < newest and not allow_downgrade:
         die(f"{new} is older than {newest}", hint="pass --allow-downgrade to go back anyway")
+    accepted = read_accepted()
+    refuse_rollback(new, accepted, allow_downgrade)
     origin = None if full_copy else max((b for b in same_product if b < new), default=newest)
     pool = node.layout.pool
     if pool is None:
         die("no thin pool tagged imgbase:pool", hint="imgbase check tells what is wrong")
-    free = int(pool.size * (100 - (pool.data_percent or 0)) / 100)
-    size = _size(image)
-    need = size if origin is None else size // 4  # a delta writes what changed
-    if free < need:
-        die(f"the pool is too full for the update: {free >> 20} MiB free, about {need >> 20} "
-            "MiB needed", hint="imgbase gc, or grow the pool (lvextend)")
+    # the old side of a delta: the listing of the booted root, when it is the origin's
+    from .filelist import LISTING
+
+    old_listing = None
+    if origin is not None and str(origin) == node.booted_base:
+        old_path = Path("/") / LISTING
+        old_listing = old_path.read_text(errors="replace") if old_path.is_file() else None
+    new_listing = _listing_of_image(path)
+    if origin is not None and old_listing is None:
+        old_listing = ""  # origin not readable here: count every file (an upper bound)
+    need = space_needed(new_listing, old_listing if origin is not None else None,
+                        _size(path))
+    check_pool_space(pool, need)
     from .admin import check_boot_space
 
     check_boot_space(node.boot, node.booted or node.default)
-    return UpdateFacts(node=node, image=image, nvr=str(new),
-                       image_kargs=check_args(info.get("kernel_args", []),
-                                              f"{image}: kernel_args"),
+    return UpdateFacts(node=node, image=path, nvr=str(new), image_kargs=image.kernel_args,
                        origin=str(origin) if origin else None,
                        fstab=Path("/etc/fstab").read_text(), tries=tries,
-                       verdict=verdict, stage_only=stage_only)
+                       verdict=image.verdict, stage_only=stage_only, key=image.key,
+                       accepted=tuple(sorted(accepted.items())), need=need)
 
 
 # -- the "what will change" report (--check) ---------------------------------------------
@@ -257,7 +334,7 @@ def check_report(f: UpdateFacts, workdir: Path, root: Path = Path("/")) -> dict[
                              f.image_kargs).split(),
         "pool_free": None if pool is None else
         int(pool.size * (100 - (pool.data_percent or 0)) / 100),
-        "image_size": _size(f.image),
+        "image_size": _size(f.image), "space_needed": f.need,
     }
 
 
@@ -276,5 +353,6 @@ def render_report(r: dict[str, Any]) -> str:
     lines += [f"  conflict: /etc/{c}" for c in etc["conflicts"]]
     lines.append(f"kernel arguments: {' '.join(r['kargs'])}")
     if r["pool_free"] is not None:
-        lines.append(f"pool free {r['pool_free'] >> 20} MiB; image {r['image_size'] >> 20} MiB")
+        lines.append(f"pool free {r['pool_free'] >> 20} MiB; the new base needs about "
+                     f"{r['space_needed'] >> 20} MiB (image {r['image_size'] >> 20} MiB)")
     return "\n".join(lines)

@@ -24,6 +24,7 @@ import ctypes
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -73,6 +74,10 @@ class VmSpec:
     # (guest port, host port): the guest reaches 127.0.0.1:<host port> on the host as
     # GUESTFWD_ADDR:<guest port> (qemu guestfwd; still no other network)
     guestfwd: tuple[tuple[int, int], ...] = ()
+    # live: public keyrings put into the guest's /etc/imgbase/trusted.d (the live image's
+    # IMAGE.sha256 and .sig, when next to it, go to /run/imgbase/live/: what
+    # `imgbase install` checks the running image against)
+    trusted: tuple[Path, ...] = ()
 
 
 GUESTFWD_ADDR = "10.0.2.100"
@@ -109,10 +114,24 @@ class Guest:
         if not self.spec.selfcheck:
             try:
                 self.wait_ssh()
+                if self.spec.live:
+                    self.hand_trust(self.spec.live, self.spec.trusted)
             except BaseException:
                 self.kill()
                 raise
         return self
+
+    def hand_trust(self, image: Path, keys: tuple[Path, ...]) -> None:
+        """Give a live guest what it needs to verify the image it runs: the image's
+        .sha256 and .sha256.sig (if they are next to it) and the trusted keys."""
+        files = [(Path(f"{image}{suffix}"), f"/run/imgbase/live/image{suffix}")
+                 for suffix in (".sha256", ".sha256.sig")]
+        files += [(key, f"/etc/imgbase/trusted.d/{key.name}") for key in keys]
+        for src, dest in files:
+            if src.is_file():
+                data = base64.b64encode(src.read_bytes()).decode()
+                self.run(f"mkdir -p {shlex.quote(str(Path(dest).parent))} && "
+                         f"echo {data} | base64 -d > {shlex.quote(dest)}")
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:

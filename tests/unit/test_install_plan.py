@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,8 +104,8 @@ def test_bad_nvr_is_refused() -> None:
 def test_missing_disk_is_refused(tmp_path: Path) -> None:
     (tmp_path / "img").write_text("x")
     with pytest.raises(InputError, match="no such disk"):
-        gather_facts(str(tmp_path / "nope"), str(tmp_path / "img"), volumes="minimal",
-                     pool_size=None, wipe=False)
+        gather_facts(str(tmp_path / "nope"), lambda: pytest.fail("verified before the disk"),
+                     volumes="minimal", pool_size=None, wipe=False)
 
 
 def test_menu_timeout_goes_into_the_first_grubenv() -> None:
@@ -173,3 +174,46 @@ def test_join_refuses_bad_endpoints_and_missing_files(tmp_path: Path) -> None:
         join_config("etcd1:2379", "default", None, None, None)
     with pytest.raises(InputError, match="no such file"):
         join_config("https://e:2379", "default", str(tmp_path / "ca.pem"), None, None)
+
+
+def test_a_signed_install_tags_its_base_and_starts_the_anti_rollback_record() -> None:
+    import json
+
+    plan = plan_install(replace(FACTS, key="0123ABCD"))
+    names = [s.name for s in plan.steps]
+    tag = step(plan, "base-key").argv
+    assert tag == ("lvchange", "--addtag", "imgbase:key:0123ABCD",
+                   "imgbase/imgbase-node-1.0-1")
+    assert names.index("base-unpack") < names.index("base-key") < names.index("base-complete")
+    record = step(plan, "accepted").write
+    assert record is not None
+    assert record[0] == "/run/imgbase/install/root/var/lib/imgbase/accepted.json"
+    assert json.loads(record[1]) == {"imgbase-node": "imgbase-node-1.0-1"}
+    # in the layer's /var before the /var volume is filled from it
+    assert names.index("layer-mount") < names.index("accepted") < names.index("fill-var")
+    assert "base-key" not in [s.name for s in plan_install(FACTS).steps]  # unsigned
+
+
+def test_install_of_an_unsigned_image_is_refused(tmp_path: Path) -> None:
+    image = tmp_path / "n-1.0-1.squashfs"
+    image.write_bytes(b"not checked yet")
+    disk = tmp_path / "disk"
+    proc = imgbase_cli("install", "--disk", "/dev/loop-nope", str(image))
+    assert proc.returncode == 2 and "no such disk" in proc.stderr  # the disk first
+    proc = imgbase_cli("install", "--insecure", "--disk", str(disk), str(image))
+    assert proc.returncode == 2 and "--insecure is not allowed on this node" in proc.stderr
+    assert not disk.exists()
+
+
+def test_install_and_base_add_verify_the_image(tmp_path: Path) -> None:
+    from imgbase import install
+
+    image = tmp_path / "n-1.0-1.squashfs"
+    image.write_bytes(b"an image nobody signed")
+    with pytest.raises(InputError, match=r"n-1.0-1.squashfs.sha256 is missing: the image"):
+        install.verify(str(image), insecure=False)
+    proc = imgbase_cli("base", "--add", str(image))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "n-1.0-1.squashfs.sha256 is missing: the image cannot be verified" in proc.stderr
+    proc = imgbase_cli("base", "--add", str(image), "--insecure")
+    assert proc.returncode == 2 and "--insecure is not allowed on this node" in proc.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +12,11 @@ import pytest
 
 from imgbase import trust
 from imgbase.errors import InputError
+from imgbase.naming import Nvr
+from imgbase.plan import write_atomic
+from tests.conftest import imgbase_cli
 from tests.images import stop_agent
+from tests.unit.test_node_plans import node
 
 
 def gen_key(home: Path, uid: str) -> str:
@@ -116,3 +122,227 @@ def test_an_unsigned_or_untrusted_image_is_refused_before_it_is_read(
     monkeypatch.setattr(trust, "sha256_of", hashing)
     with pytest.raises(InputError, match="no trusted keys in"):
         trust.verify_image(str(image), insecure=False, trusted=tmp_path / "empty.d")
+
+
+# -- the verified copy: what update, install and base --add use -------------------------
+
+def squashfs(path: Path, nvr: str, filler: str = "") -> Path:
+    """A real (tiny) imgbase image: a squashfs with usr/lib/imgbase/image.json."""
+    tree = path.with_suffix(".tree")
+    (tree / "usr/lib/imgbase").mkdir(parents=True)
+    (tree / "usr/lib/imgbase/image.json").write_text(json.dumps(
+        {"nvr": nvr, "kernel_args": ["console=ttyS0"]}))
+    (tree / "etc").mkdir()
+    (tree / "etc/filler").write_text(filler or nvr)
+    subprocess.run(["mksquashfs", str(tree), str(path), "-quiet", "-no-progress",
+                    "-noappend"], check=True)
+    Path(f"{path}.sha256").write_text(f"{trust.sha256_of(str(path))}  {path.name}\n")
+    return path
+
+
+@pytest.fixture
+def real(tmp_path: Path) -> Path:
+    return squashfs(tmp_path / "src/n-2.0-1.squashfs", "n-2.0-1")
+
+
+def allow(tmp_path: Path, value: str = "true") -> Path:
+    conf = tmp_path / "imgbase.toml"
+    conf.write_text(f"[trust]\nallow_insecure = {value}\n")
+    return conf
+
+
+def test_a_signed_image_is_copied_into_a_root_only_dir_and_read_from_there(
+        keys: dict, real: Path, tmp_path: Path) -> None:
+    trust.sign(str(real), homedir=str(keys["home"]))
+    dest = tmp_path / "images"
+    got = trust.verified_copy(str(real), insecure=False, trusted=keys["trusted"],
+                              dest_dir=dest, config=tmp_path / "none.toml")
+    assert (got.nvr, got.key, got.checksum) == ("n-2.0-1", keys["fpr"], "verified")
+    assert got.kernel_args == ("console=ttyS0",)
+    assert got.path.parent == dest and got.path != real
+    assert got.path.read_bytes() == real.read_bytes()
+    assert dest.stat().st_mode & 0o777 == 0o700
+    assert got.verdict == trust.Verdict("verified", f"signed by {keys['fpr']}")
+    got.discard()
+    assert list(dest.iterdir()) == []
+
+
+def test_an_image_swapped_after_the_check_changes_nothing(
+        keys: dict, real: Path, tmp_path: Path) -> None:
+    """The attacker who can write the image's directory swaps the file once it is
+    verified: what the update then reads is the verified copy, not the path."""
+    from imgbase import update
+
+    trust.sign(str(real), homedir=str(keys["home"]))
+    signed = real.read_bytes()
+    got = trust.verified_copy(str(real), insecure=False, trusted=keys["trusted"],
+                              dest_dir=tmp_path / "images", config=tmp_path / "none.toml")
+    evil = squashfs(tmp_path / "evil/n-9.0-1.squashfs", "n-9.0-1", "evil")
+    os.replace(evil, real)
+    assert update.image_info(str(got.path))["nvr"] == "n-2.0-1"
+    assert got.path.read_bytes() == signed
+    plan = update.plan_update(update.UpdateFacts(
+        node=node(), image=str(got.path), nvr=got.nvr, image_kargs=got.kernel_args,
+        origin="n-1.0-1", fstab="", key=got.key))
+    sync = next(s for s in plan.steps if s.name == "base-sync").argv
+    assert sync is not None and str(got.path) in sync and str(real) not in sync
+
+
+def test_a_copy_that_does_not_match_is_removed_and_refused(
+        keys: dict, real: Path, tmp_path: Path) -> None:
+    trust.sign(str(real), homedir=str(keys["home"]))
+    squashfs(tmp_path / "other/n-2.0-1.squashfs", "n-2.0-1", "other bytes")
+    os.replace(tmp_path / "other/n-2.0-1.squashfs", real)  # signed sums, other image
+    dest = tmp_path / "images"
+    with pytest.raises(InputError, match="does not match"):
+        trust.verified_copy(str(real), insecure=False, trusted=keys["trusted"],
+                            dest_dir=dest, config=tmp_path / "none.toml")
+    assert list(dest.iterdir()) == []
+
+
+def test_nothing_parses_an_image_before_its_signature_is_good(
+        keys: dict, real: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgbase import update
+
+    def parsing(*args: object, **kw: object) -> None:
+        raise AssertionError("the image was parsed before it was verified")
+
+    monkeypatch.setattr(update, "image_info", parsing)
+    dest = tmp_path / "images"
+    with pytest.raises(InputError, match="is not signed"):
+        trust.verified_copy(str(real), insecure=False, trusted=keys["trusted"],
+                            dest_dir=dest, config=tmp_path / "none.toml")
+    trust.sign(str(real), homedir=str(keys["stranger"]))
+    with pytest.raises(InputError, match="which is not in"):
+        trust.verified_copy(str(real), insecure=False, trusted=keys["trusted"],
+                            dest_dir=dest, config=tmp_path / "none.toml")
+    assert not dest.exists()  # not even copied
+
+
+def test_insecure_needs_allow_insecure_in_imgbase_toml(
+        keys: dict, real: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "images"
+    for conf in (tmp_path / "none.toml", allow(tmp_path, "false")):
+        with pytest.raises(InputError, match="--insecure is not allowed on this node"):
+            trust.verified_copy(str(real), insecure=True, trusted=keys["trusted"],
+                                dest_dir=dest, config=conf)
+    got = trust.verified_copy(str(real), insecure=True, trusted=keys["trusted"],
+                              dest_dir=dest, config=allow(tmp_path))
+    assert (got.nvr, got.key, got.checksum) == ("n-2.0-1", None, "verified")
+    assert got.verdict.signature == "missing (--insecure)"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[trust]\nallow_insecure = 1\n", r"allow_insecure = 1 is not true or false"),
+    ("[trust]\nallow_unsigned = true\n", r"\[trust\] has no setting 'allow_unsigned'"),
+    ("trust = 3\n", "trust is not a table"),
+    ("[trust\n", "imgbase.toml: "),
+])
+def test_a_bad_trust_config_is_one_line_naming_the_file(tmp_path: Path, text: str,
+                                                        message: str) -> None:
+    conf = tmp_path / "imgbase.toml"
+    conf.write_text(text)
+    with pytest.raises(InputError, match=message) as e:
+        trust.check_insecure(True, conf)
+    assert str(conf) in e.value.message
+
+
+def test_update_insecure_is_refused_by_the_cli_without_the_setting(tmp_path: Path) -> None:
+    proc = imgbase_cli("update", "--insecure", str(tmp_path / "x.squashfs"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "--insecure is not allowed on this node" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_sign_refuses_what_is_not_a_regular_file(tmp_path: Path, kind: str) -> None:
+    image = tmp_path / "n.squashfs"
+    if kind == "fifo":
+        os.mkfifo(image)
+    else:
+        image.mkdir()
+    Path(f"{image}.sha256").write_text("0" * 64 + "  n.squashfs\n")
+    proc = imgbase_cli("sign", str(image), timeout=30)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{image} is not a regular file" in proc.stderr
+
+
+def test_sidecars_that_are_fifos_are_refused_without_hanging(tmp_path: Path, real: Path,
+                                                             keys: dict) -> None:
+    os.mkfifo(f"{real}.sha256.sig")
+    with pytest.raises(InputError, match=r"\.sig is not a regular file"):
+        trust.verified_copy(str(real), insecure=False, trusted=keys["trusted"],
+                            dest_dir=tmp_path / "images", config=tmp_path / "none.toml")
+
+
+# -- anti-rollback ----------------------------------------------------------------------
+
+def test_an_image_older_than_the_newest_ever_accepted_is_refused(tmp_path: Path) -> None:
+    record = tmp_path / "accepted.json"
+    step = trust.accepted_step({}, Nvr.parse("n-3.0-1"), record)
+    assert step.write is not None
+    write_atomic(Path(step.write[0]), step.write[1])  # as the plan's step writes it
+    accepted = trust.read_accepted(record)
+    assert accepted == {"n": "n-3.0-1"}
+    # the bases of 3.0 may be gone (gc): the record still says 3.0 was accepted
+    with pytest.raises(InputError, match="n-2.0-1 is older than n-3.0-1, the newest image"):
+        trust.refuse_rollback(Nvr.parse("n-2.0-1"), accepted, allow_downgrade=False)
+    trust.refuse_rollback(Nvr.parse("n-2.0-1"), accepted, allow_downgrade=True)
+    trust.refuse_rollback(Nvr.parse("n-3.1-1"), accepted, allow_downgrade=False)
+    trust.refuse_rollback(Nvr.parse("other-1-1"), accepted, allow_downgrade=False)
+    # a downgrade allowed never lowers the record; a newer image raises it
+    low = trust.accepted_step(accepted, Nvr.parse("n-2.0-1"), record).write
+    high = trust.accepted_step(accepted, Nvr.parse("n-3.1-1"), record).write
+    assert low is not None and json.loads(low[1]) == {"n": "n-3.0-1"}
+    assert high is not None and json.loads(high[1]) == {"n": "n-3.1-1"}
+    record.write_text("[]")
+    with pytest.raises(InputError, match="is not the record of accepted images"):
+        trust.read_accepted(record)
+
+
+def test_update_refuses_below_the_record_even_with_no_newer_base(
+        tmp_path: Path, real: Path, keys: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgbase import update
+    from imgbase.status import NodeFacts
+
+    trust.sign(str(real), homedir=str(keys["home"]))
+    got = trust.verified_copy(str(real), insecure=False, trusted=keys["trusted"],
+                              dest_dir=tmp_path / "images", config=tmp_path / "none.toml")
+    record = tmp_path / "accepted.json"
+    record.write_text(json.dumps({"n": "n-5.0-1"}))
+    monkeypatch.setattr(trust, "ACCEPTED", record)
+    monkeypatch.setattr(NodeFacts, "gather", classmethod(lambda cls: node()))
+    with pytest.raises(InputError, match="older than n-5.0-1, the newest image this node"):
+        update.gather_facts(got, allow_downgrade=False, tries=3)
+    record.write_text(json.dumps({"n": "n-1.0-1"}))
+    facts = update.gather_facts(got, allow_downgrade=False, tries=3)
+    assert (facts.image, facts.nvr, facts.key) == (str(got.path), "n-2.0-1", keys["fpr"])
+    plan = update.plan_update(facts)
+    names = [s.name for s in plan.steps]
+    assert names.index("base-key") < names.index("base-complete")
+    assert names.index("layer-complete") < names.index("accepted") < names.index("boot-default")
+    write = plan.steps[names.index("accepted")].write
+    assert write is not None and write[0] == str(record)
+    assert json.loads(write[1]) == {"n": "n-2.0-1"}
+
+
+def test_copies_left_by_a_process_that_is_gone_are_removed(keys: dict, real: Path,
+                                                           tmp_path: Path) -> None:
+    dest = tmp_path / "images"
+    dest.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = dest / f".{dead.pid}.n-1.0-1.squashfs.abc123"
+    left.write_bytes(b"a copy an update cut short left")
+    mine = dest / f".{os.getpid()}.n-1.0-1.squashfs.def456"
+    mine.write_bytes(b"a copy in use")
+    trust.sign(str(real), homedir=str(keys["home"]))
+    got = trust.verified_copy(str(real), insecure=False, trusted=keys["trusted"],
+                              dest_dir=dest, config=tmp_path / "none.toml")
+    assert not left.exists() and mine.exists() and got.path.exists()
+
+
+def test_a_missing_image_is_named_as_such(keys: dict, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="nothere.squashfs: no such image"):
+        trust.verified_copy(str(tmp_path / "nothere.squashfs"), insecure=False,
+                            trusted=keys["trusted"], dest_dir=tmp_path / "images",
+                            config=tmp_path / "none.toml")

@@ -3,6 +3,7 @@ written, kernel arguments carried, and the default changed by the very last step
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -101,3 +102,33 @@ def test_check_reports_packages_etc_and_kargs_without_changing_anything(tmp_path
     assert r["kargs"] == ["rw", "quiet", "console=ttyS0", "mitigations=auto"]
     assert (old / "etc/motd").read_text() == "local\n"  # nothing changed
     assert "1 added, 1 removed, 1 changed" in update.render_report(r)
+
+
+def test_space_is_the_bytes_of_the_changed_files_and_the_metadata_is_checked(
+        tmp_path: Path) -> None:
+    """Two real trees and their listings (as compose writes them): the delta needs the
+    bytes of the files that differ, a full unpack all of them; pool metadata counts."""
+    from imgbase.filelist import write_listing
+    from tests.unit.test_node_plans import lv
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for tree in (old, new):
+        (tree / "usr/lib/imgbase").mkdir(parents=True)
+        (tree / "same").write_bytes(b"s" * 300_000)
+        os.utime(tree / "same", (1, 1))
+    (new / "changed").write_bytes(b"c" * 100_000)
+    write_listing(old)
+    write_listing(new)
+    listing = "usr/lib/imgbase/files.tsv"
+    old_text, new_text = (old / listing).read_text(), (new / listing).read_text()
+    delta = update.space_needed(new_text, old_text, 10)
+    full = update.space_needed(new_text, None, 10)
+    assert 100_000 * 11 // 10 <= delta < 150_000  # the changed file, not the 300 kB one
+    assert full >= 400_000 * 11 // 10
+    assert update.space_needed(None, None, 1000) == 3000  # no listing: 3 x compressed
+    pool = lv("pool", "twi-aotz--", data=50.0, meta=5.0)  # 512 MiB free
+    update.check_pool_space(pool, 500 << 20)
+    with pytest.raises(InputError, match="too full for the update: 512 MiB free, about 600"):
+        update.check_pool_space(pool, 600 << 20)
+    with pytest.raises(InputError, match="metadata is 95.0% full"):
+        update.check_pool_space(lv("pool", "twi-aotz--", data=1.0, meta=95.0), 1)

@@ -145,7 +145,9 @@ def build_installed_disks(node_image: Path, work: Path) -> dict[str, Path]:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), size], check=True)
     # vdb, vdc, vdd, vde
     attach = (disks["minimal"], disks["nist"], work / "small.qcow2", disks["anaconda"])
-    with Guest(VmSpec(live=node_image, attach=attach), rundir=work / "installer") as guest:
+    live, key = signed_live_image(node_image, work / "signed")
+    with Guest(VmSpec(live=live, attach=attach, trusted=(key,)),
+               rundir=work / "installer") as guest:
         not_yet = guest.run("imgbase status --json", check=False)
         assert not_yet.rc == 2 and "this is not an imgbase node" in not_yet.stderr
         refuse_bad_installs(guest)
@@ -168,6 +170,23 @@ def build_installed_disks(node_image: Path, work: Path) -> dict[str, Path]:
         assert guest.run("vgs stale", check=False).rc != 0
         adopt_like_anaconda(guest, "/dev/vde", kickstart_post(node_image, work))
     return disks
+
+
+def signed_live_image(node_image: Path, work: Path) -> tuple[Path, Path]:
+    """The session's image as the live installer boots it, signed: a link to it with its
+    own .sha256 and .sha256.sig (the session's image stays as it is), and the public key
+    that the live guest is given to trust (`imgbase install` verifies the running image
+    against /run/imgbase/live/image.sha256 and .sig, which the Guest hands it)."""
+    from imgbase.compose.squashfs import sha256_file
+
+    work.mkdir(parents=True)
+    live = work / node_image.name
+    live.symlink_to(node_image.resolve())
+    Path(f"{live}.sha256").write_text(f"{sha256_file(node_image)}  {live.name}\n")
+    home = signing_key(work / "gnupg", work / "trusted.gpg")
+    trust.sign(str(live), homedir=str(home))
+    stop_agent(home)
+    return live, work / "trusted.gpg"
 
 
 KICKSTART_KARG = "imgbase.test=kickstart"
@@ -231,10 +250,20 @@ def refuse_bad_installs(guest: Guest) -> None:
     guest.run("mkfs.ext4 -q /dev/vdc && mkdir -p /mnt/c && mount /dev/vdc /mnt/c && "
               "mkdir -p /tmp/notimg/etc && mksquashfs /tmp/notimg /tmp/notimg.squashfs -quiet "
               "-no-progress")
+    # the running image's checksum without its signature, and a forged checksum under
+    # the real signature
+    live = "/run/imgbase/live/image.sha256"
+    guest.run(f"cp {live} /tmp/unsigned.sha256 && cp {live}.sig /tmp/forged.sha256.sig && "
+              f"echo {'0' * 64} > /tmp/forged.sha256")
     cases = [
         ("--disk /dev/vdd", "/dev/vdd is too small: 1.0 GiB, at least 8 GiB needed"),
         ("--disk /dev/vdc", "/dev/vdc is in use: /dev/vdc on /mnt/c mounted"),
-        ("--disk /dev/vdb /tmp/notimg.squashfs", "is not an imgbase image"),
+        ("--disk /dev/vdb /tmp/notimg.squashfs",
+         "/tmp/notimg.squashfs.sha256 is missing: the image cannot be verified"),
+        ("--disk /dev/vdb --insecure", "--insecure is not allowed on this node"),
+        ("--disk /dev/vdb --sha256 /tmp/unsigned.sha256",
+         "is not signed (/tmp/unsigned.sha256.sig is missing)"),
+        ("--disk /dev/vdb --sha256 /tmp/forged.sha256", "/tmp/forged.sha256.sig is BAD"),
         ("--disk /dev/vdb /tmp/nothere.squashfs", "no such image"),
         ("--disk /dev/vdb --pool-size 30G", "--pool-size 30G does not fit on /dev/vdb"),
         ("--disk /dev/vdb --pool-size 30", "'30' is not a size"),

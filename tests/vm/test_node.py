@@ -432,32 +432,55 @@ def test_a_full_boot_is_refused_before_anything_changes(node: Guest) -> None:
 
 
 def test_update_refusals_change_nothing(node: Guest) -> None:
-    """No signature, no trusted key, not a squashfs, no image, a bad checksum: each is
-    refused with one line, and status --json is exactly as before."""
+    """No signature, no trusted key, not a squashfs, no image, a bad checksum, --insecure
+    where imgbase.toml does not allow it, an image older than the newest the node has
+    accepted; base --add of an unsigned image: each is refused with one line, and status
+    --json is exactly as before."""
     image = f"{MEDIA}/{V2}.squashfs"
     mount_media(node)  # again: the node has rebooted since
     node.run(f"mkdir -p /var/tmp/u && ln -sf {image} /var/tmp/u/v2.squashfs && "
              f"cp {image}.sha256 /var/tmp/u/v2.squashfs.sha256 && "
              "head -c 8M /dev/urandom > /var/tmp/u/junk.squashfs")
     before = without_usage(status(node))
-    cases = [("/var/tmp/u/v2.squashfs", "is not signed"),
-             ("/var/tmp/u/junk.squashfs", "is not a readable squashfs"),
-             ("/var/tmp/u/nothere.squashfs", "no such image")]
-    for source, message in cases:
-        proc = node.run(f"imgbase update {source}", check=False)
-        assert proc.rc == 2 and message in proc.stderr, (source, proc.stderr)
+    # the install recorded v1 as accepted, and tagged its base with the signing key
+    assert json.loads(node.run("cat /var/lib/imgbase/accepted.json").stdout) == {
+        "imgbase-node": NVR}
+    assert before["bases"][0]["signed_by"] is not None
+    cases = [("update /var/tmp/u/v2.squashfs", "is not signed"),
+             ("base --add /var/tmp/u/v2.squashfs", "is not signed"),
+             ("update /var/tmp/u/junk.squashfs", "junk.squashfs.sha256 is missing"),
+             ("update --insecure /var/tmp/u/v2.squashfs",
+              "--insecure is not allowed on this node"),
+             ("update /var/tmp/u/nothere.squashfs", "no such image")]
+    for args, message in cases:
+        proc = node.run(f"imgbase {args}", check=False)
+        assert proc.rc == 2 and message in proc.stderr, (args, proc.stderr)
         assert proc.stderr.count("\n") == 1, proc.stderr
     node.run(f"cp {image}.sha256.sig /var/tmp/u/v2.squashfs.sha256.sig")
     untrusted = node.run("imgbase update /var/tmp/u/v2.squashfs", check=False)
     assert untrusted.rc == 2 and "no trusted keys in /etc/imgbase/trusted.d" in untrusted.stderr
-    # --insecure accepts a missing signature, never a checksum that does not match
+    # --insecure (allowed here) accepts a missing signature, never a checksum that does
+    # not match
+    node.run("printf '[trust]\\nallow_insecure = true\\n' > /etc/imgbase/imgbase.toml")
     node.run(f"rm /var/tmp/u/v2.squashfs.sha256.sig && echo {'0' * 64} "
              "> /var/tmp/u/v2.squashfs.sha256")
-    corrupt = node.run("imgbase update --insecure /var/tmp/u/v2.squashfs", check=False)
+    try:
+        corrupt = node.run("imgbase update --insecure /var/tmp/u/v2.squashfs", check=False)
+    finally:
+        node.run("rm /etc/imgbase/imgbase.toml")
     assert corrupt.rc == 2 and "does not match" in corrupt.stderr, corrupt.stderr
-    assert without_usage(status(node)) == before
     node.run(f"rm -r /var/tmp/u && install -D -m 644 {MEDIA}/trusted.gpg "
              "/etc/imgbase/trusted.d/test.gpg")
+    # anti-rollback: the record, not the bases present, says what is too old
+    node.run("cp /var/lib/imgbase/accepted.json /var/tmp/accepted.json && "
+             "echo '{\"imgbase-node\": \"imgbase-node-9.0-1\"}' > /var/lib/imgbase/accepted.json")
+    try:
+        old = node.run(f"imgbase update {image}", check=False)
+    finally:
+        node.run("mv /var/tmp/accepted.json /var/lib/imgbase/accepted.json")
+    assert old.rc == 2 and "the newest image this node has accepted" in old.stderr, old.stderr
+    assert node.run("ls -A /var/lib/imgbase/images").stdout == ""  # no copy left
+    assert without_usage(status(node)) == before
 
 
 def test_update_carries_the_node_over(node: Guest) -> None:
@@ -477,6 +500,9 @@ def test_update_carries_the_node_over(node: Guest) -> None:
     assert proof == {"base": V2, "matches": True, "differing": []}
     st = status(node)
     assert [b["name"] for b in st["bases"]] == [NVR, V2]
+    assert st["bases"][1]["signed_by"] == check["signature"].removeprefix("signed by ")
+    assert json.loads(node.run("cat /var/lib/imgbase/accepted.json").stdout) == {
+        "imgbase-node": V2}
     assert (st["default_layer"], st["fallback_layer"]) == (f"{V2}+1", A)
     assert layer(st, f"{V2}+1")["tries_left"] == 3
     assert "imgbase.test=carried" in layer(st, f"{V2}+1")["kargs"]
