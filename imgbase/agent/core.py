@@ -236,11 +236,12 @@ class Agent:
         self.stage_tries[record] = (tries + 1, now + min(STAGE_RETRY * 2 ** tries, STAGE_MAX))
         try:
             self.node.stage(want.url, want.nvr)
-        except ImgbaseError as exc:
+        except ImgbaseError as exc:  # the node's failure, not etcd's: no etcd backoff
             if isinstance(exc, StageRefused):
                 self.refused.add(record)
+            log.error("%s", exc.oneline())
             self.last_action = f"stage failed: {exc.message}"
-            raise
+            return "stage-failed"
         return "stage"
 
     def roll(self, node: NodeState, now: float | None = None) -> str:
