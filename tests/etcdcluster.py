@@ -100,7 +100,8 @@ def make_certs(directory: Path) -> TLSFiles:
              "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
     leaves = {
-        "server": ("/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        # 10.0.2.100: the host's 127.0.0.1 as qemu guests reach it (imgbase.vm.GUESTFWD_ADDR)
+        "server": ("/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1,IP:10.0.2.100,DNS:localhost\n"
                    "extendedKeyUsage=serverAuth,clientAuth\n"),
         # no CN: etcd 3.4's JSON gateway refuses a client certificate with one when auth
         # is on (see make_client_cert)
