@@ -321,7 +321,7 @@ def test_the_life_of_a_node(guests: dict[str, Guest], secure: AuthCluster,
         [abandoned] = st["abandoned"]
         assert abandoned["layer"] == f"{V3}+1" and "did not come up" in abandoned["reason"]
         wait_for("the rollout paused by the node's report", lambda: json.loads(fleet_cli(
-            etcd, "status", "--json"))["groups"][GROUP]["rollout"].get("state") == "paused")
+            secure, "status", "--json"))["groups"][GROUP]["rollout"].get("state") == "paused")
         rollout = json.loads(fleet_cli(secure, "status", "--json"))["groups"][GROUP]["rollout"]
         assert f"fell back from {V3}" in rollout["reason"], rollout
         assert mine()["nvr"] == V2 and not fleet.EtcdSlots(admin, GROUP).holders()
