@@ -150,9 +150,13 @@ def cmd_install(args: argparse.Namespace) -> int:
 
     join = None
     if args.join:
-        join = install.join_config(args.join, args.group, args.ca, args.cert, args.key)
-    elif args.ca or args.cert or args.key:
-        die("--ca, --cert and --key go with --join", hint="add --join ENDPOINTS")
+        join = install.join_config(args.join, args.group, args.ca, args.cert, args.key,
+                                   user=args.etcd_user, password_file=args.etcd_password_file,
+                                   insecure_http=args.insecure_http)
+    elif (args.ca or args.cert or args.key or args.etcd_user or args.etcd_password_file
+          or args.insecure_http):
+        die("--ca, --cert, --key, --etcd-user, --etcd-password-file and --insecure-http go "
+            "with --join", hint="add --join ENDPOINTS")
     trust.check_insecure(args.insecure)
     if args.image is not None and not Path(args.image).is_file():
         die(f"{args.image}: no such image", hint="give the .squashfs made by imgbase compose")
@@ -467,14 +471,16 @@ def cmd_etc_merge(args: argparse.Namespace) -> int:
 
 
 def _fleet_etcd(args: argparse.Namespace) -> tuple[Etcd, str]:
-    """An etcd client from --endpoints (and TLS flags), or from this node's agent.toml."""
+    """An etcd client from --endpoints (TLS and user flags), or from this node's agent.toml."""
     from .agent import config as agent_config
     from .agent.etcd import Etcd
 
     if args.endpoints:
         endpoints = [e for e in args.endpoints.split(",") if e]
         ca, cert, key = args.ca, args.cert, args.key
+        user, password_file = args.user, args.password_file
         group = args.group or "default"
+        insecure = args.insecure_http
     else:
         try:
             conf = agent_config.load()
@@ -482,11 +488,40 @@ def _fleet_etcd(args: argparse.Namespace) -> tuple[Etcd, str]:
             die(f"no --endpoints, and this machine has no agent config ({exc.message})",
                 hint="give --endpoints https://etcd:2379 (and --ca/--cert/--key for TLS)")
         endpoints, ca, cert, key = list(conf.endpoints), conf.ca, conf.cert, conf.key
+        user, password_file = conf.user, conf.password_file
         group = args.group or conf.group
+        insecure = conf.insecure_http
     for e in endpoints:
-        if not e.startswith(("http://", "https://")):
-            die(f"--endpoints: {e!r} is not an http(s) URL", hint="e.g. https://10.0.0.1:2379")
-    return Etcd(endpoints, ca=ca, cert=cert, key=key), group
+        agent_config.check_endpoint(e, "--endpoints", insecure)
+    agent_config.check_name(group, "group", "--group")
+    if bool(user) != bool(password_file):
+        die("--user and --password-file go together", hint="e.g. --user root "
+            "--password-file /root/etcd-root-password")
+    password = None
+    if password_file:
+        try:
+            password = Path(password_file).read_text().strip()
+        except OSError as exc:
+            die(f"{password_file}: {exc.strerror}", hint="the file with the etcd password")
+    return Etcd(endpoints, ca=ca, cert=cert, key=key, user=user, password=password), group
+
+
+def _password_file(path: str) -> str:
+    """The password in ``path``; a new random one (written 0600) when the file is missing."""
+    import os
+    import secrets
+
+    file = Path(path)
+    if file.exists():
+        password = file.read_text().strip()
+        if not password:
+            die(f"{path} is empty", hint="remove it to have a new password made")
+        return password
+    password = secrets.token_urlsafe(24)
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(password + "\n")
+    return password
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
@@ -495,11 +530,9 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     etcd, group = _fleet_etcd(args)
     with etcd:
         if args.fleet_verb == "set-image":
-            if not args.url.startswith(("http://", "https://")):
-                die(f"{args.url!r} is not an http(s) URL",
-                    hint="the nodes download the image from it")
             want = fleet.set_image(etcd, group, args.nvr, args.url, args.max_unavailable,
-                                   args.tries)
+                                   args.tries, resume=args.resume,
+                                   insecure_http=args.insecure_http)
             print(f"group {group}: desired {want.nvr}, {want.max_unavailable} node(s) at a "
                   f"time, {want.tries} tries each")
         elif args.fleet_verb in ("pause", "resume"):
@@ -508,8 +541,17 @@ def cmd_fleet(args: argparse.Namespace) -> int:
                               else None, "admin")
             print(f"group {group}: rollout {args.fleet_verb}d")
         elif args.fleet_verb == "release":
-            fleet.EtcdSlots(etcd, group).release(args.node)
+            fleet.EtcdSlots(etcd, group).release(fleet.check_node_id(args.node))
             print(f"group {group}: {args.node} holds no reboot slot")
+        elif args.fleet_verb == "init-auth":
+            fleet.init_auth(etcd, _password_file(args.root_password_file))
+            print(f"etcd auth is on; the admin is root (password in {args.root_password_file})")
+        elif args.fleet_verb == "add-node":
+            fleet.add_node(etcd, fleet.check_node_id(args.node), group,
+                           _password_file(args.node_password_file))
+            print(f"node {args.node} of group {group}: etcd user {args.node} (password in "
+                  f"{args.node_password_file}); install it with --join ... --etcd-user "
+                  f"{args.node} --etcd-password-file {args.node_password_file}")
         else:
             report = fleet.status(etcd)
             if args.json:
@@ -632,6 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="accept an image without .sha256 or .sha256.sig, only where "
                    "imgbase.toml has [trust] allow_insecure = true")
+    p.add_argument("--etcd-user", metavar="NODE", help="the node's etcd user, its node id "
+                   "(with --join; imgbase fleet add-node makes it)")
+    p.add_argument("--etcd-password-file", metavar="FILE",
+                   help="the file holding that user's password (with --join)")
+    p.add_argument("--insecure-http", action="store_true",
+                   help="allow http:// endpoints and no etcd user (with --join; a lab only)")
     _plan_args(p)
     p.set_defaults(func=cmd_install)
 
@@ -852,7 +900,9 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("nvr", metavar="NVR")
     fp.add_argument("url", metavar="URL", help="where nodes download IMAGE (and .sha256, .sig)")
     fp.add_argument("--max-unavailable", type=int, default=1, metavar="K",
-                    help="nodes of the group rebooting at once (default 1)")
+                    help="nodes of the group rebooting at once (1-100, default 1)")
+    fp.add_argument("--resume", action="store_true",
+                    help="resume the group's rollout if it is paused (else set-image refuses)")
     fp.add_argument("--tries", type=int, default=3, metavar="N",
                     help="boots a node gives the new image before GRUB falls back (1-9, "
                     "default 3; 1: a canary that falls back at its first failed boot)")
@@ -862,12 +912,27 @@ def build_parser() -> argparse.ArgumentParser:
     fp2 = fsub.add_parser("release", help="free a node's reboot slot (a node that never came "
                           "back)")
     fp2.add_argument("node", metavar="NODE-ID")
+    fp3 = fsub.add_parser("init-auth", help="make etcd's root user and turn etcd auth on "
+                          "(once, as the cluster's first admin step)")
+    fp3.add_argument("--root-password-file", required=True, metavar="FILE",
+                     help="root's password (a new random one is written there, 0600, when "
+                     "the file is missing)")
+    fp4 = fsub.add_parser("add-node", help="a node's etcd user and role: it may write only "
+                          "its own record, slot and result")
+    fp4.add_argument("node", metavar="NODE-ID", help="the node's id: its etcd user")
+    fp4.add_argument("--node-password-file", required=True, metavar="FILE",
+                     help="the node's password (made, 0600, when the file is missing); "
+                     "give it to install --join --etcd-password-file")
     for q in fsub.choices.values():
         q.add_argument("--group", help="the update group (default: the node's, or default)")
         q.add_argument("--endpoints", help="etcd endpoints, comma-separated")
         q.add_argument("--ca", help="CA certificate (TLS)")
         q.add_argument("--cert", help="client certificate (TLS)")
         q.add_argument("--key", help="client certificate key (TLS)")
+        q.add_argument("--user", help="etcd user (the admin: root)")
+        q.add_argument("--password-file", metavar="FILE", help="the etcd user's password")
+        q.add_argument("--insecure-http", action="store_true",
+                       help="allow http:// endpoints and image URLs (a lab only)")
         q.add_argument("--json", action="store_true")
         q.set_defaults(func=cmd_fleet)
 

@@ -96,23 +96,36 @@ AGENT_DIR = "/etc/imgbase/agent"
 
 
 def join_config(endpoints: str, group: str, ca: str | None, cert: str | None,
-                key: str | None) -> JoinConfig:
-    """Check --join and its TLS files, before anything is written."""
+                key: str | None, *, user: str | None = None, password_file: str | None = None,
+                insecure_http: bool = False) -> JoinConfig:
+    """Check --join, its TLS files and the etcd password file, before anything is written:
+    every value is checked by the agent's parser and written by its TOML writer."""
     from .agent import config as agent_config
 
+    if not insecure_http and not (user and password_file):
+        die("--join needs the node's etcd user: --etcd-user and --etcd-password-file",
+            hint="imgbase fleet add-node NODE makes them; --insecure-http for a lab "
+            "without auth")
     files = []
     for src, name, mode in ((ca, "ca.pem", 0o644), (cert, "node.pem", 0o644),
-                            (key, "node-key.pem", 0o600)):
+                            (key, "node-key.pem", 0o600), (password_file, "etcd-password", 0o600)):
         if src is None:
             continue
         if not os.path.isfile(src):
-            die(f"{src}: no such file", hint="give the TLS files as paths readable here")
+            die(f"{src}: no such file", hint="give the TLS and password files as paths "
+                "readable here")
         files.append((src, f"{AGENT_DIR}/{name}", mode))
-    on_node = {name: f"{AGENT_DIR}/{name}" for name in ("ca.pem", "node.pem", "node-key.pem")}
+    given = {name for src, name in ((ca, "ca.pem"), (cert, "node.pem"), (key, "node-key.pem"),
+                                    (password_file, "etcd-password")) if src}
+
+    def on_node(name: str) -> str | None:
+        return f"{AGENT_DIR}/{name}" if name in given else None
+
     text = agent_config.render([e for e in endpoints.split(",") if e], group,
-                               ca=on_node["ca.pem"] if ca else None,
-                               cert=on_node["node.pem"] if cert else None,
-                               key=on_node["node-key.pem"] if key else None)
+                               ca=on_node("ca.pem"), cert=on_node("node.pem"),
+                               key=on_node("node-key.pem"), user=user,
+                               password_file=on_node("etcd-password"),
+                               insecure_http=insecure_http, where="--join")
     return JoinConfig(text, tuple(files))
 
 

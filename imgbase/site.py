@@ -32,7 +32,6 @@ imgbase.errors.InputError: --url: 'http://h/x y.squashfs' is not a URL anaconda 
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from dataclasses import dataclass, replace
@@ -54,7 +53,8 @@ SSH_KEY_RE = re.compile(r"^(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+
                         r"[A-Za-z0-9+/]+={0,3}( [^\n\r]*)?$")
 TOP_KEYS = ("image_url", "disk", "lang", "keyboard", "timezone", "kernel_args", "ssh_keys",
             "cluster")
-CLUSTER_KEYS = ("endpoints", "group", "ca", "cert", "key")
+CLUSTER_KEYS = ("endpoints", "group", "ca", "cert", "key", "user", "password_file",
+                "insecure_http")
 
 
 @dataclass(frozen=True)
@@ -66,26 +66,31 @@ class Cluster:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    user: str | None = None
+    password_file: str | None = None
+    insecure_http: bool = False
 
     def agent_toml(self, where: str = "agent.toml") -> str:
-        """The file's text, checked by the agent's own parser (errors name ``where``).
+        """The file's text: every value checked by the agent's own parser (errors name
+        ``where``) and written by its TOML writer, which escapes every string.
 
-        >>> print(Cluster(("https://e1:2379",), "rack1").agent_toml(), end="")
+        >>> print(Cluster(("https://e1:2379",), "rack1", user="n1",
+        ...               password_file="/etc/imgbase/agent/etcd-password").agent_toml(),
+        ...       end="")
         # written by the imgbase kickstart's %post; see docs/agent.md
         [cluster]
         endpoints = ["https://e1:2379"]
         group = "rack1"
+        user = "n1"
+        password_file = "/etc/imgbase/agent/etcd-password"
         """
         from .agent import config as agent_config
 
-        lines = ["# written by the imgbase kickstart's %post; see docs/agent.md", "[cluster]",
-                 f"endpoints = [{', '.join(json.dumps(e) for e in self.endpoints)}]",
-                 f"group = {json.dumps(self.group)}"]
-        lines += [f"{k} = {json.dumps(v)}" for k, v in
-                  (("ca", self.ca), ("cert", self.cert), ("key", self.key)) if v]
-        text = "\n".join(lines) + "\n"
-        agent_config.parse(text, Path(where))
-        return text
+        return agent_config.render(
+            list(self.endpoints), self.group, ca=self.ca, cert=self.cert, key=self.key,
+            user=self.user, password_file=self.password_file,
+            insecure_http=self.insecure_http,
+            comment="written by the imgbase kickstart's %post; see docs/agent.md", where=where)
 
 
 @dataclass(frozen=True)
@@ -206,7 +211,7 @@ def parse_site(text: str, path: Path) -> Site:
                     hint=f"known keys of [cluster]: {', '.join(CLUSTER_KEYS)}")
         endpoints = _strings(table, "endpoints", path)
         tls: dict[str, str] = {}
-        for key in ("ca", "cert", "key"):
+        for key in ("ca", "cert", "key", "password_file"):
             value = table.get(key)
             if value is None:
                 continue
@@ -219,7 +224,12 @@ def parse_site(text: str, path: Path) -> Site:
         group = table.get("group", "default")
         if not isinstance(group, str):
             die(f"{path}: cluster.group must be a string", hint='group = "rack1"')
-        cluster = Cluster(tuple(endpoints), group, **tls)
+        user, insecure = table.get("user"), table.get("insecure_http", False)
+        if user is not None and not isinstance(user, str):
+            die(f"{path}: cluster.user must be a string", hint='user = "node7"')
+        if not isinstance(insecure, bool):
+            die(f"{path}: cluster.insecure_http must be true or false", hint="false")
+        cluster = Cluster(tuple(endpoints), group, **tls, user=user, insecure_http=insecure)
         cluster.agent_toml(str(path))
     image_url = data.get("image_url")
     if image_url is not None:

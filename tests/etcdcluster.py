@@ -100,9 +100,12 @@ def make_certs(directory: Path) -> TLSFiles:
              "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
     leaves = {
-        "server": ("/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        # 10.0.2.100: the host's 127.0.0.1 as qemu guests reach it (imgbase.vm.GUESTFWD_ADDR)
+        "server": ("/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1,IP:10.0.2.100,DNS:localhost\n"
                    "extendedKeyUsage=serverAuth,clientAuth\n"),
-        "client": ("/CN=imgbase-agent", "extendedKeyUsage=clientAuth\n"),
+        # no CN: etcd 3.4's JSON gateway refuses a client certificate with one when auth
+        # is on (see make_client_cert)
+        "client": ("/O=imgbase/OU=imgbase-agent", "extendedKeyUsage=clientAuth\n"),
     }
     for name, (subject, ext) in leaves.items():
         (directory / f"{name}.ext").write_text(
@@ -316,13 +319,81 @@ def etcd_cluster(directory: Path, size: int = 1, *, tls: bool = False,
 
 
 def max_holders_in_history(etcd: Etcd, g: str, since: int) -> int:
-    """The most holders group g's slot semaphore had since revision `since` (never over
-    its max: asserted at every change of the key)."""
-    key = fleet.group_key(g, "semaphore")
-    most = 0
-    for change in etcd.changes(key, since):
-        if change.key == key and change.value is not None:
-            sem = fleet.parse_semaphore(change.value)
-            most = max(most, len(sem.holders))
-            assert len(sem.holders) <= sem.max, change
+    """The most nodes that held one of group g's reboot slots at once since revision
+    `since`, replayed from etcd's history of the group's slot queue and its max (holders:
+    the max oldest keys of the queue, by create revision)."""
+    prefix, max_key = fleet.group_key(g, "slots/"), fleet.group_key(g, "max")
+    before = etcd.get_prefix(fleet.group_key(g, ""), revision=since - 1) if since > 1 else []
+    queue = {e.key: e.create_revision for e in before if e.key.startswith(prefix)}
+    k = fleet.parse_max(next((e.value for e in before if e.key == max_key), None))
+    most = min(len(queue), k)
+    for change in etcd.changes(fleet.group_key(g, ""), since):
+        if change.key == max_key:
+            k = fleet.parse_max(change.value)
+        elif change.key.startswith(prefix):
+            if change.value is None:
+                queue.pop(change.key, None)
+            else:
+                queue.setdefault(change.key, change.revision)
+        most = max(most, min(len(queue), k))
     return most
+
+
+def make_client_cert(directory: Path, name: str) -> tuple[Path, Path]:
+    """A client certificate signed by the test CA that names ``name`` without a CN:
+    etcd 3.4's JSON gateway refuses every client certificate with a CN once auth is on
+    ("CommonName of client sending a request against gateway will be ignored")."""
+    ext = directory / f"{name}.ext"
+    ext.write_text("basicConstraints=critical,CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                   "extendedKeyUsage=clientAuth\n")
+    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-new", *curve, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", f"/O=imgbase/OU={name}", cwd=directory)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-extfile", ext.name, "-out", f"{name}.crt",
+             cwd=directory)
+    return directory / f"{name}.crt", directory / f"{name}.key"
+
+
+@dataclass
+class AuthCluster:
+    """An etcd with TLS, client certificates required and auth on (:func:`auth_cluster`):
+    the admin is root, each node an etcd user made by fleet.add_node."""
+
+    cluster: EtcdCluster
+    root_password: str
+    passwords: dict[str, str] = field(default_factory=dict)
+
+    def _client(self, name: str, password: str, timeout: float = 5.0) -> Etcd:
+        tls = self.cluster.tls
+        assert tls is not None
+        cert, key = make_client_cert(tls.ca.parent, name)
+        return Etcd(self.cluster.endpoints, ca=tls.ca, cert=cert, key=key, user=name,
+                    password=password, timeout=timeout)
+
+    def admin(self) -> Etcd:
+        return self._client("root", self.root_password)
+
+    def add_node(self, node: str, group: str) -> str:
+        """The node's etcd user and role (by the admin); its password."""
+        password = f"pw-{node}-{os.getpid()}"
+        with self.admin() as admin:
+            fleet.add_node(admin, node, group, password)
+        self.passwords[node] = password
+        return password
+
+    def node(self, node: str, password: str | None = None) -> Etcd:
+        return self._client(node, password or self.passwords[node])
+
+
+@contextmanager
+def auth_cluster(directory: Path) -> Iterator[AuthCluster]:
+    """One etcd member with TLS, --client-cert-auth, and auth enabled by fleet.init_auth."""
+    with etcd_cluster(directory, tls=True, client_cert_auth=True) as cluster:
+        assert cluster.tls is not None
+        root_password = f"root-{os.getpid()}"
+        cert, key = make_client_cert(cluster.tls.ca.parent, "root")
+        with Etcd(cluster.endpoints, ca=cluster.tls.ca, cert=cert, key=key) as bootstrap:
+            fleet.init_auth(bootstrap, root_password)
+        yield AuthCluster(cluster, root_password)

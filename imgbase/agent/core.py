@@ -36,6 +36,13 @@ from .config import AgentConfig
 from .etcd import Etcd
 
 log = logging.getLogger("imgbase.agent")
+STAGE_RETRY = 60.0  # seconds before the same image is staged again, doubling per try ...
+STAGE_MAX = 6 * 3600.0  # ... up to this
+
+
+class StageRefused(ImgbaseError):
+    """The node refused the image (imgbase update's exit 2: not signed, a downgrade, a
+    malformed image): staging it again cannot help."""
 
 
 @dataclass
@@ -80,6 +87,8 @@ def decide(want: fleet.Desired | None, paused: bool, node: NodeState, holding: b
     'drain'
     >>> decide(D, False, NodeState("n-1-1", "n-2-1", True), True, set())
     'reboot'
+    >>> decide(D, True, NodeState("n-1-1", "n-2-1", True), True, set())  # paused: not now
+    'release'
     >>> decide(D, False, NodeState("n-2-1", None, True), True, set())
     'release'
     >>> decide(D, False, NodeState("n-2-1", None, None), True, set())
@@ -103,8 +112,8 @@ def decide(want: fleet.Desired | None, paused: bool, node: NodeState, holding: b
     if (want is None or node.booted_nvr == want.nvr or want.nvr in given_up
             or want.nvr in node.abandoned):
         return "release" if holding else "idle"
-    if paused and not holding:
-        return "idle"
+    if paused:  # no new reboots; a slot not yet used (a queue moves by itself) goes back
+        return "release" if holding else "idle"
     if node.staged_nvr != want.nvr:
         return "stage"
     if not holding:
@@ -131,6 +140,8 @@ class Agent:
     last_action: str = "none"
     published: str = ""
     holding_file: Path | None = None  # where a FleetLock slot is remembered across reboots
+    stage_tries: dict[tuple[str, str, float], tuple[int, float]] = field(default_factory=dict)
+    refused: set[tuple[str, str, float]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.slots is None:
@@ -199,7 +210,7 @@ class Agent:
                 self.heartbeat(node)
             self.state = "registered"
             self.backoff = 1.0
-            action = self.roll(node) if roll else "registered"
+            action = self.roll(node, now) if roll else "registered"
         except ImgbaseError as exc:
             self.lease = None if "lease" in exc.message else self.lease
             self.state = f"retrying: {exc.message}"
@@ -209,7 +220,31 @@ class Agent:
             return self.state
         return action
 
-    def roll(self, node: NodeState) -> str:
+    def stage(self, want: fleet.Desired, now: float | None = None) -> str:
+        """Stage the desired image, at most once per :data:`STAGE_RETRY` (doubling) for
+        the same record: an image this node refused (bad signature, a downgrade: exit 2)
+        is not downloaded again until the admin publishes another record."""
+        now = time.monotonic() if now is None else now
+        record = (want.nvr, want.url, want.set_at)
+        if record in self.refused:
+            self.last_action = f"refused {want.nvr}"
+            return "refused"
+        tries, not_before = self.stage_tries.get(record, (0, 0.0))
+        if now < not_before:
+            self.last_action = f"staging {want.nvr} again in {not_before - now:.0f} s"
+            return "wait-stage"
+        self.stage_tries[record] = (tries + 1, now + min(STAGE_RETRY * 2 ** tries, STAGE_MAX))
+        try:
+            self.node.stage(want.url, want.nvr)
+        except ImgbaseError as exc:  # the node's failure, not etcd's: no etcd backoff
+            if isinstance(exc, StageRefused):
+                self.refused.add(record)
+            log.error("%s", exc.oneline())
+            self.last_action = f"stage failed: {exc.message}"
+            return "stage-failed"
+        return "stage"
+
+    def roll(self, node: NodeState, now: float | None = None) -> str:
         assert self.slots is not None
         group = self.config.group
         view = fleet.group_view(self.etcd, group)
@@ -217,14 +252,20 @@ class Agent:
             self.last_action = f"ignoring the desired image: {view.desired_error}"
             return "idle"
         want = view.desired
+        queued = False
         if isinstance(self.slots, fleet.EtcdSlots):
             self.holding = self.node_id in view.holders
+            queued = self.node_id in view.waiting
+            if self.holding:  # across the reboot too: the slot's lease must not run out
+                self.slots.acquire(self.node_id)
         action = decide(want, view.paused, node, self.holding, self.given_up,
                         self.config.domains)
         self.last_action = action
         if action == "stage" and want is not None:
-            self.node.stage(want.url, want.nvr)
-        elif action == "acquire":
+            return self.stage(want, now)
+        if queued and action in ("idle", "wait-domains", "wait"):
+            self.slots.release(self.node_id)  # no longer waiting for a slot: leave the queue
+        if action == "acquire":
             self._remember_slot(self.slots.acquire(self.node_id))
             if self.holding:
                 self.last_action = "acquired"
@@ -240,9 +281,8 @@ class Agent:
         elif action == "report-rollback":
             bad = node.fell_back_from or "?"
             self.given_up.add(bad)
+            # the node's own result: it pauses the group's rollout (fleet.group_view)
             fleet.record_result(self.etcd, group, self.node_id, bad, "rolled-back")
-            fleet.set_rollout(self.etcd, group, "paused",
-                              f"{self.node_id} fell back from {bad}", self.node_id)
             self.slots.release(self.node_id)
             self._remember_slot(False)
         return action

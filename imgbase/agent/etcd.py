@@ -164,6 +164,7 @@ class Entry(NamedTuple):
     value: str
     mod_revision: int
     lease: int
+    create_revision: int = 0
 
 
 class Change(NamedTuple):
@@ -212,6 +213,7 @@ def _entry(kv: dict[str, Any]) -> Entry:
         _unb64(kv.get("value")),
         _int(kv.get("mod_revision")),
         _int(kv.get("lease")),
+        _int(kv.get("create_revision")),
     )
 
 
@@ -418,6 +420,8 @@ class Etcd:
         ca: str | Path | None = None,
         cert: str | Path | None = None,
         key: str | Path | None = None,
+        user: str | None = None,
+        password: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         if isinstance(endpoints, str):
@@ -447,6 +451,11 @@ class Etcd:
         self._session.verify = str(ca) if ca is not None else True
         if cert is not None and key is not None:
             self._session.cert = (str(cert), str(key))
+        if (user is None) != (password is None):
+            raise InputError("an etcd user needs both its name and its password",
+                             hint="give both user= and password=, or neither")
+        self.user, self._password = user, password
+        self._token: str | None = None
 
     # -- plumbing --
 
@@ -468,7 +477,7 @@ class Etcd:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _post(
+    def _post_once(
         self,
         path: str,
         body: dict[str, Any],
@@ -548,10 +557,42 @@ class Etcd:
             hint="the URL may not be an etcd v3 client URL (etcd >= 3.4 serves /v3/)",
         )
 
+    def _authenticate(self) -> None:
+        """A token for the user (etcd's simple tokens expire when unused: asked again)."""
+        assert self.user is not None and self._password is not None
+        self._session.headers.pop("Authorization", None)
+        data = self._call("/v3/auth/authenticate",
+                          {"name": self.user, "password": self._password}, idempotent=True,
+                          auth=False)
+        token = data.get("token")
+        if not isinstance(token, str) or not token:
+            raise EtcdError(f"etcd authenticated {self.user} without a token: {data}")
+        self._token = token
+        self._session.headers["Authorization"] = token
+
+    def _post(self, path: str, body: dict[str, Any], *, idempotent: bool,
+              stream: bool = False, only: str | None = None,
+              auth: bool = True) -> tuple[str, requests.Response]:
+        """:meth:`_post_once` as the configured user: authenticated first, and once more
+        when etcd says the token is no longer valid."""
+        if not auth or self.user is None:
+            return self._post_once(path, body, idempotent=idempotent, stream=stream,
+                                   only=only)
+        if self._token is None:
+            self._authenticate()
+        try:
+            return self._post_once(path, body, idempotent=idempotent, stream=stream, only=only)
+        except EtcdError as exc:
+            if "invalid auth token" not in exc.message and "user name is empty" not in exc.message:
+                raise
+        self._authenticate()
+        return self._post_once(path, body, idempotent=idempotent, stream=stream, only=only)
+
     def _call(
-        self, path: str, body: dict[str, Any], *, idempotent: bool, only: str | None = None
+        self, path: str, body: dict[str, Any], *, idempotent: bool, only: str | None = None,
+        auth: bool = True,
     ) -> dict[str, Any]:
-        endpoint, resp = self._post(path, body, idempotent=idempotent, only=only)
+        endpoint, resp = self._post(path, body, idempotent=idempotent, only=only, auth=auth)
         with resp:
             try:
                 data = resp.json()
@@ -777,6 +818,42 @@ class Etcd:
         for line in resp.iter_lines(chunk_size=8192):
             if line.strip():
                 yield line
+
+    # -- users and roles (the admin's, see :mod:`imgbase.agent.fleet`) --
+
+    def user_add(self, name: str, password: str) -> None:
+        """Add a user (it already exists: its password is set)."""
+        try:
+            self._call("/v3/auth/user/add", {"name": name, "password": password},
+                       idempotent=False)
+        except EtcdError as exc:
+            if "user name already exists" not in exc.message:
+                raise
+            self._call("/v3/auth/user/changepw", {"name": name, "password": password},
+                       idempotent=True)
+
+    def role_add(self, name: str) -> None:
+        """Add a role (already there: nothing to do)."""
+        try:
+            self._call("/v3/auth/role/add", {"name": name}, idempotent=False)
+        except EtcdError as exc:
+            if "role name already exists" not in exc.message:
+                raise
+
+    def role_grant(self, role: str, key: str, *, prefix: bool = False,
+                   write: bool = True) -> None:
+        """Let ``role`` read (and ``write``) ``key``, or every key under it (``prefix``)."""
+        perm: dict[str, Any] = {"permType": "READWRITE" if write else "READ",
+                                "key": _b64(key)}
+        if prefix:
+            perm["range_end"] = _b64(prefix_range_end(key))
+        self._call("/v3/auth/role/grant", {"name": role, "perm": perm}, idempotent=True)
+
+    def user_grant(self, user: str, role: str) -> None:
+        self._call("/v3/auth/user/grant", {"user": user, "role": role}, idempotent=True)
+
+    def auth_enable(self) -> None:
+        self._call("/v3/auth/enable", {}, idempotent=True)
 
     # -- cluster --
 

@@ -1,21 +1,32 @@
 """Fleet state in etcd: the nodes, the desired image per group, the reboot slots, rollouts.
 
-Keys (all JSON values)::
+Keys (JSON values), and who may write them once etcd auth is on (:func:`init_auth`,
+:func:`add_node`; a node's etcd user is its node id)::
 
-    /imgbase/nodes/<node-id>                  the node's record, under its lease
-    /imgbase/fleet/<group>/desired            {"nvr", "url", "max_unavailable", "set_at"}
-    /imgbase/fleet/<group>/semaphore          {"max": K, "holders": [node-id, ...]}
-    /imgbase/fleet/<group>/rollout            {"state": "running"|"paused", "reason", "by"}
-    /imgbase/fleet/<group>/results/<node-id>  {"nvr", "outcome", "time"}
+    /imgbase/nodes/<node-id>                  the node's record, under its lease   the node
+    /imgbase/fleet/<group>/desired            {"nvr", "url", "max_unavailable", ...} admin
+    /imgbase/fleet/<group>/max                K: nodes rebooting at once            admin
+    /imgbase/fleet/<group>/rollout            {"state": "running"|"paused", ...}    admin
+    /imgbase/fleet/<group>/slots/<node-id>    the node's place in the slot queue   the node
+    /imgbase/fleet/<group>/results/<node-id>  {"nvr", "outcome", "time"}           the node
+
+A node reads its group's keys and writes only its own three; etcd refuses the rest.
 
 **Reboot slots** follow FleetLock's semantics (the protocol of Fedora CoreOS's Zincati and
-its airlock server): a per-group counting semaphore of ``max_unavailable`` slots, held by
-node id -- recursive, so a node that asks again (after its reboot) still holds its slot
--- and released only after the node is back and healthy. The semaphore is one key changed
-by compare-and-swap on its revision, so etcd's history of that key is the history of who
-held a slot when: a test reads it back to prove the limit was never exceeded. Slots have
-no lease: a slot is held *across* the holder's reboot. A node that never comes back keeps
-its slot, which stops the group's rollout, as it should; ``imgbase fleet release`` frees it.
+its airlock server): a per-group counting semaphore of ``max`` slots, held by node id --
+recursive, so a node that asks again (after its reboot) still holds its slot -- and
+released only after the node is back and healthy. It is etcd's queue recipe: a node
+takes a place by creating its own key ``slots/<node-id>``, and holds a slot while its key
+is among the ``max`` oldest (by create revision); giving it back deletes the key. No node
+can resize the semaphore (``max`` is the admin's) or evict another (its key is not
+theirs). The key lives under a lease of :data:`SLOT_TTL` seconds that the holder keeps
+alive, across its reboot too (it reads the lease back from its key): a node that never
+comes back loses its slot when the lease runs out; ``imgbase fleet release`` frees it
+sooner.
+
+**Pauses**: the admin pauses and resumes (the rollout key); a node that fell back from
+the desired image reports it in its result, which pauses the group's rollout until the
+admin writes the rollout key again (a result older than the rollout key no longer counts).
 
 :class:`FleetLock` is the same slot API spoken over HTTP to a FleetLock server
 (``POST /v1/pre-reboot`` and ``/v1/steady-state``, header ``fleet-lock-protocol: true``).
@@ -31,16 +42,19 @@ imgbase.errors.ImgbaseError: the desired-image record has no url
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
-from ..errors import ImgbaseError
+from ..errors import ImgbaseError, die
 from ..naming import Nvr
-from .etcd import Etcd, Put, Range, absent, mod_revision_is
+from .etcd import Entry, Etcd, Put, Range, absent
 
 ROOT = "/imgbase"
-CAS_TRIES = 50
+SLOT_TTL = 900  # seconds a slot outlives a silent holder: a reboot fits, a dead node does not
+MAX_UNAVAILABLE = 100  # the most nodes of a group that may reboot at once
 
 
 def node_key(node: str) -> str:
@@ -89,19 +103,31 @@ def parse_desired(text: str) -> Desired:
 class Semaphore:
     max: int
     holders: tuple[str, ...] = ()
+    waiting: tuple[str, ...] = ()
 
 
-def parse_semaphore(text: str) -> Semaphore:
+def parse_max(text: str | None, default: int = 1) -> int:
+    """The admin's slot count; anything but a positive number means one slot.
+
+    >>> parse_max("3"), parse_max(None), parse_max("-1"), parse_max("x")
+    (3, 1, 1, 1)
+    """
     try:
-        doc = json.loads(text)
-        return Semaphore(int(doc["max"]), tuple(str(h) for h in doc.get("holders", [])))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ImgbaseError(f"the reboot semaphore record is malformed: {text[:80]!r}",
-                           hint="imgbase fleet release --all resets it") from exc
+        k = int(text) if text is not None else default
+    except ValueError:
+        return 1
+    return k if k >= 1 else 1
 
 
-def _semaphore_json(sem: Semaphore) -> str:
-    return json.dumps({"max": sem.max, "holders": list(sem.holders)}, sort_keys=True)
+def slot_queue(entries: list[Entry], k: int) -> Semaphore:
+    """The holders (the k oldest slot keys, by create revision) and the rest, waiting.
+
+    >>> e = [Entry(f"s/{n}", "", 1, 0, rev) for n, rev in (("c", 9), ("a", 4), ("b", 6))]
+    >>> slot_queue(e, 2)
+    Semaphore(max=2, holders=('a', 'b'), waiting=('c',))
+    """
+    ids = [e.key.rsplit("/", 1)[1] for e in sorted(entries, key=lambda e: e.create_revision)]
+    return Semaphore(k, tuple(ids[:k]), tuple(ids[k:]))
 
 
 class SlotLock(Protocol):
@@ -111,51 +137,61 @@ class SlotLock(Protocol):
 
 @dataclass
 class EtcdSlots:
-    """The group's reboot slots in etcd (see the module docstring)."""
+    """The group's reboot slots in etcd (see the module docstring): etcd's queue recipe.
+
+    Each node writes only its own key, ``slots/<node-id>``, under a lease of ``slot_ttl``
+    seconds that it keeps alive while it holds the slot (across its reboot: the lease id is
+    read back from the key); it holds a slot when its key is among the ``max`` oldest. The
+    number ``max`` is a key of its own that only the admin writes.
+    """
 
     etcd: Etcd
     group: str
     default_max: int = 1
+    slot_ttl: int = SLOT_TTL
 
     @property
-    def key(self) -> str:
-        return group_key(self.group, "semaphore")
+    def prefix(self) -> str:
+        return group_key(self.group, "slots/")
+
+    @property
+    def max_key(self) -> str:
+        return group_key(self.group, "max")
 
     def read(self) -> tuple[Semaphore, int]:
-        got = self.etcd.get(self.key)
-        if got is None:
-            return Semaphore(self.default_max), 0
-        return parse_semaphore(got.value), got.mod_revision
+        result = self.etcd.txn([], [Range(self.max_key), Range(self.prefix, prefix=True)])
+        got_max, queue = result.responses
+        k = parse_max(got_max.entries[0].value if got_max.entries else None, self.default_max)
+        return slot_queue(queue.entries, k), got_max.revision
 
-    def _cas(self, change: Any) -> bool:
-        """Apply change(Semaphore) -> Semaphore | None (None: give up) by compare-and-swap."""
-        for _ in range(CAS_TRIES):
-            sem, rev = self.read()
-            new = change(sem)
-            if new is None:
-                return False
-            if new == sem and rev:
-                return True  # nothing to change (an absent key is still written)
-            compare = mod_revision_is(self.key, rev) if rev else absent(self.key)
-            if self.etcd.txn([compare], [Put(self.key, _semaphore_json(new))]).succeeded:
-                return True
-        raise ImgbaseError(f"the reboot semaphore of group {self.group} kept changing under "
-                           f"{CAS_TRIES} tries", hint="try again")
+    def _mine(self, node: str) -> Entry | None:
+        got = self.etcd.txn([], [Range(self.prefix + node)]).responses[0].entries
+        return got[0] if got else None
 
     def acquire(self, node: str) -> bool:
-        def take(sem: Semaphore) -> Semaphore | None:
-            if node in sem.holders:
-                return sem  # recursive: still ours
-            if len(sem.holders) >= sem.max:
-                return None
-            return Semaphore(sem.max, (*sem.holders, node))
-        return self._cas(take)
+        """Queue for a slot (once) and keep the key's lease alive; True when it is held."""
+        key, mine = self.prefix + node, self._mine(node)
+        if mine is None:
+            lease = self.etcd.lease_grant(self.slot_ttl)
+            self.etcd.txn([absent(key)], [Put(key, node, lease)])
+        elif mine.lease and self.etcd.lease_keepalive(mine.lease) <= 0:
+            return False  # the lease ran out just now: queue again on the next pass
+        return node in self.holders()
 
     def release(self, node: str) -> None:
-        self._cas(lambda sem: Semaphore(sem.max, tuple(h for h in sem.holders if h != node)))
+        mine = self._mine(node)
+        if mine is None:
+            return
+        if mine.lease:
+            self.etcd.lease_revoke(mine.lease)
+        self.etcd.delete(self.prefix + node)
 
     def set_max(self, k: int) -> None:
-        self._cas(lambda sem: Semaphore(k, sem.holders))
+        """The admin's: how many nodes of the group may reboot at once."""
+        if not 1 <= k <= MAX_UNAVAILABLE:
+            raise ImgbaseError(f"max-unavailable {k} is not 1 to {MAX_UNAVAILABLE}",
+                               hint=f"give 1 to {MAX_UNAVAILABLE}")
+        self.etcd.put(self.max_key, str(k))
 
     def holders(self) -> tuple[str, ...]:
         return self.read()[0].holders
@@ -203,35 +239,65 @@ class FleetLock:
 
 # -- the fleet as a whole: set-image, status ----------------------------------------------
 
+def check_image_url(url: str, nvr: str, insecure_http: bool = False) -> str:
+    """The URL a group downloads its image from: https (http only when insecure), and
+    its file name names the NVR, so a record cannot point a group at another image.
+
+    >>> check_image_url("https://h/i/n-2.0-1.squashfs", "n-2.0-1")
+    'https://h/i/n-2.0-1.squashfs'
+    >>> check_image_url("https://h/i/other.squashfs", "n-2.0-1")
+    Traceback (most recent call last):
+    ...
+    imgbase.errors.InputError: the URL's file other.squashfs does not name n-2.0-1
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "https" and not (insecure_http and parts.scheme == "http"):
+        die(f"{url!r} is not an https URL",
+            hint="nodes download the image from it; http only with --insecure-http")
+    if not parts.hostname or any(c.isspace() for c in url):
+        die(f"{url!r} is not a URL", hint="e.g. https://images.example.org/NVR.squashfs")
+    name = parts.path.rsplit("/", 1)[-1]
+    if not name.startswith(f"{nvr}.") and name != nvr:
+        die(f"the URL's file {name or '(none)'} does not name {nvr}",
+            hint=f"publish the image as {nvr}.squashfs")
+    return url
+
+
 def set_image(etcd: Etcd, group: str, nvr: str, url: str, max_unavailable: int,
-              tries: int = 3) -> Desired:
-    desired = Desired(str(Nvr.parse(nvr)), url, max_unavailable, round(time.time(), 3), tries)
-    if max_unavailable < 1:
-        raise ImgbaseError(f"--max-unavailable {max_unavailable}: at least 1",
-                           hint="give 1 or more")
+              tries: int = 3, *, resume: bool = False, insecure_http: bool = False) -> Desired:
+    """The admin's: publish the image a group should run. A paused rollout (by the admin,
+    or by a node that fell back from the desired image) stays paused unless ``resume``."""
+    nvr = str(Nvr.parse(nvr))
+    check_group(group)
+    check_image_url(url, nvr, insecure_http)
+    if not 1 <= max_unavailable <= MAX_UNAVAILABLE:
+        die(f"--max-unavailable {max_unavailable} is not 1 to {MAX_UNAVAILABLE}",
+            hint="how many nodes of the group may reboot at once")
     if not 1 <= tries <= 9:
-        raise ImgbaseError(f"--tries {tries} is out of range", hint="give 1 to 9")
+        die(f"--tries {tries} is out of range", hint="give 1 to 9")
+    view = group_view(etcd, group)
+    if view.paused and not resume:
+        die(f"the rollout of group {group} is paused ({view.pause_reason})",
+            hint="give --resume to resume it with the new image, or imgbase fleet resume")
+    desired = Desired(nvr, url, max_unavailable, round(time.time(), 3), tries)
     EtcdSlots(etcd, group, max_unavailable).set_max(max_unavailable)
     etcd.put(group_key(group, "desired"), json.dumps(asdict(desired), sort_keys=True))
-    set_rollout(etcd, group, "running", None, "admin")
+    if resume or view.rollout_revision == 0:
+        set_rollout(etcd, group, "running", None, "admin")
     return desired
 
 
 def set_rollout(etcd: Etcd, group: str, state: str, reason: str | None, by: str) -> None:
+    """The admin's. Resuming also clears the pauses nodes reported before it (their
+    results are older than the rollout record)."""
     etcd.put(group_key(group, "rollout"), json.dumps(
         {"state": state, "reason": reason, "by": by, "time": round(time.time(), 3)},
         sort_keys=True))
 
 
 def rollout(etcd: Etcd, group: str) -> dict[str, Any]:
-    got = etcd.get(group_key(group, "rollout"))
-    if got is None:
-        return {"state": "running", "reason": None}
-    try:
-        doc: dict[str, Any] = json.loads(got.value)
-        return doc
-    except json.JSONDecodeError:
-        return {"state": "paused", "reason": "the rollout record is malformed"}
+    view = group_view(etcd, group)
+    return {"state": "paused" if view.paused else "running", "reason": view.pause_reason}
 
 
 def desired(etcd: Etcd, group: str) -> Desired | None:
@@ -247,30 +313,102 @@ class GroupView:
     desired_error: str | None
     paused: bool
     holders: tuple[str, ...]
+    pause_reason: str | None = None
+    waiting: tuple[str, ...] = ()
+    rollout_revision: int = 0
+
+
+def _pause(roll: Entry | None, results: list[Entry], want: Desired | None) -> str | None:
+    """Why the rollout is paused, or None: the admin paused it, or a node reported a
+    fall-back from the desired image after the admin last set the rollout record."""
+    if roll is not None:
+        try:
+            doc = json.loads(roll.value)
+            if doc.get("state") == "paused":
+                return str(doc.get("reason") or "paused by the admin")
+        except (json.JSONDecodeError, AttributeError):
+            return "the rollout record is malformed"  # stops a rollout, never starts one
+    since = roll.mod_revision if roll is not None else 0
+    for r in results:
+        try:
+            doc = json.loads(r.value)
+        except json.JSONDecodeError:
+            continue
+        if (r.mod_revision > since and isinstance(doc, dict) and want is not None
+                and doc.get("outcome") == "rolled-back" and doc.get("nvr") == want.nvr):
+            return f"{r.key.rsplit('/', 1)[1]} fell back from {want.nvr}"
+    return None
 
 
 def group_view(etcd: Etcd, group: str) -> GroupView:
-    keys = [group_key(group, w) for w in ("desired", "rollout", "semaphore")]
-    result = etcd.txn([], [Range(k) for k in keys])
-    want_e, roll_e, sem_e = (r.entries[0].value if r.entries else None
-                             for r in result.responses)
+    ops = [Range(group_key(group, w)) for w in ("desired", "rollout", "max")]
+    ops += [Range(group_key(group, "slots/"), prefix=True),
+            Range(group_key(group, "results/"), prefix=True)]
+    want_r, roll_r, max_r, slots_r, results_r = etcd.txn([], ops).responses
     want, error = None, None
-    if want_e is not None:
+    if want_r.entries:
         try:
-            want = parse_desired(want_e)
+            want = parse_desired(want_r.entries[0].value)
         except ImgbaseError as exc:
             error = exc.message
-    try:
-        paused = roll_e is not None and json.loads(roll_e).get("state") == "paused"
-    except (json.JSONDecodeError, AttributeError):
-        paused = True  # an unreadable rollout record stops the rollout, never starts one
-    holders = parse_semaphore(sem_e).holders if sem_e is not None else ()
-    return GroupView(want, error, paused, holders)
+    roll = roll_r.entries[0] if roll_r.entries else None
+    reason = _pause(roll, results_r.entries, want)
+    sem = slot_queue(slots_r.entries,
+                     parse_max(max_r.entries[0].value if max_r.entries else None))
+    return GroupView(want, error, reason is not None, sem.holders, reason, sem.waiting,
+                     roll.mod_revision if roll is not None else 0)
 
 
 def record_result(etcd: Etcd, group: str, node: str, nvr: str, outcome: str) -> None:
+    """The node's own: what became of the desired image here ("rolled-back" pauses)."""
     etcd.put(group_key(group, f"results/{node}"), json.dumps(
         {"nvr": nvr, "outcome": outcome, "time": round(time.time(), 3)}, sort_keys=True))
+
+
+# -- least privilege: the admin's users and roles -----------------------------------------
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def check_group(group: str) -> str:
+    if not isinstance(group, str) or not NAME.fullmatch(group):
+        die(f"group {group!r} is not a group name",
+            hint="letters, digits, '.', '_', '-' (at most 63), e.g. rack1")
+    return group
+
+
+def check_node_id(node: str) -> str:
+    if not isinstance(node, str) or not NAME.fullmatch(node) or node == "root":
+        die(f"node id {node!r} is not a node name",
+            hint="letters, digits, '.', '_', '-' (at most 63), not root")
+    return node
+
+
+def node_role(node: str) -> str:
+    return f"imgbase-node-{node}"
+
+
+def init_auth(etcd: Etcd, root_password: str) -> None:
+    """The admin's user ``root`` (etcd's root role: it alone writes desired images, slot
+    counts and rollout state) and etcd auth switched on."""
+    etcd.user_add("root", root_password)
+    etcd.user_grant("root", "root")
+    etcd.auth_enable()
+
+
+def add_node(etcd: Etcd, node: str, group: str, password: str) -> None:
+    """A node's etcd user (its id) and role: it reads its group's keys and writes only its
+    own record, its own slot key and its own result."""
+    check_node_id(node)
+    check_group(group)
+    role = node_role(node)
+    etcd.role_add(role)
+    etcd.role_grant(role, group_key(group, ""), prefix=True, write=False)
+    for key in (node_key(node), group_key(group, f"slots/{node}"),
+                group_key(group, f"results/{node}")):
+        etcd.role_grant(role, key)
+    etcd.user_add(node, password)
+    etcd.user_grant(node, role)
 
 
 def nodes(etcd: Etcd) -> dict[str, dict[str, Any]]:
@@ -295,11 +433,9 @@ def status(etcd: Etcd) -> dict[str, Any]:
             want = asdict(want) if want else None
         except ImgbaseError as exc:
             want = {"error": exc.message}
-        try:
-            sem, _ = EtcdSlots(etcd, group).read()
-            slots: Any = {"max": sem.max, "holders": list(sem.holders)}
-        except ImgbaseError as exc:
-            slots = {"error": exc.message}
+        sem, _ = EtcdSlots(etcd, group).read()
+        slots: Any = {"max": sem.max, "holders": list(sem.holders),
+                      "waiting": list(sem.waiting)}
         members = {k: v for k, v in all_nodes.items() if v.get("group", "default") == group}
         report["groups"][group] = {
             "desired": want, "slots": slots, "rollout": rollout(etcd, group),

@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ImgbaseError
+from ..errors import EXIT_USAGE, ImgbaseError
 from ..naming import Layer
 from ..run import run
-from .core import NodeState
+from ..update import EXIT_UP_TO_DATE
+from .core import NodeState, StageRefused
 
 log = logging.getLogger("imgbase.agent")
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -92,10 +93,15 @@ class HostNode:
             run(["imgbase", "recover"], check=False)
         log.info("staging %s from %s", nvr, url)
         proc = run(["imgbase", "update", "--stage-only", url], check=False)
-        if proc.returncode != 0:  # 77 too: the image is here but no layer of it is ready
-            last = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:]
-            raise ImgbaseError(f"imgbase update {url} failed: {' '.join(last)}",
-                               hint="journalctl -u imgbase-agent")
+        if proc.returncode in (0, EXIT_UP_TO_DATE):  # 77: the image is already here
+            return
+        last = " ".join((proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:])
+        if proc.returncode == EXIT_USAGE:  # refused: not signed, a downgrade, malformed
+            raise StageRefused(f"imgbase update refused {url}: {last}",
+                               hint="the agent will not download it again until the "
+                               "group's desired image changes")
+        raise ImgbaseError(f"imgbase update {url} failed: {last}",
+                           hint="journalctl -u imgbase-agent; the agent tries again later")
 
     def drain(self, policy: str) -> None:
         """Running domains before a reboot: wait for them, shut them down, or migrate."""

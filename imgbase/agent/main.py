@@ -56,7 +56,14 @@ def run_daemon() -> int:
 
     try:
         config = agent_config.load()
-        node_id = agent_config.node_id()
+        node_id = agent_config.node_id_of(config)
+        password = config.password()
+
+        def client() -> Etcd:
+            return Etcd(list(config.endpoints), ca=config.ca, cert=config.cert,
+                        key=config.key, user=config.user, password=password)
+
+        etcd, keeper_etcd = client(), client()
     except InputError as exc:
         # no READY on the way out: systemd may see the exit before the message, and a
         # notify service that exits before READY is a failure of its own ("protocol")
@@ -65,7 +72,6 @@ def run_daemon() -> int:
             return 0
         log.error("%s", exc.oneline())
         return EX_CONFIG
-    etcd = Etcd(list(config.endpoints), ca=config.ca, cert=config.cert, key=config.key)
     agent = Agent(config, node_id, HostNode(config.migrate_hook), etcd,
                   hostname=socket.gethostname(),
                   holding_file=HOLDING if config.fleetlock else None)
@@ -80,8 +86,7 @@ def run_daemon() -> int:
     # the first pass only joins: READY follows at once, so no boot waits on a rollout step
     first = True
     # a long pass (staging an image) must not let the lease run out: renewed apart
-    with LeaseKeeper(agent, Etcd(list(config.endpoints), ca=config.ca, cert=config.cert,
-                                 key=config.key)):
+    with LeaseKeeper(agent, keeper_etcd):
         while not stopping:
             try:
                 action = agent.tick(roll=not first)

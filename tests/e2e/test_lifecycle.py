@@ -38,7 +38,13 @@ from imgbase.agent import fleet
 from imgbase.agent.etcd import Etcd
 from imgbase.vm import GUESTFWD_ADDR, Guest, VmSpec
 from tests.conftest import ROOT
-from tests.etcdcluster import EtcdCluster, max_holders_in_history
+from tests.etcdcluster import (
+    AuthCluster,
+    EtcdCluster,
+    auth_cluster,
+    make_client_cert,
+    max_holders_in_history,
+)
 from tests.httpserve import serve
 from tests.vm.nodes import NVR, same_device
 from tests.vm.prepare import E2E_MARK
@@ -49,9 +55,15 @@ V2, V3 = "imgbase-node-1.1-1", "imgbase-node-1.2-1"
 GROUP = "e2e"
 HTTP_PORT = 8080  # in the guest, at GUESTFWD_ADDR
 LIFECYCLE_PHASES: list[tuple[str, float]] = []  # printed in the summary (tests/conftest.py)
+AGENT_DIR = "/etc/imgbase/agent"
 AGENT_TOML = f"""[cluster]
-endpoints = ["http://{GUESTFWD_ADDR}:2379"]
+endpoints = ["https://{GUESTFWD_ADDR}:2379"]
 group = "{GROUP}"
+ca = "{AGENT_DIR}/ca.pem"
+cert = "{AGENT_DIR}/node.pem"
+key = "{AGENT_DIR}/node-key.pem"
+user = "@USER@"
+password_file = "{AGENT_DIR}/etcd-password"
 [agent]
 ttl = 15
 domains = "wait"
@@ -68,6 +80,37 @@ IDLE_DOMAIN = """<domain type='qemu'>
 
 
 @pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthCluster]:
+    """The host's etcd with TLS, client certificates required and auth on: the admin is
+    root, each guest an etcd user of its own (its node id) made by fleet.add_node."""
+    with auth_cluster(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def etcd(secure: AuthCluster) -> EtcdCluster:
+    """tests/vm/conftest.py's etcd, secured (the guests reach it through guestfwd)."""
+    return secure.cluster
+
+
+def join_files(secure: AuthCluster, node: str) -> str:
+    """Shell that puts the node's TLS files, password and agent.toml in place."""
+    password = secure.add_node(node, GROUP)
+    tls = secure.cluster.tls
+    assert tls is not None
+    cert, key = make_client_cert(tls.ca.parent, node)
+    files = {"ca.pem": tls.ca.read_bytes(), "node.pem": cert.read_bytes(),
+             "node-key.pem": key.read_bytes(), "etcd-password": password.encode()}
+    shell = [f"install -d -m 700 {AGENT_DIR}"]
+    for name, data in files.items():
+        shell.append(f"echo {base64.b64encode(data).decode()} | base64 -d > {AGENT_DIR}/{name}")
+    shell.append(f"chmod 600 {AGENT_DIR}/node-key.pem {AGENT_DIR}/etcd-password")
+    shell.append(f"cat > /etc/imgbase/agent.toml <<'EOF'\n"
+                 f"{AGENT_TOML.replace('@USER@', node)}EOF")
+    return " && ".join(shell)
+
+
+@pytest.fixture(scope="module")
 def served(lifecycle_images: Path) -> Iterator[int]:
     with serve(lifecycle_images) as port:
         yield port
@@ -75,7 +118,7 @@ def served(lifecycle_images: Path) -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def guests(request: pytest.FixtureRequest, installed_disks: dict[str, Path], served: int,
-           etcd: EtcdCluster, lifecycle_images: Path,
+           etcd: EtcdCluster, secure: AuthCluster, lifecycle_images: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Guest]]:
     """The node (2 vCPUs) and its peer b (1 vCPU), from the installed disk, booted side by
     side, each trusting the site's key and joined to the host's etcd."""
@@ -96,19 +139,24 @@ def guests(request: pytest.FixtureRequest, installed_disks: dict[str, Path], ser
                       "hostnamectl set-hostname node-b && " if name == "b" else "")
             guest.run(f"{own_id}mkdir -p /etc/imgbase/trusted.d && "
                       f"echo {key} | base64 -d > /etc/imgbase/trusted.d/site.gpg && "
-                      f"cat > /etc/imgbase/agent.toml <<'EOF'\n{AGENT_TOML}EOF\n"
-                      "systemctl restart imgbase-agent")
+                      f"{join_files(secure, name)}\nsystemctl restart imgbase-agent")
         yield guests
     finally:
         for guest in guests.values():
             guest.kill()  # throw-away overlays: no clean shutdown to wait for
 
 
-def fleet_cli(etcd: EtcdCluster, *args: str) -> str:
-    """`imgbase fleet ...` on the host, as an admin runs it."""
+def fleet_cli(secure: AuthCluster, *args: str) -> str:
+    """`imgbase fleet ...` on the host, as the admin (etcd's root) runs it."""
+    tls = secure.cluster.tls
+    assert tls is not None
+    cert, key = make_client_cert(tls.ca.parent, "root")
+    password = tls.ca.parent / "root-password"
+    password.write_text(secure.root_password + "\n")
     proc = subprocess.run([sys.executable, "-m", "imgbase", "fleet", *args, "--endpoints",
-                           f"http://127.0.0.1:{etcd.members[0].client_port}"],
-                          capture_output=True, text=True, cwd=ROOT)
+                           secure.cluster.endpoints[0], "--ca", str(tls.ca), "--cert",
+                           str(cert), "--key", str(key), "--user", "root", "--password-file",
+                           str(password)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -172,9 +220,10 @@ def phase(name: str, since: float) -> float:
     return now
 
 
-def test_the_life_of_a_node(guests: dict[str, Guest], etcd: EtcdCluster, served: int) -> None:
+def test_the_life_of_a_node(guests: dict[str, Guest], secure: AuthCluster,
+                            served: int) -> None:
     node, b = guests["node"], guests["b"]
-    url = f"http://{GUESTFWD_ADDR}:{HTTP_PORT}"
+    url = f"http://{GUESTFWD_ADDR}:{HTTP_PORT}"  # images: signed, so http will do
     t = time.monotonic()
     # -- v1, installed onto a blank disk, joins the cluster with its peer b ----------
     marker = f"written on {NVR}\n"
@@ -188,7 +237,7 @@ def test_the_life_of_a_node(guests: dict[str, Guest], etcd: EtcdCluster, served:
     def mine() -> dict[str, Any]:
         return records(admin).get(me, {})
 
-    with etcd.client() as admin:
+    with secure.admin() as admin:
         wait_for("both registered and healthy on v1", lambda: len(records(admin)) == 2 and all(
             r.get("nvr") == NVR and r.get("healthy") is True for r in records(admin).values()),
             timeout=300)
@@ -202,8 +251,8 @@ def test_the_life_of_a_node(guests: dict[str, Guest], etcd: EtcdCluster, served:
         # -- v2 through the fleet: both stage; the node takes the slot, reboots ----------
         boots = {"node": node.boot_id(), "b": b.boot_id()}
         start = admin.revision() + 1
-        fleet_cli(etcd, "set-image", V2, f"{url}/{V2}.squashfs", "--group", GROUP,
-                  "--max-unavailable", "1")
+        fleet_cli(secure, "set-image", V2, f"{url}/{V2}.squashfs", "--group", GROUP,
+                  "--max-unavailable", "1", "--insecure-http")  # signed images over http
         node.wait_new_boot(boots["node"], timeout=1200)
         t = phase("v2 staged by both, the node took the slot, rebooted", t)
         slots = fleet.EtcdSlots(admin, GROUP)
@@ -249,7 +298,7 @@ def test_the_life_of_a_node(guests: dict[str, Guest], etcd: EtcdCluster, served:
         one, other = (spans[0] for spans in gone.values())
         assert min(one[0], other[0]) < rolled_back_at, gone  # the node's v2 reboot
         assert one[1] < other[0] or other[1] < one[0], gone  # never down together
-        group = json.loads(fleet_cli(etcd, "status", "--json"))["groups"][GROUP]
+        group = json.loads(fleet_cli(secure, "status", "--json"))["groups"][GROUP]
         assert len(group["nodes"]) == 2 and group["rollout"]["state"] == "running", group
         b.kill()  # b's part is done; its record goes when its lease runs out
         t = phase("b updated once the node was back; meanwhile the admin rolled the node "
@@ -264,16 +313,16 @@ def test_the_life_of_a_node(guests: dict[str, Guest], etcd: EtcdCluster, served:
         # -- v3 cannot boot: tried, abandoned by GRUB's counter, back on v2 by itself ----
         boot = node.boot_id()
         resets = node.resets
-        fleet_cli(etcd, "set-image", V3, f"{url}/{V3}.squashfs", "--group", GROUP,
-                  "--tries", "2")
+        fleet_cli(secure, "set-image", V3, f"{url}/{V3}.squashfs", "--group", GROUP,
+                  "--tries", "2", "--insecure-http")
         node.wait_new_boot(boot, timeout=1500)
         st = stop(node, f"{V2}+1", marker)
         assert node.resets - resets >= 3, node.resets  # the reboot into v3, 2 failed tries
         [abandoned] = st["abandoned"]
         assert abandoned["layer"] == f"{V3}+1" and "did not come up" in abandoned["reason"]
         wait_for("the rollout paused by the node's report", lambda: json.loads(fleet_cli(
-            etcd, "status", "--json"))["groups"][GROUP]["rollout"].get("state") == "paused")
-        rollout = json.loads(fleet_cli(etcd, "status", "--json"))["groups"][GROUP]["rollout"]
+            secure, "status", "--json"))["groups"][GROUP]["rollout"].get("state") == "paused")
+        rollout = json.loads(fleet_cli(secure, "status", "--json"))["groups"][GROUP]["rollout"]
         assert f"fell back from {V3}" in rollout["reason"], rollout
         assert mine()["nvr"] == V2 and not fleet.EtcdSlots(admin, GROUP).holders()
         # the admin collects garbage: v3, never found healthy, goes -- its base, layer,

@@ -57,6 +57,8 @@ def test_threads_hammering_the_semaphore_never_exceed_the_limit(cluster: EtcdClu
         start = admin.revision() + 1
         fleet.EtcdSlots(admin, g, k).set_max(k)
     granted: list[int] = []
+    inside: list[int] = []  # the workers that believe they hold a slot, now
+    most = [0]
     lock = threading.Lock()
 
     def worker(n: int) -> None:
@@ -66,14 +68,20 @@ def test_threads_hammering_the_semaphore_never_exceed_the_limit(cluster: EtcdClu
                 if slots.acquire(f"node-{n}"):
                     with lock:
                         granted.append(n)
+                        inside.append(n)
+                        most[0] = max(most[0], len(inside))
+                    time.sleep(0.01)
+                    with lock:
+                        inside.remove(n)
                     slots.release(f"node-{n}")
+            slots.release(f"node-{n}")  # still queued: leave the queue
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(12)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert granted  # slots were handed out
+    assert granted and 1 <= most[0] <= k  # slots were handed out, never more than k at once
     with cluster.client() as admin:
         assert 1 <= max_holders_in_history(admin, g, start) <= k
         assert fleet.EtcdSlots(admin, g).holders() == ()
@@ -87,22 +95,21 @@ def test_threads_hammering_the_semaphore_never_exceed_the_limit(cluster: EtcdClu
 def test_semaphore_behaves_like_its_model(etcd: Etcd, k: int,
                                           ops: list[tuple[str, str]]) -> None:
     slots = fleet.EtcdSlots(etcd, group(), default_max=k)
-    model: list[str] = []
+    queue: list[str] = []  # the model: a queue, whose first k hold a slot
     for op, node in ops:
         if op == "acquire":
-            expect = node in model or len(model) < k
-            if expect and node not in model:
-                model.append(node)
-            assert slots.acquire(node) is expect
+            if node not in queue:
+                queue.append(node)
+            assert slots.acquire(node) is (node in queue[:k])
         else:
             slots.release(node)
-            model = [h for h in model if h != node]
-        assert list(slots.holders()) == model
+            queue = [h for h in queue if h != node]
+        assert list(slots.holders()) == queue[:k]
 
 
 def test_set_image_and_a_malformed_record(etcd: Etcd) -> None:
     g = group()
-    want = fleet.set_image(etcd, g, "n-2.0-1", "http://127.0.0.1/n.squashfs", 2)
+    want = fleet.set_image(etcd, g, "n-2.0-1", "https://127.0.0.1/n-2.0-1.squashfs", 2)
     assert fleet.desired(etcd, g) == want
     assert fleet.EtcdSlots(etcd, g).read()[0].max == 2
     etcd.put(fleet.group_key(g, "desired"), '{"nvr": "n-2.0-1", "url": 5}')
@@ -116,10 +123,11 @@ def test_set_image_and_a_malformed_record(etcd: Etcd) -> None:
 
 def test_the_tries_travel_with_the_desired_image(etcd: Etcd) -> None:
     g = group()
-    assert fleet.set_image(etcd, g, "n-2.0-1", "http://127.0.0.1/n.squashfs", 1, 1).tries == 1
+    url = "https://127.0.0.1/n-2.0-1.squashfs"
+    assert fleet.set_image(etcd, g, "n-2.0-1", url, 1, 1).tries == 1
     assert fleet.desired(etcd, g).tries == 1  # type: ignore[union-attr]
     with pytest.raises(ImgbaseError, match="--tries 0 is out of range"):
-        fleet.set_image(etcd, g, "n-2.0-1", "http://127.0.0.1/n.squashfs", 1, 0)
+        fleet.set_image(etcd, g, "n-2.0-1", "https://127.0.0.1/n-2.0-1.squashfs", 1, 0)
     assert fleet.desired(etcd, g).tries == 1  # type: ignore[union-attr]  # unchanged
     # a record from before tries existed: the default; a bad one: refused, not a crash
     etcd.put(fleet.group_key(g, "desired"), '{"nvr": "n-2.0-1", "url": "http://x/"}')
@@ -181,7 +189,7 @@ def test_a_rolling_update_keeps_to_max_unavailable(cluster: EtcdCluster) -> None
     nodes["node-3"].domains = 1  # waits until its domain is gone (policy: wait)
     with cluster.client() as admin:
         start = admin.revision() + 1
-        fleet.set_image(admin, g, "n-2.0-1", "http://127.0.0.1/n-2.0-1.squashfs", 2)
+        fleet.set_image(admin, g, "n-2.0-1", "https://127.0.0.1/n-2.0-1.squashfs", 2)
         agents = run_fleet(cluster, nodes, g, config, 30)
         assert nodes["node-3"].booted == "n-1.0-1" and nodes["node-3"].reboots == 0
         nodes["node-3"].domains = 0  # the domain stopped
@@ -227,7 +235,7 @@ def test_the_record_outlives_a_pass_longer_than_the_lease(cluster: EtcdCluster) 
     g = group()
     config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g, ttl=5)
     with cluster.client() as admin:
-        fleet.set_image(admin, g, "n-2.0-1", "http://127.0.0.1/n-2.0-1.squashfs", 1)
+        fleet.set_image(admin, g, "n-2.0-1", "https://127.0.0.1/n-2.0-1.squashfs", 1)
         for keeper_runs in (True, False):
             with cluster.client() as client, cluster.client() as own:
                 agent = Agent(config, f"slow-{keeper_runs}", SlowStage("n-1.0-1", 11), client)
@@ -272,7 +280,7 @@ def test_a_node_whose_clock_is_a_day_off_keeps_its_record_and_updates(
         agent = Agent(config, "skewed", node, client)
         agent.tick(roll=False)
         watcher, seen = record_seen(admin, "skewed", 8)
-        fleet.set_image(admin, g, "n-2.0-1", "http://127.0.0.1/n-2.0-1.squashfs", 1)
+        fleet.set_image(admin, g, "n-2.0-1", "https://127.0.0.1/n-2.0-1.squashfs", 1)
         for _ in range(5):  # a pass every ttl/3, as the daemon does
             agent.tick()
             time.sleep(config.ttl / 3)
@@ -305,7 +313,7 @@ def test_a_node_that_falls_back_pauses_the_rollout(cluster: EtcdCluster) -> None
     config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g)
     nodes = {f"node-{i}": SimNode("n-1.0-1", bad="n-3.0-1") for i in range(4)}
     with cluster.client() as admin:
-        fleet.set_image(admin, g, "n-3.0-1", "http://127.0.0.1/n-3.0-1.squashfs", 1)
+        fleet.set_image(admin, g, "n-3.0-1", "https://127.0.0.1/n-3.0-1.squashfs", 1)
         run_fleet(cluster, nodes, g, config, 20)
         assert sum(n.reboots for n in nodes.values()) == 1  # one tried, fell back, stopped
         rollout = fleet.rollout(admin, g)
@@ -384,20 +392,65 @@ def test_fleet_cli_sets_an_image_and_reports(cluster: EtcdCluster,
     from imgbase.cli import main
 
     g, ep = group(), ",".join(cluster.endpoints)
-    assert main(["fleet", "set-image", "n-2.0-1", "http://127.0.0.1/n.squashfs",
-                 "--max-unavailable", "3", "--group", g, "--endpoints", ep]) == 0
+    on = ["--group", g, "--endpoints", ep, "--insecure-http"]  # the test etcd: plain http
+    assert main(["fleet", "set-image", "n-2.0-1", "https://127.0.0.1/n-2.0-1.squashfs",
+                 "--max-unavailable", "3", *on]) == 0
     assert f"group {g}: desired n-2.0-1, 3 node(s) at a time" in capsys.readouterr().out
-    assert main(["fleet", "pause", "--group", g, "--endpoints", ep]) == 0
-    assert main(["fleet", "status", "--json", "--endpoints", ep]) == 0
+    assert main(["fleet", "pause", *on]) == 0
+    assert main(["fleet", "status", "--json", *on]) == 0
     report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert report["groups"][g]["desired"]["nvr"] == "n-2.0-1"
     assert report["groups"][g]["rollout"]["state"] == "paused"
-    assert report["groups"][g]["slots"] == {"max": 3, "holders": []}
-    assert main(["fleet", "set-image", "n-2.0-1", "ftp://x/y", "--group", g,
-                 "--endpoints", ep]) == 2
-    assert "is not an http(s) URL" in capsys.readouterr().err
-    assert main(["fleet", "status", "--endpoints", "http://127.0.0.1:9"]) != 0
+    assert report["groups"][g]["slots"] == {"max": 3, "holders": [], "waiting": []}
+    assert main(["fleet", "status", "--endpoints", "http://127.0.0.1:9", "--insecure-http"]) != 0
     assert "127.0.0.1:9" in capsys.readouterr().err
+    assert main(["fleet", "status", "--endpoints", ep]) == 2  # no --insecure-http
+    assert "is plain http" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["n-3.0-1", "ftp://x/n-3.0-1.squashfs"], "is not an https URL"),
+    (["n-3.0-1", "https://x/n-2.0-1.squashfs"], "does not name n-3.0-1"),
+    (["n-3.0-1", "https://x/"], "does not name n-3.0-1"),
+    (["n-3.0-1", "https://x/n-3.0-1.squashfs", "--max-unavailable", "1000000"],
+     "is not 1 to 100"),
+    (["n-3.0-1", "https://x/n-3.0-1.squashfs", "--max-unavailable", "0"], "is not 1 to 100"),
+    (["n-3.0-1", "https://x/n-3.0-1.squashfs"], "is paused"),  # no --resume
+])
+def test_set_image_refuses_and_writes_nothing(cluster: EtcdCluster,
+                                              capsys: pytest.CaptureFixture[str],
+                                              args: list[str], said: str) -> None:
+    from imgbase.cli import main
+
+    g, ep = group(), ",".join(cluster.endpoints)
+    on = ["--group", g, "--endpoints", ep]
+    assert main(["fleet", "set-image", "n-2.0-1", "https://x/n-2.0-1.squashfs", *on,
+                 "--insecure-http"]) == 0
+    assert main(["fleet", "pause", *on, "--insecure-http"]) == 0
+    with cluster.client() as etcd:
+        before = etcd.get_prefix(fleet.group_key(g, ""))
+        assert main(["fleet", "set-image", *args, *on, "--insecure-http"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert etcd.get_prefix(fleet.group_key(g, "")) == before  # nothing written
+        # an explicit --resume publishes it and resumes the rollout
+        assert main(["fleet", "set-image", "n-3.0-1", "https://x/n-3.0-1.squashfs", *on,
+                     "--insecure-http", "--resume"]) == 0
+        view = fleet.group_view(etcd, g)
+        assert view.desired is not None and view.desired.nvr == "n-3.0-1" and not view.paused
+
+
+def test_a_resume_clears_a_nodes_fall_back_report(etcd: Etcd) -> None:
+    g = group()
+    fleet.set_image(etcd, g, "n-3.0-1", "https://x/n-3.0-1.squashfs", 1)
+    with pytest.raises(ImgbaseError, match="is not an https URL"):  # http: not without
+        fleet.set_image(etcd, g, "n-3.0-1", "http://x/n-3.0-1.squashfs", 1)  # insecure_http
+    fleet.record_result(etcd, g, "node-1", "n-3.0-1", "rolled-back")
+    assert fleet.group_view(etcd, g).pause_reason == "node-1 fell back from n-3.0-1"
+    with pytest.raises(ImgbaseError, match="is paused"):
+        fleet.set_image(etcd, g, "n-3.0-1", "https://x/n-3.0-1.squashfs", 1)
+    fleet.set_image(etcd, g, "n-4.0-1", "https://x/n-4.0-1.squashfs", 1, resume=True)
+    assert not fleet.group_view(etcd, g).paused
 
 
 def test_an_agent_on_fleetlock_keeps_its_slot_across_the_reboot(
@@ -412,7 +465,7 @@ def test_an_agent_on_fleetlock_keeps_its_slot_across_the_reboot(
     sim = SimNode("n-1.0-1")
     try:
         with cluster.client() as admin:
-            fleet.set_image(admin, g, "n-2.0-1", "http://127.0.0.1/n-2.0-1.squashfs", 1)
+            fleet.set_image(admin, g, "n-2.0-1", "https://127.0.0.1/n-2.0-1.squashfs", 1)
             agent = Agent(config, "node-a", sim, cluster.client(), holding_file=slot)
             while sim.reboots == 0:
                 agent.tick()

@@ -63,7 +63,7 @@ def test_500_agents_register_heartbeat_and_roll_within_max_unavailable(
         assert len(fleet.nodes(admin)) == N
         assert set(tick_all(agents)) == {"idle"}  # heartbeats
         start = admin.revision() + 1
-        fleet.set_image(admin, "big", "n-2.0-1", "http://127.0.0.1/n-2.0-1.squashfs", K)
+        fleet.set_image(admin, "big", "n-2.0-1", "https://127.0.0.1/n-2.0-1.squashfs", K)
         rounds = 0
         def busy() -> list[Agent]:
             return [a for a in agents if a.holding or a.node.state().booted_nvr != "n-2.0-1"]

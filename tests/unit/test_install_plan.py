@@ -148,11 +148,12 @@ def test_join_writes_the_agent_config_and_tls_files_into_the_layer(tmp_path: Pat
     from imgbase.agent import config
     from imgbase.install import join_config
 
-    for name in ("ca.pem", "node.pem", "node-key.pem"):
+    for name in ("ca.pem", "node.pem", "node-key.pem", "pw"):
         (tmp_path / name).write_text(name)
     join = join_config("https://10.0.0.1:2379,https://10.0.0.2:2379", "rack1",
                        str(tmp_path / "ca.pem"), str(tmp_path / "node.pem"),
-                       str(tmp_path / "node-key.pem"))
+                       str(tmp_path / "node-key.pem"), user="node7",
+                       password_file=str(tmp_path / "pw"))
     plan = plan_install(replace(FACTS, join=join))
     names = [s.name for s in plan.steps]
     assert names.index("agent-config") < names.index("layer-umount")
@@ -161,19 +162,40 @@ def test_join_writes_the_agent_config_and_tls_files_into_the_layer(tmp_path: Pat
     c = config.parse(text, Path(path))
     assert c.endpoints == ("https://10.0.0.1:2379", "https://10.0.0.2:2379")
     assert (c.group, c.key) == ("rack1", "/etc/imgbase/agent/node-key.pem")
-    key = step(plan, "agent-node-key.pem").argv
-    assert key[:4] == ("install", "-D", "-m", "600") and key[-1].endswith(
-        "/root/etc/imgbase/agent/node-key.pem")
+    assert (c.user, c.password_file) == ("node7", "/etc/imgbase/agent/etcd-password")
+    for name in ("node-key.pem", "etcd-password"):
+        argv = step(plan, f"agent-{name}").argv
+        assert argv[:4] == ("install", "-D", "-m", "600") and argv[-1].endswith(
+            f"/root/etc/imgbase/agent/{name}")
     assert "agent-config" not in [s.name for s in plan_install(FACTS).steps]
 
 
 def test_join_refuses_bad_endpoints_and_missing_files(tmp_path: Path) -> None:
     from imgbase.install import join_config
 
-    with pytest.raises(InputError, match="is not an http"):
-        join_config("etcd1:2379", "default", None, None, None)
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    auth = {"user": "node7", "password_file": str(pw)}
+    with pytest.raises(InputError, match=r"is not an http\(s\) URL of an etcd member"):
+        join_config("etcd1:2379", "default", None, None, None, **auth)
+    with pytest.raises(InputError, match="is plain http"):
+        join_config("http://e:2379", "default", None, None, None, **auth)
+    with pytest.raises(InputError, match="needs the node's etcd user"):
+        join_config("https://e:2379", "default", None, None, None)
     with pytest.raises(InputError, match="no such file"):
-        join_config("https://e:2379", "default", str(tmp_path / "ca.pem"), None, None)
+        join_config("https://e:2379", "default", str(tmp_path / "ca.pem"), None, None, **auth)
+    lab = join_config("http://e:2379", "default", None, None, None, insecure_http=True)
+    assert "insecure_http = true" in lab.agent_toml
+
+
+def test_join_group_cannot_inject_a_migrate_hook(tmp_path: Path) -> None:
+    """Finding 8: `--group 'g"<newline>migrate_hook = "/tmp/x'` wrote a hook the agent runs
+    as root; now the group is refused and nothing is planned."""
+    from imgbase.install import join_config
+
+    with pytest.raises(InputError, match="is not a name"):
+        join_config("https://e:2379", 'g"\nmigrate_hook = "/tmp/x"\ndomains = "migrate', None,
+                    None, None, insecure_http=True)
 
 
 def test_a_signed_install_tags_its_base_and_starts_the_anti_rollback_record() -> None:

@@ -290,7 +290,7 @@ def test_agent_joins_the_cluster_with_the_hosts_capabilities(node: Guest,
     assert "ExecMainStatus=78" in show and "ActiveState=failed" in show, show
     assert "endpoint 'etcd:2379' is not an http(s) URL" in node.run(
         "journalctl -b -u imgbase-agent").stdout
-    node.run("printf '[cluster]\nendpoints = [\"http://10.0.2.100:2379\"]\n"
+    node.run("printf '[cluster]\nendpoints = [\"http://10.0.2.100:2379\"]\ninsecure_http = true\n"
              "group = \"life\"\n[agent]\nttl = 15\n' > /etc/imgbase/agent.toml && "
              "systemctl restart imgbase-agent")
     record = node_record(etcd, A)
