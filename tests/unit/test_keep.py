@@ -18,6 +18,7 @@ from imgbase.bootloader import grubenv
 from imgbase.errors import InputError
 from imgbase.keep import keep_set
 from imgbase.status import NodeFacts, boot_unmounted
+from imgbase.trust import Verified
 from tests.unit.test_node_plans import NVR, lv, node
 
 A = f"{NVR}+1"  # booted, base n-1.0-1
@@ -181,8 +182,9 @@ def test_every_boot_writer_refuses_when_boot_is_not_mounted(monkeypatch: pytest.
             writer()
     monkeypatch.setattr(NodeFacts, "gather", classmethod(lambda cls: f))
     with pytest.raises(InputError, match="/boot is not mounted"):
-        update.gather_facts("/nonexistent.squashfs", insecure=True, allow_downgrade=False,
-                            tries=3)
+        update.gather_facts(Verified(Path("/nonexistent.squashfs"), "n-2.0-1", None,
+                                     "missing (--insecure)", copy=False),
+                            allow_downgrade=False, tries=3)
 
 
 def test_boot_unmounted_reads_fstab() -> None:
