@@ -33,6 +33,7 @@ def _env_plan(f: NodeFacts, operation: str, env: dict[str, str]) -> Plan:
 
 
 def _need_layer(f: NodeFacts, layer: str) -> None:
+    f.need_boot()  # an unmounted /boot has no entries: say that, not "no boot entry"
     if f.layout.get(layer) not in f.layout.layers:
         die(f"{layer} is not a layer of this node", hint="imgbase layer --list names them")
     if layer not in f.entries:

@@ -180,6 +180,10 @@ def test_every_boot_writer_refuses_when_boot_is_not_mounted(monkeypatch: pytest.
     for writer in writers:
         with pytest.raises(InputError, match="/boot is not mounted"):
             writer()
+    # an unmounted /boot shows no entries: the refusal names /boot, not a missing entry
+    for plan in (boot.plan_set_default, boot.plan_next):
+        with pytest.raises(InputError, match="/boot is not mounted"):
+            plan(replace(f, entries={}), f"{OLD}+1")
     monkeypatch.setattr(NodeFacts, "gather", classmethod(lambda cls: f))
     with pytest.raises(InputError, match="/boot is not mounted"):
         update.gather_facts(Verified(Path("/nonexistent.squashfs"), "n-2.0-1", None,
