@@ -14,7 +14,6 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,6 @@ import pytest
 import imgbase
 from imgbase import package, trust
 from imgbase.errors import InputError
-from tests.images import stop_agent
-from tests.unit.test_trust import gen_key
 
 FAKE_MAIN = """import os, sys
 mode = oct(os.stat(os.path.dirname(sys.argv[-1])).st_mode & 0o7777)
@@ -35,19 +32,6 @@ GOOD = {"name": "n", "version": "2.0", "release": "1", "nvr": "n-2.0-1", "archit
 THIS_IMGBASE = str(Path(imgbase.__file__).resolve().parents[1])  # the node's installed one
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    root = tmp_path_factory.mktemp("keys")
-    publisher = gen_key(root / "publisher", "imgbase test publisher <pub@example.org>")
-    gen_key(root / "stranger", "someone else <else@example.org>")
-    trusted = root / "trusted.d"
-    trusted.mkdir()
-    with open(trusted / "publisher.gpg", "wb") as f:
-        subprocess.run(["gpg", "--homedir", str(root / "publisher"), "--export", publisher],
-                       check=True, stdout=f)
-    yield {"home": root / "publisher", "stranger": root / "stranger", "trusted": trusted}
-    for home in ("publisher", "stranger"):
-        stop_agent(root / home)
 
 
 def make_image(work: Path, image_json: str, signer: Path | None,
