@@ -172,6 +172,48 @@ def test_a_copy_that_does_not_match_is_removed_and_refused(
     assert list(dest.iterdir()) == []
 
 
+def test_a_finished_download_is_taken_not_copied_and_gone_once_used(
+        keys: dict, real: Path, tmp_path: Path) -> None:
+    """Finding 11: finished downloads were never collected. A download (in the root-only
+    downloads dir) becomes the verified copy by rename; once the update is done with it,
+    nothing of the image is left on /var -- and a download that does not match is removed."""
+    downloads = real.parent
+    trust.sign(str(real), homedir=str(keys["home"]))
+    signed = real.read_bytes()
+    dest = tmp_path / "images"
+    got = trust.verified_copy(str(real), insecure=False, trusted=keys["trusted"],
+                              dest_dir=dest, config=tmp_path / "none.toml", adopt=downloads)
+    assert not real.exists() and got.path.parent == dest and got.path.read_bytes() == signed
+    got.discard()
+    assert list(dest.iterdir()) == [] and not real.exists()
+    squashfs(tmp_path / "other/n-2.0-1.squashfs", "n-2.0-1", "other bytes")
+    os.replace(tmp_path / "other/n-2.0-1.squashfs", real)  # the old .sha256 and .sig stay
+    with pytest.raises(InputError, match="does not match"):
+        trust.verified_copy(str(real), insecure=False, trusted=keys["trusted"],
+                            dest_dir=dest, config=tmp_path / "none.toml", adopt=downloads)
+    assert list(dest.iterdir()) == [] and not real.exists()
+
+
+@pytest.mark.parametrize("kargs", ['"quiet splash"', '["quiet", "x=}"]', '["$(reboot)"]'])
+def test_an_image_whose_kernel_args_grub_could_misread_is_refused(
+        keys: dict, tmp_path: Path, kargs: str) -> None:
+    """Finding 4: update never checked an image's kernel_args; the verified image's are
+    checked by the one gate (a string is not split into letters)."""
+    img = squashfs(tmp_path / "src/n-2.0-1.squashfs", "n-2.0-1")
+    tree = img.with_suffix(".tree")
+    (tree / "usr/lib/imgbase/image.json").write_text(
+        f'{{"nvr": "n-2.0-1", "kernel_args": {kargs}}}')
+    subprocess.run(["mksquashfs", str(tree), str(img), "-quiet", "-no-progress",
+                    "-noappend"], check=True)
+    Path(f"{img}.sha256").write_text(f"{trust.sha256_of(str(img))}  {img.name}\n")
+    trust.sign(str(img), homedir=str(keys["home"]))
+    dest = tmp_path / "images"
+    with pytest.raises(InputError, match="kernel_args|kernel argument"):
+        trust.verified_copy(str(img), insecure=False, trusted=keys["trusted"],
+                            dest_dir=dest, config=tmp_path / "none.toml")
+    assert list(dest.iterdir()) == []
+
+
 def test_nothing_parses_an_image_before_its_signature_is_good(
         keys: dict, real: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from imgbase import update
