@@ -125,11 +125,14 @@ def plan_layer_remove(f: NodeFacts, layer: str) -> Plan:
 
 
 def plan_base_add(f: NodeFacts, image: str, nvr: str, size: str, key: str | None = None,
-                  accepted: dict[str, str] | None = None) -> Plan:
-    """image: a verified copy (trust.verified_copy); key: what signed it (tagged on the
-    base); accepted: the anti-rollback record, raised to the image's NVR when it is done
-    (None: left alone)."""
-    Nvr.parse(nvr)
+                  accepted: dict[str, str] | None = None, image_nvr: str | None = None
+                  ) -> Plan:
+    """image: a verified copy (trust.verified_copy); nvr: the base's name (an LVM name);
+    key: what signed it (tagged on the base); accepted: the anti-rollback record, raised to
+    the image's own NVR (image_nvr, not a name given with --nvr) when it is done (None:
+    left alone)."""
+    name = Nvr.parse(nvr)
+    Nvr.check_parts(name.name, name.version, name.release)
     if f.layout.get(nvr) is not None:
         die(f"{nvr} already exists on this node", hint="imgbase base --list names the bases")
     pool = f.layout.pool
@@ -139,7 +142,7 @@ def plan_base_add(f: NodeFacts, image: str, nvr: str, size: str, key: str | None
     steps = with_key(base_from_image_steps(f.layout.vg, nvr, image, size, WORK / "base-add",
                                            pool.name), f.layout.vg, nvr, key)
     if accepted is not None:
-        steps.append(accepted_step(accepted, Nvr.parse(nvr)))
+        steps.append(accepted_step(accepted, Nvr.parse(image_nvr or nvr)))
     return Plan("base-add", tuple(steps))
 
 

@@ -216,7 +216,7 @@ def cmd_base(args: argparse.Namespace) -> int:
             accepted = trust.read_accepted()
             trust.refuse_rollback(Nvr.parse(image.nvr), accepted, args.allow_downgrade)
             return _apply(admin.plan_base_add(facts, str(image.path), nvr, args.size,
-                                              image.key, accepted), args)
+                                              image.key, accepted, image.nvr), args)
         finally:
             image.discard()
     facts = NodeFacts.gather()
@@ -300,6 +300,7 @@ def cmd_kargs(args: argparse.Namespace) -> int:
     from .status import NodeFacts
 
     facts = NodeFacts.gather()
+    facts.need_boot()  # an unmounted /boot has no entries to read or edit
     layer = args.layer or facts.booted
     if layer is None or layer not in facts.entries:
         die(f"{layer or 'the running root'} has no boot entry",
@@ -309,7 +310,6 @@ def cmd_kargs(args: argparse.Namespace) -> int:
         print(json.dumps(current) if args.json else " ".join(current))
         return 0
     new = kargs.edit(current, append=args.append, delete=args.delete, replace=args.replace)
-    facts.need_boot()
     lv = facts.layout.get(layer)
     assert lv is not None
     changed: dict[str, str | None] = {layer: entry(facts.boot, layer, lv.path, " ".join(new))}

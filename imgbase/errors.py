@@ -12,6 +12,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # an operation failed (a command, a build step)
 EXIT_USAGE = 2  # bad input: arguments, spec files, preconditions
 EXIT_NO_RESULT = 3  # a guest ended without giving the result asked for
+EXIT_REFUSED = 65  # an image refused for what it is (signature, checksum, age, content)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
@@ -43,6 +44,20 @@ class InputError(ImgbaseError):
     exit_code = EXIT_USAGE
 
 
+class ImageRefused(InputError):
+    """An image refused for what it is: a bad or untrusted signature, a checksum that does
+    not match, older than the node accepted, a malformed image.json. Asking again for the
+    same image gets the same answer (the agent does not retry it); a missing file, the
+    network, a lock or a full disk are plain input errors, worth another try."""
+
+    exit_code = EXIT_REFUSED
+
+
 def die(message: str, hint: str | None = None) -> NoReturn:
     """Stop with a user-facing error about bad input."""
     raise InputError(message, hint=hint)
+
+
+def refuse(message: str, hint: str | None = None) -> NoReturn:
+    """Stop: the image itself is refused (see :class:`ImageRefused`)."""
+    raise ImageRefused(message, hint=hint)

@@ -80,6 +80,7 @@ def plan_rollback(f: NodeFacts, history: list[dict[str, Any]], to: str | None,
     """
     from .health import HISTORY, HISTORY_KEEP
 
+    f.need_boot()  # before the target: an unmounted /boot shows no layer to roll back to
     target = to or rollback_target(f, history)
     steps = list(plan_set_default(f, target, tries=None).steps)
     if f.booted and f.booted != target:

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import die
-from .kargs import UNSAFE
+from .errors import ImgbaseError, die
+from .kargs import check_arg
 
 URL_SCHEMES = ("http", "https", "ftp", "file")
 WORD_RE = {  # what may stand on a kickstart command line unquoted
@@ -152,13 +152,11 @@ def check_url(url: str, where: str) -> str:
 
 
 def check_karg(arg: str, where: str) -> str:
-    """A kernel argument that can go into a boot entry (the rules of imgbase kargs)."""
-    if not isinstance(arg, str) or not arg or UNSAFE.search(arg):
-        die(f"{where}: kernel argument {arg!r} cannot go into a boot entry",
-            hint="no quotes, spaces, newlines, $, braces, backslashes or ;")
-    if arg.split("=", 1)[0] == "root":
-        die(f"{where}: root= is set by imgbase for each layer", hint="drop it")
-    return arg
+    """A kernel argument that can go into a boot entry (:func:`imgbase.kargs.check_arg`)."""
+    try:
+        return check_arg(arg)
+    except ImgbaseError as exc:
+        die(f"{where}: {exc.message}", hint=exc.hint)
 
 
 def ssh_keys_of(value: str, where: str) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import intree
 from .errors import ImgbaseError, die
-from .kargs import UNSAFE
+from .kargs import check_arg
 from .naming import Nvr
 
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
@@ -197,10 +197,10 @@ def load_layer(path: Path) -> LayerSpec:
             src.fail("services", None, f"services both enabled and disabled/masked: {sorted(both)}")
     kargs = t.strings("kernel_args")
     for karg in kargs:
-        if not karg or UNSAFE.search(karg):
-            src.fail("layer", "kernel_args", f"kernel argument {karg!r} cannot go into a "
-                     "boot entry", hint="no quotes, spaces, newlines, $, `, braces, "
-                     "backslashes or ;")
+        try:
+            check_arg(karg)  # the one gate of imgbase kargs, update and the entry writers
+        except ImgbaseError as exc:
+            src.fail("layer", "kernel_args", exc.message, hint=exc.hint)
     files = _files(src, layer_dir)
     return LayerSpec(
         name=name,

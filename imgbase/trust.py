@@ -43,7 +43,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import die
+from .errors import ImageRefused, InputError, die, refuse
 from .kargs import check_args
 from .naming import Nvr
 from .plan import Step
@@ -195,7 +195,7 @@ def read_sidecars(image: str, sums: Path | None = None) -> Sidecars:
 def want_sha256(side: Sidecars) -> str:
     words = (side.sums or b"").decode(errors="replace").split()
     if not words or not SHA256_RE.match(words[0]):
-        die(f"{side.sums_name} holds no sha256", hint="get it from the publisher again")
+        refuse(f"{side.sums_name} holds no sha256", hint="get it from the publisher again")
     return words[0]
 
 
@@ -223,7 +223,7 @@ def verify_signature(side: Sidecars, trusted: Path = TRUSTED, insecure: bool = F
            "no-key": f"was made by key {key}, which is not in {trusted}",
            "expired": f"was made by key {key}, which is expired or revoked"}.get(
                verdict, f"could not be checked: {proc.stderr.strip().splitlines()[-1:]}")
-    die(f"the signature {side.sig_name} {why}",
+    refuse(f"the signature {side.sig_name} {why}",
         hint="get the image, its .sha256 and .sha256.sig from the publisher again")
 
 
@@ -250,7 +250,7 @@ def judge(image: str, side: Sidecars, *, insecure: bool,
 
 
 def _mismatch(image: str, got: str, want: str, sums_name: str) -> None:
-    die(f"{image}: sha256 {got[:16]}… does not match {sums_name} ({want[:16]}…)",
+    refuse(f"{image}: sha256 {got[:16]}… does not match {sums_name} ({want[:16]}…)",
         hint="the image is corrupt or not the one published; download it again")
 
 
@@ -380,15 +380,30 @@ def verified_copy(image: str, *, insecure: bool, trusted: Path = TRUSTED,
         result.discard()
         _mismatch(image, got, want, side.sums_name)
     try:
-        from .update import image_info
-
-        info = image_info(str(path))
-        # the image's kernel arguments go into the GRUB entries file: one gate, here
-        kernel_args = check_args(info.get("kernel_args", []), f"{image}: kernel_args")
+        nvr, kernel_args = _identity(image, path)
     except BaseException:
         result.discard()
         raise
-    return Verified(path, str(info["nvr"]), key, result.checksum, kernel_args, copy)
+    return Verified(path, nvr, key, result.checksum, kernel_args, copy)
+
+
+def _identity(image: str, copy: Path) -> tuple[str, tuple[str, ...]]:
+    """The verified image's NVR (an LVM name: :meth:`Nvr.check_parts`) and kernel arguments
+    (the GRUB entries file's gate), read from its copy, or the image is refused."""
+    from .update import image_info
+
+    try:
+        info = image_info(str(copy))
+        if not isinstance(info, dict) or not isinstance(info.get("nvr"), str):
+            die("its image.json has no nvr", hint="use an image made by imgbase compose")
+        nvr = Nvr.parse(info["nvr"])
+        Nvr.check_parts(nvr.name, nvr.version, nvr.release)
+        return str(nvr), check_args(info.get("kernel_args", []), "kernel_args")
+    except ImageRefused:
+        raise
+    except InputError as exc:
+        message = exc.message.replace(f"{copy}: ", "").replace(str(copy), image)
+        refuse(f"{image}: {message}", hint=exc.hint)
 
 
 # -- anti-rollback: the newest image this node has ever accepted ---------------------------
@@ -414,7 +429,7 @@ def refuse_rollback(new: Nvr, accepted: dict[str, str], allow_downgrade: bool) -
     """Refuse an image older than the newest of its product the node has accepted."""
     high = accepted.get(new.name)
     if high is not None and new < Nvr.parse(high) and not allow_downgrade:
-        die(f"{new} is older than {high}, the newest image this node has accepted",
+        refuse(f"{new} is older than {high}, the newest image this node has accepted",
             hint="pass --allow-downgrade to go back anyway")
 
 

@@ -161,7 +161,11 @@ def image_info(image: str) -> dict[str, Any]:
     if proc.returncode != 0:
         die(f"{image} is not an imgbase image (no /usr/lib/imgbase/image.json)",
             hint="use an image made by imgbase compose")
-    info: dict[str, Any] = json.loads(proc.stdout)
+    try:
+        info: dict[str, Any] = json.loads(proc.stdout)
+    except ValueError as exc:
+        die(f"{image}: its image.json is not JSON ({exc})",
+            hint="use an image made by imgbase compose")
     return info
 
 

@@ -31,8 +31,8 @@ admin writes the rollout key again (a result older than the rollout key no longe
 :class:`FleetLock` is the same slot API spoken over HTTP to a FleetLock server
 (``POST /v1/pre-reboot`` and ``/v1/steady-state``, header ``fleet-lock-protocol: true``).
 
->>> parse_desired('{"nvr": "n-2.0-1", "url": "http://h/n.squashfs", "max_unavailable": 2}')
-Desired(nvr='n-2.0-1', url='http://h/n.squashfs', max_unavailable=2, set_at=0.0, tries=3)
+>>> parse_desired('{"nvr": "n-2.0-1", "url": "http://h/n-2.0-1.squashfs", "max_unavailable": 2}')
+Desired(nvr='n-2.0-1', url='http://h/n-2.0-1.squashfs', max_unavailable=2, set_at=0.0, tries=3)
 >>> parse_desired('{"nvr": "n-2.0-1"}')
 Traceback (most recent call last):
 ...
@@ -88,8 +88,11 @@ def parse_desired(text: str) -> Desired:
             raise ImgbaseError(f"the desired-image record has no {name}")
     try:
         Nvr.parse(doc["nvr"])
+        # set-image's rules (http only with --insecure-http: left to the admin's side, the
+        # image's signature is what the node trusts); the file names the NVR
+        check_image_url(doc["url"], doc["nvr"], insecure_http=True)
     except ImgbaseError as exc:
-        raise ImgbaseError(f"the desired-image record's nvr: {exc.message}") from exc
+        raise ImgbaseError(f"the desired-image record: {exc.message}") from exc
     k = doc.get("max_unavailable", 1)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ImgbaseError(f"the desired-image record's max_unavailable {k!r} is not >= 1")

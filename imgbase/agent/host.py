@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import EXIT_USAGE, ImgbaseError
+from ..errors import EXIT_REFUSED, ImgbaseError
 from ..naming import Layer
 from ..run import run
 from ..update import EXIT_UP_TO_DATE
@@ -92,11 +92,11 @@ class HostNode:
         if JOURNAL.exists():
             run(["imgbase", "recover"], check=False)
         log.info("staging %s from %s", nvr, url)
-        proc = run(["imgbase", "update", "--stage-only", url], check=False)
+        proc = run(["imgbase", "update", "--stage-only", "--", url], check=False)
         if proc.returncode in (0, EXIT_UP_TO_DATE):  # 77: the image is already here
             return
         last = " ".join((proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:])
-        if proc.returncode == EXIT_USAGE:  # refused: not signed, a downgrade, malformed
+        if proc.returncode == EXIT_REFUSED:  # the image: its signature, checksum, age, content
             raise StageRefused(f"imgbase update refused {url}: {last}",
                                hint="the agent will not download it again until the "
                                "group's desired image changes")

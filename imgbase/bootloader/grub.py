@@ -193,13 +193,18 @@ def write_steps(boot: Path, current: dict[str, str], changes: dict[str, str | No
     All entries share the file GRUB sources, and one that does not parse can take those
     after it along (an open quote runs on through the fallback's entry): a file with an
     entry that is not three literal lines (one an older imgbase wrote with an image's
-    unchecked argument) is never written; the hint names the repair."""
+    unchecked argument) is written only by a repair: a write that leaves fewer bad entries
+    than it found (one `kargs --delete` or `layer --remove` at a time, even with two bad
+    entries). Anything else is refused and the hint names the repair."""
     entries = {k: v for k, v in {**current, **changes}.items() if v is not None}
-    for name, block in entries.items():
-        if problem := entry_problem(name, block):
-            die(f"{problem}; it would break the menu GRUB reads",
-                hint=f"imgbase kargs --layer {name} --delete ARG (or layer --remove {name}) "
-                     "first")
+    before = {name for name, block in current.items() if entry_problem(name, block)}
+    bad = {name: problem for name, block in entries.items()
+           if (problem := entry_problem(name, block))}
+    if bad and not set(bad) < before:
+        name = next(n for n in bad if n not in before) if set(bad) - before else next(iter(bad))
+        die(f"{bad[name]}; it would break the menu GRUB reads",
+            hint=f"imgbase kargs --layer {name} --delete ARG (or layer --remove {name}) "
+                 "first")
     return [Step("boot-entries", write=(str(boot / GRUB_DIR / ENTRIES),
                                         render_entries(entries)))]
 

@@ -45,13 +45,16 @@ def test_host_stage_reads_updates_exit_codes(tmp_path: Path,
     url = "https://h/n-2.0-1.squashfs"
     fake_imgbase(tmp_path, monkeypatch, 77)
     HostNode().stage(url, "n-2.0-1")  # already there: no error
-    fake_imgbase(tmp_path, monkeypatch, 2)
+    log = fake_imgbase(tmp_path, monkeypatch, 65)
     with pytest.raises(StageRefused, match="refused"):
         HostNode().stage(url, "n-2.0-1")
-    fake_imgbase(tmp_path, monkeypatch, 1)
-    with pytest.raises(ImgbaseError) as e:
-        HostNode().stage(url, "n-2.0-1")
-    assert not isinstance(e.value, StageRefused)
+    assert log.read_text().splitlines()[-1] == f"update --stage-only -- {url}"
+    # 2: the network, a lock, a full disk, missing sidecars; 1: a failed step: tried again
+    for code in (2, 1):
+        fake_imgbase(tmp_path, monkeypatch, code)
+        with pytest.raises(ImgbaseError) as e:
+            HostNode().stage(url, "n-2.0-1")
+        assert not isinstance(e.value, StageRefused)
 
 
 class FailingStage(SimNode):

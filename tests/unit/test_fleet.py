@@ -117,6 +117,12 @@ def test_set_image_and_a_malformed_record(etcd: Etcd) -> None:
         fleet.desired(etcd, g)
     report = fleet.status(etcd)["groups"][g]
     assert "has no url" in report["desired"]["error"]  # reported, not a crash
+    # what set-image refuses is refused when read too (a record written some other way)
+    for url, says in (("http://x/other-9-1.squashfs", "does not name n-2.0-1"),
+                      ("-o/tmp/x", "is not an https URL"), ("file:///etc/n-2.0-1", "https")):
+        etcd.put(fleet.group_key(g, "desired"), json.dumps({"nvr": "n-2.0-1", "url": url}))
+        with pytest.raises(ImgbaseError, match=says):
+            fleet.desired(etcd, g)
     with pytest.raises(ImgbaseError, match="is not a name-version-release"):
         fleet.set_image(etcd, g, "garbage", "http://x/", 1)
 
@@ -130,9 +136,10 @@ def test_the_tries_travel_with_the_desired_image(etcd: Etcd) -> None:
         fleet.set_image(etcd, g, "n-2.0-1", "https://127.0.0.1/n-2.0-1.squashfs", 1, 0)
     assert fleet.desired(etcd, g).tries == 1  # type: ignore[union-attr]  # unchanged
     # a record from before tries existed: the default; a bad one: refused, not a crash
-    etcd.put(fleet.group_key(g, "desired"), '{"nvr": "n-2.0-1", "url": "http://x/"}')
+    old = '{"nvr": "n-2.0-1", "url": "http://x/n-2.0-1.squashfs"'
+    etcd.put(fleet.group_key(g, "desired"), old + "}")
     assert fleet.desired(etcd, g).tries == 3  # type: ignore[union-attr]
-    etcd.put(fleet.group_key(g, "desired"), '{"nvr": "n-2.0-1", "url": "http://x/", "tries": 99}')
+    etcd.put(fleet.group_key(g, "desired"), old + ', "tries": 99}')
     with pytest.raises(ImgbaseError, match="tries 99 is not 1-9"):
         fleet.desired(etcd, g)
 

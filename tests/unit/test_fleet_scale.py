@@ -20,7 +20,7 @@ from tests.unit.test_fleet import SimNode, max_holders_in_history
 
 pytestmark = pytest.mark.slow
 
-N, K, WORKERS = 500, 200, 10
+N, K, WORKERS = 500, 100, 10  # K: the most set-image allows (fleet.MAX_UNAVAILABLE)
 
 
 def agents_for(cluster: EtcdCluster, group: str, n: int) -> list[Agent]:

@@ -129,3 +129,21 @@ def test_a_broken_entry_is_never_written_again_and_deleting_its_argument_repairs
         A, f"/dev/vg/{A}", "rw")
     with pytest.raises(InputError, match="cannot go into a boot entry"):
         kargs.edit(["rw"], append=["x'y"])
+
+
+def test_two_broken_entries_are_repaired_one_at_a_time() -> None:
+    """layer --add and update copy the booted layer's arguments, so a bad one is often in
+    two entries: each repair (kargs --delete, layer --remove) leaves the other bad entry
+    and must still be written; anything that does not lessen the harm is refused."""
+    boot = Path("/boot")
+    broken = {n: grub.entry(n, f"/dev/vg/{n}", "rw").replace(" rw\n", " rw x}\n")
+              for n in (A, B)}
+    fixed = grub.entry(A, f"/dev/vg/{A}", "rw")
+    step, = grub.write_steps(boot, broken, {A: fixed})  # kargs --layer A --delete 'x}'
+    assert step.write is not None
+    step, = grub.write_steps(boot, broken, {A: None})  # layer --remove A
+    assert step.write is not None and A not in grub.parse_entries(step.write[1])
+    with pytest.raises(InputError, match="would break the menu"):
+        grub.write_steps(boot, broken, {"c+1": grub.entry("c+1", "/dev/vg/c+1", "rw")})
+    with pytest.raises(InputError, match="would break the menu"):
+        grub.write_steps(boot, {A: fixed, B: broken[B]}, {A: broken[A]})

@@ -173,6 +173,7 @@ def test_every_boot_writer_refuses_when_boot_is_not_mounted(monkeypatch: pytest.
         lambda: boot.plan_next(f, f"{OLD}+1"),
         lambda: boot.plan_menu_timeout(f, 5),
         lambda: gc.plan_rollback(f, [], f"{OLD}+1"),
+        lambda: gc.plan_rollback(replace(f, entries={}), [], None),
         lambda: admin.plan_layer_add(f, None, "LABEL=boot /boot ext4 defaults 0 2\n"),
         lambda: admin.plan_layer_remove(f, f"{OLD}+1"),
         lambda: admin.plan_base_remove(f, OLD),

@@ -140,6 +140,16 @@ def test_kernel_arg_that_a_boot_entry_cannot_hold_is_refused(tmp_path: Path,
         "cannot go into a boot entry" in msg and "(hint: " in msg, msg
 
 
+@pytest.mark.parametrize("karg, says", [("root=/dev/sda1", "root= is set by imgbase"),
+                                        ("x=" + "a" * 1100, "cannot go into a boot entry")])
+def test_kernel_arg_a_node_would_refuse_is_refused_at_compose(tmp_path: Path, karg: str,
+                                                              says: str) -> None:
+    """The same gate as the node's (kargs.check_arg): an image every node would refuse at
+    update is not composed."""
+    msg = error_of(write(tmp_path, layer=LAYER + f"kernel_args = ['{karg}']\n"))
+    assert msg.startswith(f"{tmp_path}/layers/base.toml:4: ") and says in msg, msg
+
+
 @pytest.mark.parametrize("key, value", [
     ("mirror", "[trusted=yes] http://x"),
     ("mirror", "http://x/debian\ndeb [trusted=yes] http://evil/ sid main"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from imgbase import trust
-from imgbase.errors import InputError
+from imgbase.errors import ImageRefused, InputError
 from imgbase.naming import Nvr
 from imgbase.plan import write_atomic
 from tests.conftest import imgbase_cli
@@ -214,6 +214,55 @@ def test_an_image_whose_kernel_args_grub_could_misread_is_refused(
     assert list(dest.iterdir()) == []
 
 
+@pytest.mark.parametrize("image_json, match", [
+    ('[]', "its image.json has no nvr"),
+    ('{"kernel_args": []}', "its image.json has no nvr"),
+    ('{"nvr": "n-2.0-1", "kernel_args": "quiet"', "is not JSON"),
+    ('{"nvr": "n-2.0~rc1-1"}', "cannot name an LVM volume"),
+    ('{"nvr": "n-' + "1" * 70 + '-1"}', "more than 64"),
+])
+def test_a_signed_image_json_that_is_no_identity_is_refused_with_65(
+        keys: dict, tmp_path: Path, image_json: str, match: str) -> None:
+    """Brief: the image is hostile until verified -- and a signed one is still checked
+    before its NVR names an LVM volume. These are the image's own fault: exit 65, which
+    the agent does not retry."""
+    img = squashfs(tmp_path / "src/n-2.0-1.squashfs", "n-2.0-1")
+    tree = img.with_suffix(".tree")
+    (tree / "usr/lib/imgbase/image.json").write_text(image_json)
+    subprocess.run(["mksquashfs", str(tree), str(img), "-quiet", "-no-progress",
+                    "-noappend"], check=True)
+    Path(f"{img}.sha256").write_text(f"{trust.sha256_of(str(img))}  {img.name}\n")
+    trust.sign(str(img), homedir=str(keys["home"]))
+    dest = tmp_path / "images"
+    with pytest.raises(ImageRefused, match=match) as e:
+        trust.verified_copy(str(img), insecure=False, trusted=keys["trusted"],
+                            dest_dir=dest, config=tmp_path / "none.toml")
+    assert e.value.exit_code == 65
+    assert list(dest.iterdir()) == []
+
+
+def test_refusals_of_the_image_exit_65_and_the_rest_2(keys: dict, real: Path,
+                                                       tmp_path: Path) -> None:
+    """The agent's retry rule rests on this split: what the image is (65) against what
+    may pass on another try (2)."""
+    trust.sign(str(real), homedir=str(keys["home"]))
+    kw = {"insecure": False, "trusted": keys["trusted"], "dest_dir": tmp_path / "images",
+          "config": tmp_path / "none.toml"}
+    with pytest.raises(ImageRefused, match="older than"):
+        trust.refuse_rollback(Nvr.parse("n-1.0-1"), {"n": "n-2.0-1"}, allow_downgrade=False)
+    stranger = tmp_path / "stranger-trusted"
+    stranger.mkdir()
+    with open(stranger / "s.gpg", "wb") as f:
+        subprocess.run(["gpg", "--homedir", str(keys["stranger"]), "--export"], check=True,
+                       stdout=f)
+    with pytest.raises(ImageRefused, match="which is not in"):
+        trust.verified_copy(str(real), **{**kw, "trusted": stranger})
+    Path(f"{real}.sha256.sig").unlink()
+    with pytest.raises(InputError, match="is not signed") as e:
+        trust.verified_copy(str(real), **kw)
+    assert not isinstance(e.value, ImageRefused)  # perhaps still being uploaded
+
+
 def test_nothing_parses_an_image_before_its_signature_is_good(
         keys: dict, real: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from imgbase import update
@@ -360,3 +409,17 @@ def test_a_missing_image_is_named_as_such(keys: dict, tmp_path: Path) -> None:
         trust.verified_copy(str(tmp_path / "nothere.squashfs"), insecure=False,
                             trusted=keys["trusted"], dest_dir=tmp_path / "images",
                             config=tmp_path / "none.toml")
+
+
+def test_base_add_records_the_image_it_verified_not_the_name_given() -> None:
+    """`base --add IMAGE --nvr NAME` names the base; the anti-rollback record is raised to
+    the image's own NVR (a made-up --nvr n-99-1 would have blocked every later update),
+    and the name must be one LVM takes."""
+    from imgbase import admin
+
+    plan = admin.plan_base_add(node(), "/var/lib/imgbase/images/x", "n-99-1", "1G", None,
+                               {"n": "n-1.0-1"}, "n-2.0-1")
+    record = next(s for s in plan.steps if s.name == "accepted").write
+    assert record is not None and json.loads(record[1]) == {"n": "n-2.0-1"}
+    with pytest.raises(InputError, match="cannot name an LVM volume"):
+        admin.plan_base_add(node(), "/x", "n-2.0~rc1-1", "1G", None, {}, "n-2.0-1")
