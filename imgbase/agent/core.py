@@ -41,7 +41,7 @@ STAGE_MAX = 6 * 3600.0  # ... up to this
 
 
 class StageRefused(ImgbaseError):
-    """The node refused the image (imgbase update's exit 2: not signed, a downgrade, a
+    """The node refused the image (imgbase update's exit 65: not signed, a downgrade, a
     malformed image): staging it again cannot help."""
 
 
@@ -97,6 +97,10 @@ def decide(want: fleet.Desired | None, paused: bool, node: NodeState, holding: b
     'report-rollback'
     >>> decide(D, False, NodeState("n-1-1", None, True), False, {"n-2-1"})
     'idle'
+    >>> decide(D, False, NodeState("n-1-1", None, True, fell_back_from="n-2-1"), False, set())
+    'report-rollback'
+    >>> decide(D, False, NodeState("n-1-1", None, True, fell_back_from="n-2-1"), False, {"n-2-1"})
+    'idle'
     >>> decide(D, False, NodeState("n-1-1", "n-2-1", None), True, set())  # health unknown
     'wait'
     >>> decide(D, False, NodeState("n-1-1", None, True, abandoned=("n-2-1",)), False, set())
@@ -104,11 +108,13 @@ def decide(want: fleet.Desired | None, paused: bool, node: NodeState, holding: b
     """
     if node.healthy is None:  # this boot's health gate has not spoken: nothing yet
         return "wait"
-    if holding:
-        if node.fell_back_from is not None:
-            return "report-rollback"
-        if want is not None and node.booted_nvr == want.nvr:
-            return "release" if node.healthy else "wait"
+    if node.fell_back_from is not None and (holding or (
+            want is not None and node.fell_back_from == want.nvr and want.nvr not in given_up)):
+        # without the slot too: its lease may have run out during a slow trial boot, and
+        # the fall-back must still pause the group's rollout
+        return "report-rollback"
+    if holding and want is not None and node.booted_nvr == want.nvr:
+        return "release" if node.healthy else "wait"
     if (want is None or node.booted_nvr == want.nvr or want.nvr in given_up
             or want.nvr in node.abandoned):
         return "release" if holding else "idle"
@@ -222,7 +228,7 @@ class Agent:
 
     def stage(self, want: fleet.Desired, now: float | None = None) -> str:
         """Stage the desired image, at most once per :data:`STAGE_RETRY` (doubling) for
-        the same record: an image this node refused (bad signature, a downgrade: exit 2)
+        the same record: an image this node refused (bad signature, a downgrade: exit 65)
         is not downloaded again until the admin publishes another record."""
         now = time.monotonic() if now is None else now
         record = (want.nvr, want.url, want.set_at)
@@ -258,6 +264,9 @@ class Agent:
             queued = self.node_id in view.waiting
             if self.holding:  # across the reboot too: the slot's lease must not run out
                 self.slots.acquire(self.node_id)
+        bad = node.fell_back_from
+        if bad is not None and view.reported(self.node_id, bad, "rolled-back"):
+            self.given_up.add(bad)  # reported before this agent started: not again
         action = decide(want, view.paused, node, self.holding, self.given_up,
                         self.config.domains)
         self.last_action = action

@@ -319,6 +319,11 @@ class GroupView:
     pause_reason: str | None = None
     waiting: tuple[str, ...] = ()
     rollout_revision: int = 0
+    results: tuple[tuple[str, str, str], ...] = ()  # (node, nvr, outcome) as the nodes wrote
+
+    def reported(self, node: str, nvr: str, outcome: str) -> bool:
+        """Whether node's result already says outcome for nvr (whatever the rollout since)."""
+        return (node, nvr, outcome) in self.results
 
 
 def _pause(roll: Entry | None, results: list[Entry], want: Desired | None) -> str | None:
@@ -359,7 +364,21 @@ def group_view(etcd: Etcd, group: str) -> GroupView:
     sem = slot_queue(slots_r.entries,
                      parse_max(max_r.entries[0].value if max_r.entries else None))
     return GroupView(want, error, reason is not None, sem.holders, reason, sem.waiting,
-                     roll.mod_revision if roll is not None else 0)
+                     roll.mod_revision if roll is not None else 0,
+                     tuple(r for e in results_r.entries if (r := _result(group, e))))
+
+
+def _result(group: str, entry: Entry) -> tuple[str, str, str] | None:
+    """A node's result record as (node, nvr, outcome); None when it is not one."""
+    try:
+        doc = json.loads(entry.value)
+        nvr, outcome = doc["nvr"], doc["outcome"]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        return None
+    node = entry.key.removeprefix(group_key(group, "results/"))
+    if not (isinstance(nvr, str) and isinstance(outcome, str)):
+        return None
+    return node, nvr, outcome
 
 
 def record_result(etcd: Etcd, group: str, node: str, nvr: str, outcome: str) -> None:

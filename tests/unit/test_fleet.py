@@ -329,6 +329,35 @@ def test_a_node_that_falls_back_pauses_the_rollout(cluster: EtcdCluster) -> None
         assert {n.booted for n in nodes.values()} == {"n-1.0-1"}
 
 
+def test_a_fall_back_pauses_the_rollout_though_the_slot_ran_out(cluster: EtcdCluster) -> None:
+    """The slot's lease can run out while a trial boot is slow; the node that then comes
+    back on its old image must still report the fall-back (once, and not again from an
+    agent restarted on the same boot after the admin resumed)."""
+    g = group()
+    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g)
+    nodes = {f"node-{i}": SimNode("n-1.0-1", bad="n-3.0-1") for i in range(3)}
+    with cluster.client() as admin:
+        fleet.set_image(admin, g, "n-3.0-1", "https://127.0.0.1/n-3.0-1.squashfs", 1)
+        agents = run_fleet(cluster, nodes, g, config, 4)
+        down = [name for name, n in nodes.items() if n.down]
+        assert len(down) == 1  # rebooting into n-3.0-1 on trial
+        for entry in admin.get_prefix(fleet.group_key(g, "slots/")):
+            admin.lease_revoke(entry.lease)  # the slot's lease ran out meanwhile
+        assert fleet.EtcdSlots(admin, g).holders() == ()
+        run_fleet(cluster, nodes, g, config, 20)
+        assert sum(n.reboots for n in nodes.values()) == 1  # no second node tried it
+        rollout = fleet.rollout(admin, g)
+        assert rollout["state"] == "paused" and f"{down[0]} fell back" in rollout["reason"]
+        result = admin.get(fleet.group_key(g, f"results/{down[0]}"))
+        fleet.set_rollout(admin, g, "running", None, "root")  # the admin resumes
+        again = Agent(config, down[0], nodes[down[0]], cluster.client())
+        again.tick()  # the same boot, a new agent: the report is not written again
+        assert admin.get(fleet.group_key(g, f"results/{down[0]}")) == result
+        assert not fleet.group_view(admin, g).paused
+        for agent in [*agents, again]:
+            agent.leave()
+
+
 def test_agent_backs_off_while_etcd_is_unreachable() -> None:
     config = AgentConfig(endpoints=("http://127.0.0.1:9",), backoff_max=8)
     agent = Agent(config, "n", SimNode("n-1.0-1"), Etcd(["http://127.0.0.1:9"], timeout=1))
