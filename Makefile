@@ -58,6 +58,7 @@ test-powercut: setup
 lint: setup
 	$(BIN)/ruff check imgbase tests bench docs
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python bench/compose.py

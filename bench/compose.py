@@ -72,7 +72,7 @@ sys.path.insert(0, str(ROOT))
 from imgbase.compose import debpkg  # noqa: E402
 from imgbase.compose.build import DEFAULT_CACHE  # noqa: E402
 from imgbase.compose.chroot import remove_tree  # noqa: E402
-from imgbase.spec import ImageSpec, load_image  # noqa: E402
+from imgbase.image.spec import ImageSpec, load_image  # noqa: E402
 
 IMAGE = ROOT / "images/node.toml"
 MKOSI_CACHE = DEFAULT_CACHE / "mkosi-cache"

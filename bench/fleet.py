@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from imgbase.agent import fleet  # noqa: E402
-from imgbase.agent.config import AgentConfig  # noqa: E402
 from imgbase.agent.core import Agent, NodeState  # noqa: E402
+from imgbase.node.agentconfig import AgentConfig  # noqa: E402
 from tests.etcdcluster import EtcdCluster, etcd_cluster  # noqa: E402
 
 WORKERS, K = 10, 10

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from imgbase import trust  # noqa: E402
+from imgbase.image import trust  # noqa: E402
 from imgbase.run import run  # noqa: E402
 from imgbase.vm import Guest, VmSpec  # noqa: E402
 from tests.images import derive, signing_key, stop_agent  # noqa: E402

@@ -25,7 +25,7 @@ from .run import run
 
 def cmd_compose(args: argparse.Namespace) -> int:
     from .compose.build import DEFAULT_CACHE, compose_image
-    from .spec import load_image
+    from .image.spec import load_image
 
     if args.list_backends:
         return list_backends(as_json=args.json)
@@ -124,13 +124,13 @@ def cmd_vm(args: argparse.Namespace) -> int:
 
 
 def cmd_selfcheck(args: argparse.Namespace) -> int:
-    from .selfcheck import main as selfcheck_main
+    from .node.selfcheck import main as selfcheck_main
 
     return selfcheck_main(poweroff=args.poweroff)
 
 
 def cmd_ssh_credential(args: argparse.Namespace) -> int:
-    from .credentials import main as credentials_main
+    from .node.credentials import main as credentials_main
 
     return credentials_main([args.file])
 
@@ -146,7 +146,8 @@ def _apply(plan: Plan, args: argparse.Namespace, journal: Path | None = JOURNAL)
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from . import install, trust
+    from .image import trust
+    from .node import install
 
     join = None
     if args.join:
@@ -171,14 +172,14 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_layout(args: argparse.Namespace) -> int:
-    from . import adopt
+    from .node import adopt
 
     facts = adopt.gather_facts(args.root, args.nvr, tuple(args.karg))
     return _apply(adopt.plan_adopt(facts), args, journal=adopt.JOURNAL)
 
 
 def cmd_kickstart(args: argparse.Namespace) -> int:
-    from . import kickstart
+    from .kickstart import render as kickstart
 
     if args.kickstart_verb == "list":
         print("\n".join(kickstart.list_lines()))
@@ -199,10 +200,12 @@ def _names(status: dict[str, object], key: str) -> list[dict[str, object]]:
 
 
 def cmd_base(args: argparse.Namespace) -> int:
-    from . import admin, trust
-    from .install import parse_size
-    from .naming import Nvr
-    from .status import NodeFacts, collect
+    from .image import trust
+    from .image.naming import Nvr
+    from .node import layers as node_layers
+    from .node.facts import NodeFacts
+    from .node.install import parse_size
+    from .node.status import collect
 
     if args.add:
         if not Path(args.add).is_file():
@@ -215,29 +218,30 @@ def cmd_base(args: argparse.Namespace) -> int:
             nvr = args.nvr or image.nvr
             accepted = trust.read_accepted()
             trust.refuse_rollback(Nvr.parse(image.nvr), accepted, args.allow_downgrade)
-            return _apply(admin.plan_base_add(facts, str(image.path), nvr, args.size,
+            return _apply(node_layers.plan_base_add(facts, str(image.path), nvr, args.size,
                                               image.key, accepted, image.nvr), args)
         finally:
             image.discard()
     facts = NodeFacts.gather()
     if args.remove:
-        return _apply(admin.plan_base_remove(facts, args.remove), args)
+        return _apply(node_layers.plan_base_remove(facts, args.remove), args)
     bases = _names(collect(facts), "bases")
     print(json.dumps(bases, indent=2) if args.json else "\n".join(str(b["name"]) for b in bases))
     return 0
 
 
 def cmd_layer(args: argparse.Namespace) -> int:
-    from . import admin
-    from .status import NodeFacts, collect
+    from .node import layers as node_layers
+    from .node.facts import NodeFacts
+    from .node.status import collect
 
     facts = NodeFacts.gather()
     if args.add is not None:
         fstab = Path("/etc/fstab").read_text()
-        admin.check_boot_space(facts.boot, facts.booted or facts.default)
-        return _apply(admin.plan_layer_add(facts, args.add or None, fstab), args)
+        node_layers.check_boot_space(facts.boot, facts.booted or facts.default)
+        return _apply(node_layers.plan_layer_add(facts, args.add or None, fstab), args)
     if args.remove:
-        return _apply(admin.plan_layer_remove(facts, args.remove), args)
+        return _apply(node_layers.plan_layer_remove(facts, args.remove), args)
     layers = _names(collect(facts), "layers")
     print(json.dumps(layers, indent=2) if args.json
           else "\n".join(str(la["name"]) for la in layers))
@@ -245,7 +249,7 @@ def cmd_layer(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from . import check
+    from .node import check
 
     limits = check.load_limits(pool_data_max=args.pool_data_max,
                                pool_metadata_max=args.pool_metadata_max)
@@ -255,13 +259,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from . import recover
-    from .health import read_history
-    from .plan import read_journal
-    from .status import NodeFacts
+    from .node import recover
+    from .node.facts import NodeFacts
+    from .node.health import read_history
+    from .plan import interrupted, read_journal
 
     journal = read_journal()
-    what = recover.interrupted(journal)
+    what = interrupted(journal)
     facts = NodeFacts.gather()
     plan = recover.plan_recover(facts, recover.work_mounts(), journal,
                                 boot_dirs=recover.layer_dirs(facts.boot),
@@ -272,9 +276,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    from . import boot
     from .bootloader.grub import DEFAULT_MENU_TIMEOUT, MENU_TIMEOUT_KEY
-    from .status import NodeFacts
+    from .node import boot
+    from .node.facts import NodeFacts
 
     facts = NodeFacts.gather()
     if args.next:
@@ -295,9 +299,9 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_kargs(args: argparse.Namespace) -> int:
-    from . import kargs
     from .bootloader import committed, entry, kernel_args, write_entry_steps
-    from .status import NodeFacts
+    from .image import kargs
+    from .node.facts import NodeFacts
 
     facts = NodeFacts.gather()
     facts.need_boot()  # an unmounted /boot has no entries to read or edit
@@ -319,8 +323,8 @@ def cmd_kargs(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from . import boot, health
-    from .status import NodeFacts
+    from .node import boot, health
+    from .node.facts import NodeFacts
 
     config = health.load_config()
     results = health.run_checks(config)
@@ -355,8 +359,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 def _gc_after_good_boot(boot_id: str, when: float) -> None:
     """A new layer has proved itself: collect old images, as [gc] says. A failure here is
     reported (and left to `imgbase recover`), never turned into a red health result."""
-    from . import gc, health
-    from .status import NodeFacts
+    from .node import gc, health
+    from .node.facts import NodeFacts
 
     try:
         config = gc.load_config()
@@ -375,32 +379,33 @@ def _gc_after_good_boot(boot_id: str, when: float) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from . import gc
-    from .health import read_history
-    from .status import NodeFacts
+    from .node import gc
+    from .node.facts import NodeFacts
+    from .node.health import read_history
 
     return _apply(gc.plan_rollback(NodeFacts.gather(), read_history(), args.to,
                                    now=time.time()), args)
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
-    from . import gc
-    from .status import NodeFacts
+    from .node import gc
+    from .node.facts import NodeFacts
 
     return _apply(gc.plan_pin(NodeFacts.gather(), args.base, args.verb == "pin"), args)
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from . import gc
-    from .health import read_history
-    from .status import NodeFacts
+    from .node import gc
+    from .node.facts import NodeFacts
+    from .node.health import read_history
 
     keep = args.keep if args.keep is not None else gc.load_config().keep
     return _apply(gc.plan_gc(NodeFacts.gather(), keep, read_history()), args)
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    from . import fetch, trust, update
+    from .image import fetch, trust
+    from .node import update
 
     trust.check_insecure(args.insecure)
     with locked():
@@ -436,21 +441,21 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 def cmd_package(args: argparse.Namespace) -> int:
-    from .package import build
+    from .image.package import build
 
     print(build(args.image, args.format, Path(args.output), Path(args.trusted)))
     return 0
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    from .trust import sign
+    from .image.trust import sign
 
     print(sign(args.image, key=args.key, homedir=args.homedir))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from .node.verify import verify
 
     diffs = verify(args.base, args.image)
     if args.json:
@@ -461,7 +466,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_etc_merge(args: argparse.Namespace) -> int:
-    from .etcmerge import merge
+    from .node.etcmerge import merge
 
     report = merge(Path(args.old_factory), Path(args.old_etc), Path(args.new_factory),
                    Path(args.target), policy=args.policy)
@@ -472,8 +477,8 @@ def cmd_etc_merge(args: argparse.Namespace) -> int:
 
 def _fleet_etcd(args: argparse.Namespace) -> tuple[Etcd, str]:
     """An etcd client from --endpoints (TLS and user flags), or from this node's agent.toml."""
-    from .agent import config as agent_config
     from .agent.etcd import Etcd
+    from .node import agentconfig as agent_config
 
     if args.endpoints:
         endpoints = [e for e in args.endpoints.split(",") if e]
@@ -562,7 +567,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import collect, render
+    from .node.status import collect, render
 
     status = collect()
     print(json.dumps(status, indent=2) if args.json else render(status))
@@ -570,7 +575,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_w(args: argparse.Namespace) -> int:
-    from .status import collect
+    from .node.status import collect
 
     booted = collect()["booted_layer"]
     if booted is None:

@@ -236,7 +236,8 @@ def exit_codes() -> list[tuple[int, str, str]]:
     >>> exit_codes()[1]
     (1, 'EXIT_FAILURE', 'an operation failed (a command, a build step)')
     """
-    from . import errors, update
+    from . import errors
+    from .node import update
 
     source = inspect.getsource(errors)
     table: list[tuple[int, str, str]] = []
@@ -278,25 +279,26 @@ COMPOSE_CACHE_DEFAULT = "/var/cache/imgbase"
 def files() -> list[tuple[str, str]]:
     """The files imgbase reads and writes, each path taken from the constant that holds it."""
     return [
-        (_path("check", "CONFIG"),
+        (_path("node.check", "CONFIG"),
          "settings: [check] pool_data_max and pool_metadata_max (percent), [gc] keep and "
          "after_good_boot, [health] timeout and required_units"),
-        (_path("health", "HEALTH_D", "/{required,wanted}/"),
+        (_path("node.health", "HEALTH_D", "/{required,wanted}/"),
          "executables run by imgbase health, in name order; exit 0 is a pass"),
-        (_path("trust", "TRUSTED", "/"),
+        (_path("image.trust", "TRUSTED", "/"),
          "the OpenPGP keys (*.gpg) whose signatures imgbase update accepts"),
-        (_path("agent.config", "CONFIG"),
+        (_path("node.agentconfig", "CONFIG"),
          "the cluster agent's config (written by imgbase install --join); imgbase fleet "
          "reads it when no --endpoints are given"),
         (_path("plan", "JOURNAL"),
          "the journal of every operation's steps; imgbase recover reads it"),
-        (_path("health", "HISTORY"), "the health history: checks, trials, abandoned layers"),
-        (_path("fetch", "DOWNLOADS", "/"),
+        (_path("node.health", "HISTORY"), "the health history: checks, trials, abandoned layers"),
+        (_path("image.fetch", "DOWNLOADS", "/"),
          "images imgbase update downloads, with their .sha256 and .sha256.sig"),
         (_path("plan", "LOCK"), "held while an operation changes the node"),
-        (_path("install", "JOURNAL"), "the journal of imgbase install (live environment)"),
-        (_path("adopt", "JOURNAL"), "the journal of imgbase layout --init"),
-        (_path("selfcheck", "IMAGE_JSON"), "in an image: its name, version and how it was made"),
+        (_path("node.install", "JOURNAL"), "the journal of imgbase install (live environment)"),
+        (_path("node.adopt", "JOURNAL"), "the journal of imgbase layout --init"),
+        (_path("node.selfcheck", "IMAGE_JSON"),
+         "in an image: its name, version and how it was made"),
         ("$IMGBASE_CACHE (default " + COMPOSE_CACHE_DEFAULT + ")",
          "imgbase compose: downloaded packages and finished images"),
     ]
@@ -304,13 +306,13 @@ def files() -> list[tuple[str, str]]:
 
 def agent_files() -> list[tuple[str, str]]:
     return [
-        (_path("agent.config", "CONFIG"),
+        (_path("node.agentconfig", "CONFIG"),
          "the config: [cluster] endpoints, group and TLS files, [agent] settings; the kernel "
          "command line (imgbase.agent.endpoints=, imgbase.agent.group=) wins over it"),
         (_path("agent.main", "STATE"), "the agent's state, as imgbase-agent status shows it"),
         (_path("agent.main", "HOLDING"), "the FleetLock reboot slot the node holds, across "
          "reboots"),
-        (_path("agent.config", "MACHINE_ID"), "the node id is derived from it"),
+        (_path("node.agentconfig", "MACHINE_ID"), "the node id is derived from it"),
     ]
 
 

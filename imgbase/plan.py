@@ -225,8 +225,6 @@ def execute(plan: Plan, progress: Progress, journal: Path | None = JOURNAL) -> N
         if journal != JOURNAL:
             journal.unlink()
         else:
-            from .recover import interrupted
-
             raise InputError(f"an interrupted operation is on record ({interrupted(left)})",
                              hint="run imgbase recover first")
     j = Journal(journal)
@@ -264,3 +262,21 @@ def execute(plan: Plan, progress: Progress, journal: Path | None = JOURNAL) -> N
         if cut and cut[0] == "after" and cut[1] == step.name:
             power_cut()
     j.close()
+
+def interrupted(journal: list[dict[str, Any]]) -> str | None:
+    """What the journal says was cut short, e.g. "layer-add, after step layer-mount".
+
+    >>> interrupted([{"event": "begin", "operation": "layer-add"},
+    ...              {"event": "start", "step": "a"}, {"event": "done", "step": "a"}])
+    'layer-add, after step a'
+    >>> interrupted([]) is None
+    True
+    """
+    if not journal:
+        return None
+    op = journal[0].get("operation", "an operation")
+    done = [r["step"] for r in journal if r.get("event") == "done"]
+    failed = [r for r in journal if r.get("event") == "failed"]
+    if failed:
+        return f"{op}, failed at step {failed[-1]['step']}"
+    return f"{op}, after step {done[-1]}" if done else f"{op}, before its first step"

@@ -26,7 +26,7 @@ def _shell(args: list[str]) -> str:
 
 def _debug(what: str, args: list[str]) -> None:
     """Log a command at debug level -- when logging is in use at all: the update's helper
-    processes (:mod:`imgbase.treesync`) start faster without importing it."""
+    processes (:mod:`imgbase.node.treesync`) start faster without importing it."""
     if (logging := sys.modules.get("logging")) is not None:
         logging.getLogger("imgbase.run").debug("%s: %s", what, _shell(args))
 

@@ -38,8 +38,8 @@ from types import TracebackType
 from typing import Any
 
 from .errors import ImgbaseError, die
+from .node.selfcheck import FAIL_CODE, PASS_CODE
 from .run import run
-from .selfcheck import FAIL_CODE, PASS_CODE
 
 QEMU = "qemu-system-x86_64"
 # paramiko logs every refused attempt while a guest boots; our errors say what matters
@@ -371,7 +371,7 @@ class Guest:
             cmdline = ["root=/dev/vda", "rootfstype=squashfs", "ro", "imgbase.live",
                        "console=ttyS0,115200", "panic=-1", *s.cmdline]
             if s.selfcheck:
-                cmdline.append("imgbase.selfcheck")
+                cmdline.append("imgbase.node.selfcheck")
             argv += ["-kernel", str(kernel), "-initrd", str(initrd),
                      "-append", " ".join(cmdline)]
             drives.append(f"file={s.live},format=raw,readonly=on")
@@ -409,7 +409,7 @@ class Guest:
         if not s.selfcheck:
             creds.append(("ssh.authorized_keys.root", self._make_key()))
         elif s.disk:
-            creds.append(("imgbase.selfcheck", "1"))
+            creds.append(("imgbase.node.selfcheck", "1"))
         for name, value in creds:
             b64 = base64.b64encode(value.encode()).decode()
             argv += ["-smbios", f"type=11,value=io.systemd.credential.binary:{name}={b64}"]

@@ -14,8 +14,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from imgbase.compose.squashfs import make_squashfs, sha256_file
-from imgbase.filelist import write_listing
+from imgbase.image.filelist import write_listing
+from imgbase.image.squashfs import make_squashfs, sha256_file
 from imgbase.run import run
 
 IMAGE_JSON = "usr/lib/imgbase/image.json"

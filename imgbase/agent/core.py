@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import ImgbaseError
+from ..node.agentconfig import AgentConfig
 from . import fleet
-from .config import AgentConfig
 from .etcd import Etcd
 
 log = logging.getLogger("imgbase.agent")

@@ -49,7 +49,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from ..errors import ImgbaseError, die
-from ..naming import Nvr
+from ..image.naming import Nvr
 from .etcd import Entry, Etcd, Put, Range, absent
 
 ROOT = "/imgbase"

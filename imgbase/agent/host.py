@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_REFUSED, ImgbaseError
-from ..naming import Layer
+from ..image.naming import Layer
+from ..node.update import EXIT_UP_TO_DATE
 from ..run import run
-from ..update import EXIT_UP_TO_DATE
 from .core import NodeState, StageRefused
 
 log = logging.getLogger("imgbase.agent")
@@ -47,9 +47,9 @@ class HostNode:
         return self.capabilities
 
     def state(self) -> NodeState:
-        from ..gc import rolled_back_from
-        from ..health import read_history
-        from ..status import NodeFacts
+        from ..node.facts import NodeFacts
+        from ..node.health import read_history
+        from ..node.keep import rolled_back_from
         from ..storage.layout import TAG_INCOMPLETE
 
         facts = NodeFacts.gather()
@@ -127,7 +127,7 @@ class HostNode:
     def reboot(self, nvr: str, tries: int) -> None:
         """Make nvr's layer the default on trial (tries boots) -- the slot is ours now --
         and reboot."""
-        from ..status import NodeFacts
+        from ..node.facts import NodeFacts
         from .systemd import reboot
 
         facts = NodeFacts.gather()

@@ -48,7 +48,7 @@ def write_state(agent: Any, path: Path = STATE) -> None:
 
 def run_daemon() -> int:
     from ..errors import InputError
-    from . import config as agent_config
+    from ..node import agentconfig as agent_config
     from .core import Agent, LeaseKeeper
     from .etcd import Etcd
     from .host import HostNode

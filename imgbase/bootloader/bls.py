@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import die
-from ..kargs import UNSAFE, cmdline
+from ..image.kargs import UNSAFE, cmdline
 from ..plan import Step
 
 ENTRIES_DIR = "loader/entries"

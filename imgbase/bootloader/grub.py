@@ -22,9 +22,9 @@ import re
 from pathlib import Path
 
 from ..errors import die
-from ..kargs import UNSAFE, cmdline
+from ..image.kargs import UNSAFE, cmdline
+from ..image.naming import layer_key
 from ..plan import Step
-from ..storage.layout import layer_key
 from . import grubenv
 
 GRUB_DIR = "grub"
@@ -101,7 +101,7 @@ def grub_cfg(default: str, boot_uuid: str | None = None) -> str:
 
 
 def entry(layer: str, root: str, kargs: str) -> str:
-    """A layer's menu entry. Every word in it is checked (:func:`imgbase.kargs.cmdline`):
+    """A layer's menu entry. Every word in it is checked (:func:`imgbase.image.kargs.cmdline`):
     a value GRUB's script syntax would read (a quote, ``}``, ``$``, ``;``...) is refused
     here, whatever boundary let it through, so no entry can end early, swallow the entries
     after it or run a command.

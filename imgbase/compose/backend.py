@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import die
+from ..image.spec import ImageSpec
 from ..progress import Progress
-from ..spec import ImageSpec
 
 
 @dataclass(frozen=True)

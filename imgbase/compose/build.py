@@ -27,15 +27,15 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import filelist
 from ..errors import die
+from ..image import filelist
+from ..image.spec import ImageSpec
+from ..image.squashfs import make_squashfs, sha256_file
 from ..progress import Progress
 from ..run import run
-from ..spec import ImageSpec
 from . import debpkg, postprocess, treecache
 from .backend import BuildContext, ComposerBackend
 from .chroot import api_filesystems, remove_tree
-from .squashfs import make_squashfs, sha256_file
 
 GIB = 1 << 30
 DEFAULT_CACHE = Path(os.environ.get("IMGBASE_CACHE", "/var/cache/imgbase"))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import imgbase
 
+from ..image.spec import tree_digest
 from ..run import run
-from ..spec import tree_digest
 
 PACKAGE_DIR = Path(imgbase.__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ImgbaseError, die
+from ..image.spec import ImageSpec, LayerSpec
 from ..run import CommandError, run, stream
-from ..spec import ImageSpec, LayerSpec
 from .backend import BuildContext, ComposerBackend, Package
 from .rpmdb import rpm_packages
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ImgbaseError, die
+from ..image.spec import ImageSpec
 from ..run import CommandError, run, stream
-from ..spec import ImageSpec
 from .backend import BuildContext, ComposerBackend, Package
 from .chroot import remove_tree
 from .rpmdb import RPM_DB_PATHS, rpm_packages
@@ -83,7 +83,7 @@ class LoraxBackend(ComposerBackend):
         self.kickstart(image)  # the renderer refuses what a kickstart cannot express
 
     def kickstart(self, image: ImageSpec) -> str:
-        from ..kickstart import render_build_kickstart  # another module's; imported late
+        from .kickstart import render_build_kickstart
 
         return render_build_kickstart(image)
 

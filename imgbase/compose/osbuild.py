@@ -42,8 +42,8 @@ from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import NewConnectionError
 
 from ..errors import ImgbaseError, die
+from ..image.spec import ImageSpec
 from ..run import run
-from ..spec import ImageSpec
 from .backend import BuildContext, ComposerBackend, Package
 from .chroot import remove_tree
 from .dnf import rpm_arch

@@ -23,7 +23,7 @@ import imgbase
 
 from .. import intree
 from ..errors import ImgbaseError
-from ..spec import ImageSpec, LayerSpec
+from ..image.spec import ImageSpec, LayerSpec
 from .chroot import chroot_run
 
 IMAGE_JSON = "usr/lib/imgbase/image.json"

@@ -23,8 +23,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..image.spec import ImageSpec
 from ..run import run
-from ..spec import ImageSpec
 from . import debpkg
 from .chroot import remove_tree
 from .postprocess import clamp_mtimes

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ImgbaseError, die
-from ..naming import Layer, Nvr
+from ..errors import die
+from ..image.naming import Layer, Nvr, layer_key
 from ..plan import Step
 from . import lvm
 from .lvm import TAG_BASE, TAG_LAYER, TAG_POOL, TAG_VG, TAG_VOLUME, LogicalVolume
@@ -40,13 +40,6 @@ def mountpoint_of(lv: LogicalVolume) -> str | None:
     return next((t.removeprefix(MOUNT_TAG) for t in lv.tags if t.startswith(MOUNT_TAG)), None)
 
 
-def layer_key(name: str) -> tuple[int, object]:
-    """Sort key: layers by NVR then index; names that do not parse last."""
-    try:
-        layer = Layer.parse(name)
-    except ImgbaseError:
-        return (1, name)
-    return (0, (layer.nvr, layer.index))
 
 
 @dataclass(frozen=True)

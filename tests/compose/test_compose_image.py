@@ -14,7 +14,7 @@ import pytest
 import testinfra
 
 import imgbase
-from imgbase.filelist import listing, read_listing
+from imgbase.image.filelist import listing, read_listing
 from tests.conftest import ROOT, compose_json, imgbase_cli
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def test_initramfs_boots_thin_and_live(host) -> None:  # type: ignore[no-untyped
 
 
 def test_the_file_listing_describes_the_image(image_tree: Path) -> None:
-    """What an update's delta is computed from (imgbase.filelist): the image as unpacked
+    """What an update's delta is computed from (imgbase.image.filelist): the image as unpacked
     from the squashfs, listed again, gives the very lines compose wrote into it."""
     written = read_listing(image_tree)
     assert written is not None and len(written) > 10_000

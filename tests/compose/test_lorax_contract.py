@@ -39,9 +39,9 @@ from imgbase.compose.lorax import (
 )
 from imgbase.compose.rpmdb import rpm_packages
 from imgbase.errors import ImgbaseError, InputError
+from imgbase.image.spec import ImageSpec, LayerSpec, Services
 from imgbase.progress import Progress
 from imgbase.run import CommandError, stream
-from imgbase.spec import ImageSpec, LayerSpec, Services
 
 TOOLS = ("mkfs.ext4", "mksquashfs", "unsquashfs", "debugfs", "rpm", "rpmbuild")
 pytestmark = [

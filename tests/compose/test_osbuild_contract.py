@@ -40,7 +40,7 @@ from imgbase.compose.osbuild import (
     WeldrConfig,
 )
 from imgbase.errors import ImgbaseError, InputError
-from imgbase.spec import ImageSpec, LayerSpec, Services
+from imgbase.image.spec import ImageSpec, LayerSpec, Services
 from tests.compose.test_lorax_contract import (
     CAP_NET_RAW,
     HELLO,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from imgbase.agent import config
 from imgbase.agent.systemd import notify
 from imgbase.errors import InputError
+from imgbase.node import agentconfig as config
 
 GOOD = """
 [cluster]

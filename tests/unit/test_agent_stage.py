@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from imgbase.agent import fleet
-from imgbase.agent.config import AgentConfig
 from imgbase.agent.core import STAGE_RETRY, Agent, StageRefused
 from imgbase.agent.host import HostNode
 from imgbase.errors import ImgbaseError
+from imgbase.node.agentconfig import AgentConfig
 from tests.etcdcluster import EtcdCluster, etcd_cluster
 from tests.unit.test_fleet import SimNode, group
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from imgbase import boot, health, kargs, update
 from imgbase.bootloader import grub, grubenv
 from imgbase.errors import InputError
-from imgbase.status import collect
+from imgbase.image import kargs
+from imgbase.node import boot, health, keep, update
+from imgbase.node.status import collect
 from tests.unit.test_node_plans import NVR, lv, node
 
 A, B = f"{NVR}+1", f"{NVR}+2"
@@ -146,7 +147,7 @@ def test_status_shows_trial_kargs_and_abandoned_layers() -> None:
 
 
 def test_rollback_goes_to_the_last_layer_found_healthy_not_the_previous_nvr() -> None:
-    from imgbase import gc
+    from imgbase.node import gc
 
     f = replace(two_layers(), booted=B, env={"saved_entry": B})
     history = [{"event": "health", "layer": A, "good": True},
@@ -159,7 +160,7 @@ def test_rollback_goes_to_the_last_layer_found_healthy_not_the_previous_nvr() ->
     assert remember.write and remember.write[0] == "/var/lib/imgbase/health.json"
     event = json.loads(remember.write[1])[-1]
     assert event == {"time": 1234, "event": "rolled-back", "layer": B, "to": A}
-    assert gc.rolled_back_from(json.loads(remember.write[1])) == {B}
+    assert keep.rolled_back_from(json.loads(remember.write[1])) == {B}
     with pytest.raises(InputError, match="no earlier good layer"):
         gc.plan_rollback(f, history[2:], None)
     with pytest.raises(InputError, match="is not a layer of this node"):
@@ -167,7 +168,7 @@ def test_rollback_goes_to_the_last_layer_found_healthy_not_the_previous_nvr() ->
 
 
 def test_gc_keeps_newest_booted_default_and_pinned_bases() -> None:
-    from imgbase import gc
+    from imgbase.node import gc
 
     extra = []
     for v in ("0.8", "0.9", "2.0", "3.0"):
@@ -183,7 +184,7 @@ def test_gc_keeps_newest_booted_default_and_pinned_bases() -> None:
 
 def test_gc_keeps_the_images_last_found_healthy_over_newer_ones() -> None:
     """Rolled back from a bad 2.0 to 1.0, then updated to 3.0: 1.0 is the way back, 2.0 goes."""
-    from imgbase import gc
+    from imgbase.node import gc
 
     extra = []
     for v in ("2.0", "3.0"):
@@ -204,7 +205,7 @@ def test_gc_keeps_the_images_last_found_healthy_over_newer_ones() -> None:
 
 
 def test_gc_config_is_validated(tmp_path: Path) -> None:
-    from imgbase import gc
+    from imgbase.node import gc
 
     conf = tmp_path / "imgbase.toml"
     conf.write_text("[gc]\nkeep = 3\nafter_good_boot = false\n")

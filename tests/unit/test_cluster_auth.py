@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import pytest
 
 from imgbase.agent import fleet
-from imgbase.agent.config import AgentConfig
 from imgbase.agent.core import Agent
 from imgbase.agent.etcd import Etcd, EtcdError
 from imgbase.errors import ImgbaseError
+from imgbase.node.agentconfig import AgentConfig
 from tests.etcdcluster import AuthCluster, auth_cluster
 from tests.unit.test_fleet import SimNode
 

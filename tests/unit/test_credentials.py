@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from imgbase.credentials import merge_authorized_keys
+from imgbase.node.credentials import merge_authorized_keys
 from tests.conftest import ROOT
 
 
@@ -26,7 +26,7 @@ def test_new_keys_are_added_once_and_the_admins_are_kept(tmp_path: Path) -> None
 
 def test_the_boot_unit_runs_the_module_alone(tmp_path: Path) -> None:
     unit = (ROOT / "boot/systemd/imgbase-ssh-credential.service").read_text()
-    assert "ExecStart=/usr/bin/python3 -I -m imgbase.credentials " in unit
-    usage = subprocess.run([sys.executable, "-m", "imgbase.credentials"], cwd=ROOT,
+    assert "ExecStart=/usr/bin/python3 -I -m imgbase.node.credentials " in unit
+    usage = subprocess.run([sys.executable, "-m", "imgbase.node.credentials"], cwd=ROOT,
                            capture_output=True, text=True)
     assert usage.returncode == 2 and "usage:" in usage.stderr

@@ -39,7 +39,7 @@ def test_source_digest_is_stable() -> None:
 
 def test_tree_digest_tracks_contents_modes_and_names(tmp_path: Path) -> None:
     """The digest behind the compose cache key changes with every kind of edit."""
-    from imgbase.spec import tree_digest
+    from imgbase.image.spec import tree_digest
 
     (tmp_path / "pkg").mkdir()
     f = tmp_path / "pkg/mod.py"

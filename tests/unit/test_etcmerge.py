@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imgbase.etcmerge import merge
+from imgbase.node.etcmerge import merge
 
 
 def tree(root: Path, files: dict[str, str]) -> Path:
@@ -66,8 +66,8 @@ def test_take_new_policy_resolves_conflicts_for_the_image(tmp_path: Path) -> Non
 
 def test_the_module_runs_as_the_update_runs_it(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """update runs `python3 -P -m imgbase.etcmerge ...` (no CLI import): same merge."""
-    from imgbase.etcmerge import main
+    """update runs `python3 -P -m imgbase.node.etcmerge ...` (no CLI import): same merge."""
+    from imgbase.node.etcmerge import main
 
     of = tree(tmp_path / "of", {"a": "v1", "b": "v1"})
     oe = tree(tmp_path / "oe", {"a": "mine", "b": "mine"})
@@ -96,7 +96,7 @@ def test_a_directory_the_new_image_makes_an_absolute_symlink_is_not_written_thro
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The update runs the merge outside any chroot: /etc/x -> /somewhere in the new
     image must not put the local edits of /etc/x/* into the running system's /somewhere."""
-    from imgbase.etcmerge import main
+    from imgbase.node.etcmerge import main
 
     host = tmp_path / "host"  # the running system's directory the link names
     tree(host, {"keep": "host's own"})

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from imgbase import fetch
 from imgbase.errors import InputError
+from imgbase.image import fetch
 from imgbase.progress import Progress
 
 BODY = bytes(range(256)) * 4096 * 3  # 3 MiB

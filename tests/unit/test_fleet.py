@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imgbase.agent import core, fleet
-from imgbase.agent.config import AgentConfig
 from imgbase.agent.core import Agent, LeaseKeeper, NodeState
 from imgbase.agent.etcd import Etcd
 from imgbase.errors import ImgbaseError
+from imgbase.node.agentconfig import AgentConfig
 from tests.etcdcluster import EtcdCluster, etcd_cluster, max_holders_in_history
 
 

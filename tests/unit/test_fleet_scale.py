@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from imgbase.agent import fleet
-from imgbase.agent.config import AgentConfig
 from imgbase.agent.core import Agent
+from imgbase.node.agentconfig import AgentConfig
 from tests.etcdcluster import EtcdCluster, etcd_cluster
 from tests.unit.test_fleet import SimNode, max_holders_in_history
 

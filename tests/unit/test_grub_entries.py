@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from imgbase import kargs, update
 from imgbase.bootloader import bls, grub
 from imgbase.errors import InputError
+from imgbase.image import kargs
+from imgbase.node import update
 from tests.unit.test_node_plans import NVR
 from tests.unit.test_update_plan import FACTS
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from imgbase import health
 from imgbase.bootloader import grubenv
 from imgbase.errors import InputError
-from imgbase.status import NodeFacts
+from imgbase.node import health
+from imgbase.node.facts import NodeFacts
 from tests.unit.test_node_plans import NVR, node
 
 A, B = f"{NVR}+1", f"{NVR}+2"

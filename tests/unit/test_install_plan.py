@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from imgbase.errors import InputError
-from imgbase.install import InstallFacts, gather_facts, parse_size, plan_install
+from imgbase.node.install import InstallFacts, gather_facts, parse_size, plan_install
 from imgbase.plan import Plan, Step
 from tests.conftest import imgbase_cli
 
@@ -145,8 +145,8 @@ def test_regular_file_is_not_a_disk(tmp_path: Path) -> None:
 def test_join_writes_the_agent_config_and_tls_files_into_the_layer(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from imgbase.agent import config
-    from imgbase.install import join_config
+    from imgbase.node import agentconfig as config
+    from imgbase.node.install import join_config
 
     for name in ("ca.pem", "node.pem", "node-key.pem", "pw"):
         (tmp_path / name).write_text(name)
@@ -171,7 +171,7 @@ def test_join_writes_the_agent_config_and_tls_files_into_the_layer(tmp_path: Pat
 
 
 def test_join_refuses_bad_endpoints_and_missing_files(tmp_path: Path) -> None:
-    from imgbase.install import join_config
+    from imgbase.node.install import join_config
 
     pw = tmp_path / "pw"
     pw.write_text("secret\n")
@@ -191,7 +191,7 @@ def test_join_refuses_bad_endpoints_and_missing_files(tmp_path: Path) -> None:
 def test_join_group_cannot_inject_a_migrate_hook(tmp_path: Path) -> None:
     """Finding 8: `--group 'g"<newline>migrate_hook = "/tmp/x'` wrote a hook the agent runs
     as root; now the group is refused and nothing is planned."""
-    from imgbase.install import join_config
+    from imgbase.node.install import join_config
 
     with pytest.raises(InputError, match="is not a name"):
         join_config("https://e:2379", 'g"\nmigrate_hook = "/tmp/x"\ndomains = "migrate', None,
@@ -228,7 +228,7 @@ def test_install_of_an_unsigned_image_is_refused(tmp_path: Path) -> None:
 
 
 def test_install_and_base_add_verify_the_image(tmp_path: Path) -> None:
-    from imgbase import install
+    from imgbase.node import install
 
     image = tmp_path / "n-1.0-1.squashfs"
     image.write_bytes(b"an image nobody signed")

@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from imgbase import admin, boot, bootloader, gc, recover, update
+from imgbase import bootloader
 from imgbase.bootloader import grubenv
 from imgbase.errors import InputError
-from imgbase.keep import keep_set
-from imgbase.status import NodeFacts, boot_unmounted
-from imgbase.trust import Verified
+from imgbase.image.trust import Verified
+from imgbase.node import boot, gc, layers, recover, update
+from imgbase.node.facts import NodeFacts, boot_unmounted
+from imgbase.node.keep import keep_set
 from tests.unit.test_node_plans import NVR, lv, node
 
 A = f"{NVR}+1"  # booted, base n-1.0-1
@@ -174,9 +175,9 @@ def test_every_boot_writer_refuses_when_boot_is_not_mounted(monkeypatch: pytest.
         lambda: boot.plan_menu_timeout(f, 5),
         lambda: gc.plan_rollback(f, [], f"{OLD}+1"),
         lambda: gc.plan_rollback(replace(f, entries={}), [], None),
-        lambda: admin.plan_layer_add(f, None, "LABEL=boot /boot ext4 defaults 0 2\n"),
-        lambda: admin.plan_layer_remove(f, f"{OLD}+1"),
-        lambda: admin.plan_base_remove(f, OLD),
+        lambda: layers.plan_layer_add(f, None, "LABEL=boot /boot ext4 defaults 0 2\n"),
+        lambda: layers.plan_layer_remove(f, f"{OLD}+1"),
+        lambda: layers.plan_base_remove(f, OLD),
     ]
     for writer in writers:
         with pytest.raises(InputError, match="/boot is not mounted"):

@@ -21,13 +21,14 @@ from pykickstart import constants
 from pykickstart.parser import KickstartParser
 from pykickstart.version import makeVersion
 
-from imgbase import kickstart
-from imgbase.agent import config as agent_config
+from imgbase.compose import kickstart as build_kickstart
 from imgbase.errors import InputError
-from imgbase.spec import ImageSpec, load_image
+from imgbase.image.spec import ImageSpec, load_image
+from imgbase.kickstart import render as kickstart
+from imgbase.node import agentconfig as agent_config
 from tests.conftest import ROOT, imgbase_cli
 
-VERSIONS = kickstart.syntax_versions()
+VERSIONS = build_kickstart.syntax_versions()
 NVR = "tiny-node-1.0-1"
 URL = f"http://images.example.org/nodes/{NVR}.squashfs"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx2dGVzdGtleWZvcmtpY2tzdGFydHM admin@example.org"
@@ -299,7 +300,7 @@ def test_a_template_that_loses_the_checksum_or_url_is_refused(image: Path, tmp_p
 
 
 def test_templates_listed() -> None:
-    names = {t.name: t for t in kickstart.templates()}
+    names = {t.name: t for t in build_kickstart.templates()}
     assert {"node-thinp", "node-explicit", "build-pxe-live"} <= set(names)
     assert names["node-explicit"].options == ("nist",)
     assert names["build-pxe-live"].kind == "build"
@@ -489,7 +490,7 @@ def build_spec(tmp_path: Path) -> ImageSpec:
 
 
 def test_build_signature() -> None:
-    sig = inspect.signature(kickstart.render_build_kickstart)
+    sig = inspect.signature(build_kickstart.render_build_kickstart)
     assert list(sig.parameters) == ["image", "repo_urls"]
     assert sig.parameters["repo_urls"].default == ()
     assert sig.return_annotation in ("str", str)
@@ -498,7 +499,7 @@ def test_build_signature() -> None:
 def test_build_kickstart(build_spec: ImageSpec) -> None:
     repos = ("https://mirror.example.org/fedora/$releasever/$basearch/os/",
              "http://repo.example.org/imgbase/")
-    text = kickstart.render_build_kickstart(build_spec, repos)
+    text = build_kickstart.render_build_kickstart(build_spec, repos)
     for version in VERSIONS:
         h = parse(text, version)
         assert h.url.url == repos[0]
@@ -554,14 +555,14 @@ def test_build_repos_default_to_the_image(tmp_path: Path) -> None:
     image = load_image(spec)
     if not getattr(image, "repos", ()):
         pytest.skip("this ImageSpec has no repos")
-    text = kickstart.render_build_kickstart(image)
+    text = build_kickstart.render_build_kickstart(image)
     assert parse(text, VERSIONS[-1]).url.url == "https://mirror.example.org/os/"
 
 
 def test_build_of_the_repository_image() -> None:
     """images/node.toml (layers with files/ trees) renders and validates."""
     image = load_image(ROOT / "images/node.toml")
-    text = kickstart.render_build_kickstart(image, ("http://deb.example.org/repo/",))
+    text = build_kickstart.render_build_kickstart(image, ("http://deb.example.org/repo/",))
     h = parse(text, "F39")
     assert set(image.packages) <= set(h.packages.packageList)
     assert "base64 -d > /etc/motd <<'IMGBASE_FILE'" in post_script(h)
@@ -572,23 +573,23 @@ def test_build_refuses_special_files(tmp_path: Path) -> None:
     (tmp_path / "layers/os/files/run").mkdir(parents=True)
     os.mkfifo(tmp_path / "layers/os/files/run/pipe")
     with pytest.raises(InputError, match=r"layer 'os': files/ holds .*run/pipe, a special"):
-        kickstart.render_build_kickstart(load_image(spec), ("http://r/",))
+        build_kickstart.render_build_kickstart(load_image(spec), ("http://r/",))
 
 
 def test_build_refuses_large_files(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, {"os": 'packages = ["kernel"]\nimgbase_package = true\n'})
     (tmp_path / "layers/os/files").mkdir(parents=True)
-    (tmp_path / "layers/os/files/blob").write_bytes(b"x" * (kickstart.MAX_EMBED + 1))
+    (tmp_path / "layers/os/files/blob").write_bytes(b"x" * (build_kickstart.MAX_EMBED + 1))
     with pytest.raises(InputError, match=r"layer 'os': file .*blob is \d+ bytes"):
-        kickstart.render_build_kickstart(load_image(spec), ("http://r/",))
+        build_kickstart.render_build_kickstart(load_image(spec), ("http://r/",))
 
 
 def test_build_refuses_an_image_without_imgbase(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, {"os": 'packages = ["kernel"]\n'})
     with pytest.raises(InputError, match="no layer installs imgbase"):
-        kickstart.render_build_kickstart(load_image(spec), ("http://r/",))
+        build_kickstart.render_build_kickstart(load_image(spec), ("http://r/",))
     spec = make_spec(tmp_path, {"os": 'packages = ["kernel", "imgbase"]\n'})
-    assert "\nimgbase\n" in kickstart.render_build_kickstart(load_image(spec), ("http://r/",))
+    assert "\nimgbase\n" in build_kickstart.render_build_kickstart(load_image(spec), ("http://r/",))
 
 
 def test_build_cli(tmp_path: Path) -> None:

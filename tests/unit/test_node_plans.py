@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from imgbase import admin, bootloader, check, recover
-from imgbase.adopt import AdoptFacts, plan_adopt
+from imgbase import bootloader
 from imgbase.bootloader.grub import parse_entries
 from imgbase.errors import InputError
-from imgbase.status import NodeFacts
+from imgbase.node import check, layers, recover
+from imgbase.node.adopt import AdoptFacts, plan_adopt
+from imgbase.node.facts import NodeFacts
 from imgbase.storage.layout import NodeLayout
 from imgbase.storage.lvm import LogicalVolume
 
@@ -46,7 +47,7 @@ def names(plan) -> list[str]:  # type: ignore[no-untyped-def]
 
 def test_layer_add_names_the_next_layer_and_writes_its_fstab_from_volume_tags() -> None:
     f = node(lv(f"{NVR}+3", origin=NVR, tags="imgbase:layer"), entries=(f"{NVR}+1", f"{NVR}+3"))
-    plan = admin.plan_layer_add(f, None, "LABEL=boot /boot ext4 defaults 0 2\n")
+    plan = layers.plan_layer_add(f, None, "LABEL=boot /boot ext4 defaults 0 2\n")
     create = plan.steps[0].argv
     assert f"{NVR}+4" in create and f"vg/{NVR}" == create[-1]
     fstab = next(s for s in plan.steps if s.name == "layer-fstab").write
@@ -68,23 +69,23 @@ def test_layer_add_names_the_next_layer_and_writes_its_fstab_from_volume_tags() 
 ])
 def test_layer_remove_refuses(remove: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
-        admin.plan_layer_remove(node(), remove)
+        layers.plan_layer_remove(node(), remove)
 
 
 def test_layer_remove_refuses_the_default_even_if_not_booted() -> None:
     with pytest.raises(InputError, match="is the default boot entry"):
-        admin.plan_layer_remove(node(booted=None), f"{NVR}+1")
+        layers.plan_layer_remove(node(booted=None), f"{NVR}+1")
 
 
 def test_base_remove_drops_entries_then_layers_then_the_base() -> None:
     other = lv("m-2.0-1", "Vri---tz-k", tags="imgbase:base")
     layer = lv("m-2.0-1+1", origin="m-2.0-1", tags="imgbase:layer")
-    plan = admin.plan_base_remove(node(other, layer, entries=(f"{NVR}+1", "m-2.0-1+1")),
+    plan = layers.plan_base_remove(node(other, layer, entries=(f"{NVR}+1", "m-2.0-1+1")),
                                   "m-2.0-1")
     assert names(plan) == ["boot-entries", "boot-files", "remove-m-2.0-1+1", "remove-base",
                            "boot-commit"]
     with pytest.raises(InputError, match=f"cannot remove base {NVR}: layer {NVR}\\+1 is booted"):
-        admin.plan_base_remove(node(), NVR)
+        layers.plan_base_remove(node(), NVR)
 
 
 def test_recover_removes_leftovers_but_never_the_booted_layer_or_its_base() -> None:
@@ -221,7 +222,7 @@ def test_layer_add_stops_before_the_entries_when_the_layer_has_no_kernel(
         tmp_path: Path) -> None:
     import subprocess
 
-    plan = admin.plan_layer_add(node(), None, "")
+    plan = layers.plan_layer_add(node(), None, "")
     files = next(s for s in plan.steps if s.name == "boot-files")
     tree, boot = tmp_path / "layer", tmp_path / "boot"
     (tree / "boot").mkdir(parents=True)
@@ -243,5 +244,5 @@ def test_a_full_boot_is_refused_with_the_sizes(tmp_path: Path) -> None:
     with open(tmp_path / "a+1/initrd.img", "wb") as f:  # sparse, larger than the free space
         f.truncate(st.f_bavail * st.f_frsize + (1 << 30))
     with pytest.raises(InputError, match=r"/boot is too full for another layer: \d+ MiB free"):
-        admin.check_boot_space(tmp_path, "a+1")
-    admin.check_boot_space(tmp_path, None)
+        layers.check_boot_space(tmp_path, "a+1")
+    layers.check_boot_space(tmp_path, None)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 import imgbase
-from imgbase import package, trust
 from imgbase.errors import InputError
+from imgbase.image import package, trust
 
 FAKE_MAIN = """import os, sys
 mode = oct(os.stat(os.path.dirname(sys.argv[-1])).st_mode & 0o7777)

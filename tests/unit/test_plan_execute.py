@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from imgbase import admin
 from imgbase import plan as plan_module
 from imgbase.errors import ImgbaseError, InputError
+from imgbase.node import layers
 from imgbase.plan import Plan, Step, execute, read_journal, write_atomic
 from imgbase.progress import Progress
 
@@ -137,9 +137,9 @@ def test_boot_space_is_measured_where_a_missing_directory_would_go(tiny_fs: Path
     boot = tiny_fs / "boot"  # not there: the files would land on the file system above
     with pytest.raises(InputError, match=r"/boot is too full for another layer: 0 MiB free, "
                        r"64 MiB needed"):
-        admin.check_boot_space(boot, "n-1-1+1")
+        layers.check_boot_space(boot, "n-1-1+1")
     with pytest.raises(InputError, match="too full"):
-        admin.check_boot_space(boot, None)
+        layers.check_boot_space(boot, None)
 
 
 def test_boot_space_without_the_model_goes_by_the_largest_layer(tmp_path: Path) -> None:
@@ -150,4 +150,4 @@ def test_boot_space_without_the_model_goes_by_the_largest_layer(tmp_path: Path) 
         f.truncate(st.f_bavail * st.f_frsize + (1 << 30))
     for model in ("b+1", None):  # the model's directory is missing, or there is no model
         with pytest.raises(InputError, match="too full for another layer"):
-            admin.check_boot_space(tmp_path, model)
+            layers.check_boot_space(tmp_path, model)

@@ -10,7 +10,7 @@ import pytest
 
 from imgbase.compose import postprocess
 from imgbase.errors import ImgbaseError
-from imgbase.spec import LayerSpec, load_image
+from imgbase.image.spec import LayerSpec, load_image
 
 
 def fake_tree(tmp_path: Path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from imgbase.errors import InputError
-from imgbase.spec import load_image, load_layer
+from imgbase.image.spec import load_image, load_layer
 
 IMAGE = """\
 [image]

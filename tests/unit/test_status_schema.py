@@ -46,7 +46,7 @@ def test_schema_rejects_broken_status(broken: dict[str, object]) -> None:
 
 
 def test_status_names_each_bases_signing_key() -> None:
-    from imgbase.status import collect, render
+    from imgbase.node.status import collect, render
     from tests.unit.test_node_plans import NVR, lv, node
 
     signed = lv("n-2.0-1", "Vri---tz-k", tags="imgbase:base,imgbase:key:0123ABCD0123ABCD")

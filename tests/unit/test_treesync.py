@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from imgbase.filelist import LISTING, listing, read_listing, unescape, write_listing
+from imgbase.image.filelist import LISTING, listing, read_listing, unescape, write_listing
+from imgbase.node.treesync import main, sync
 from imgbase.run import run
-from imgbase.treesync import main, sync
 
 EPOCH = 1_700_000_000
 

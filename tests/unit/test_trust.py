@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from imgbase import trust
 from imgbase.errors import ImageRefused, InputError
-from imgbase.naming import Nvr
+from imgbase.image import trust
+from imgbase.image.naming import Nvr
 from imgbase.plan import write_atomic
 from tests.conftest import imgbase_cli
 from tests.unit.test_node_plans import node
@@ -143,7 +143,8 @@ def test_an_image_swapped_after_the_check_changes_nothing(
         keys: dict, real: Path, tmp_path: Path) -> None:
     """The attacker who can write the image's directory swaps the file once it is
     verified: what the update then reads is the verified copy, not the path."""
-    from imgbase import update
+    from imgbase.image import info
+    from imgbase.node import update
 
     trust.sign(str(real), homedir=str(keys["home"]))
     signed = real.read_bytes()
@@ -151,7 +152,7 @@ def test_an_image_swapped_after_the_check_changes_nothing(
                               dest_dir=tmp_path / "images", config=tmp_path / "none.toml")
     evil = squashfs(tmp_path / "evil/n-9.0-1.squashfs", "n-9.0-1", "evil")
     os.replace(evil, real)
-    assert update.image_info(str(got.path))["nvr"] == "n-2.0-1"
+    assert info.image_info(str(got.path))["nvr"] == "n-2.0-1"
     assert got.path.read_bytes() == signed
     plan = update.plan_update(update.UpdateFacts(
         node=node(), image=str(got.path), nvr=got.nvr, image_kargs=got.kernel_args,
@@ -265,12 +266,12 @@ def test_refusals_of_the_image_exit_65_and_the_rest_2(keys: dict, real: Path,
 
 def test_nothing_parses_an_image_before_its_signature_is_good(
         keys: dict, real: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgbase import update
+    from imgbase.image import info
 
     def parsing(*args: object, **kw: object) -> None:
         raise AssertionError("the image was parsed before it was verified")
 
-    monkeypatch.setattr(update, "image_info", parsing)
+    monkeypatch.setattr(info, "image_info", parsing)
     dest = tmp_path / "images"
     with pytest.raises(InputError, match="is not signed"):
         trust.verified_copy(str(real), insecure=False, trusted=keys["trusted"],
@@ -364,8 +365,8 @@ def test_an_image_older_than_the_newest_ever_accepted_is_refused(tmp_path: Path)
 
 def test_update_refuses_below_the_record_even_with_no_newer_base(
         tmp_path: Path, real: Path, keys: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgbase import update
-    from imgbase.status import NodeFacts
+    from imgbase.node import update
+    from imgbase.node.facts import NodeFacts
 
     trust.sign(str(real), homedir=str(keys["home"]))
     got = trust.verified_copy(str(real), insecure=False, trusted=keys["trusted"],
@@ -415,11 +416,11 @@ def test_base_add_records_the_image_it_verified_not_the_name_given() -> None:
     """`base --add IMAGE --nvr NAME` names the base; the anti-rollback record is raised to
     the image's own NVR (a made-up --nvr n-99-1 would have blocked every later update),
     and the name must be one LVM takes."""
-    from imgbase import admin
+    from imgbase.node import layers
 
-    plan = admin.plan_base_add(node(), "/var/lib/imgbase/images/x", "n-99-1", "1G", None,
+    plan = layers.plan_base_add(node(), "/var/lib/imgbase/images/x", "n-99-1", "1G", None,
                                {"n": "n-1.0-1"}, "n-2.0-1")
     record = next(s for s in plan.steps if s.name == "accepted").write
     assert record is not None and json.loads(record[1]) == {"n": "n-2.0-1"}
     with pytest.raises(InputError, match="cannot name an LVM volume"):
-        admin.plan_base_add(node(), "/x", "n-2.0~rc1-1", "1G", None, {}, "n-2.0-1")
+        layers.plan_base_add(node(), "/x", "n-2.0~rc1-1", "1G", None, {}, "n-2.0-1")

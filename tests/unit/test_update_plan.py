@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from imgbase import update
 from imgbase.bootloader import grubenv
 from imgbase.errors import InputError
+from imgbase.image.info import image_info
+from imgbase.node import update
 from imgbase.plan import locked
 from tests.unit.test_node_plans import NVR, node
 
@@ -32,7 +33,7 @@ def test_delta_base_is_a_snapshot_synced_from_the_image() -> None:
     snap = plan.steps[n.index("base-snapshot")].argv
     assert snap[-1] == f"vg/{NVR}" and "n-2.0-1" in snap and "imgbase:incomplete" in snap
     sync = plan.steps[n.index("base-sync")].argv
-    assert sync[1:4] == ("-P", "-m", "imgbase.treesync")  # the image dir, then the base's
+    assert sync[1:4] == ("-P", "-m", "imgbase.node.treesync")  # the image dir, then the base's
     assert sync[4].endswith("update-image") and sync[5].endswith("update-base")
     # it mounts the image file and the new base itself: no separate mount steps
     assert sync[6:] == ("--mount", FACTS.image, f"/dev/vg/{FACTS.nvr}")
@@ -63,7 +64,7 @@ def test_corrupt_image_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "bad.squashfs"
     bad.write_bytes(b"hsqs" + b"\0" * 100)
     with pytest.raises(InputError, match="not a readable squashfs"):
-        update.image_info(str(bad))
+        image_info(str(bad))
 
 
 def test_a_second_operation_is_refused_while_one_runs(tmp_path: Path) -> None:
@@ -108,7 +109,7 @@ def test_space_is_the_bytes_of_the_changed_files_and_the_metadata_is_checked(
         tmp_path: Path) -> None:
     """Two real trees and their listings (as compose writes them): the delta needs the
     bytes of the files that differ, a full unpack all of them; pool metadata counts."""
-    from imgbase.filelist import write_listing
+    from imgbase.image.filelist import write_listing
     from tests.unit.test_node_plans import lv
 
     old, new = tmp_path / "old", tmp_path / "new"

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imgbase import package, trust
+from imgbase.image import package, trust
 from imgbase.vm import Guest, VmSpec
 from tests.images import derive, signing_key, stop_agent
 from tests.vm.nodes import V3
@@ -100,7 +100,7 @@ def build_lifecycle_images(work: Path) -> Path:
     (version 1.1), and v3 (1.2), v2 broken on purpose: its initramfs is junk, so it cannot
     boot. Both signed; the public key is trusted.gpg. The directory is served over HTTP."""
     from imgbase.compose.build import DEFAULT_CACHE
-    from imgbase.compose.squashfs import sha256_file
+    from imgbase.image.squashfs import sha256_file
     from tests.conftest import ROOT
 
     src = work / "src"
@@ -189,7 +189,7 @@ def signed_live_image(node_image: Path, work: Path) -> tuple[Path, Path]:
     own .sha256 and .sha256.sig (the session's image stays as it is), and the public key
     that the live guest is given to trust (`imgbase install` verifies the running image
     against /run/imgbase/live/image.sha256 and .sig, which the Guest hands it)."""
-    from imgbase.compose.squashfs import sha256_file
+    from imgbase.image.squashfs import sha256_file
 
     work.mkdir(parents=True)
     live = work / node_image.name

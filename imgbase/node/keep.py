@@ -25,10 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ImgbaseError
-from .naming import Nvr
-from .status import NodeFacts
-from .storage.layout import TAG_INCOMPLETE
+from ..errors import ImgbaseError
+from ..image.naming import Nvr
+from ..storage.layout import TAG_INCOMPLETE
+from .facts import NodeFacts
 
 TAG_PINNED = "imgbase:pinned"
 
@@ -49,7 +49,6 @@ class Keep:
 
 def left_behind(history: list[dict[str, Any]]) -> set[str]:
     """Layers GRUB or the health gate abandoned, and those the admin rolled back from."""
-    from .gc import rolled_back_from
 
     return ({str(h.get("layer")) for h in history if h.get("event") == "abandoned"}
             | rolled_back_from(history))
@@ -107,3 +106,19 @@ def keep_set(f: NodeFacts, history: list[dict[str, Any]]) -> Keep:
         if TAG_PINNED in lv.tags:
             why.setdefault(lv.name, "pinned")
     return Keep(tuple(why.items()))
+
+def rolled_back_from(history: list[dict[str, Any]]) -> set[str]:
+    """Layers an admin rolled back from and has not rolled to again since.
+
+    >>> rolled_back_from([{"event": "rolled-back", "layer": "n-2-1+1", "to": "n-1-1+1"}])
+    {'n-2-1+1'}
+    >>> rolled_back_from([{"event": "rolled-back", "layer": "n-2-1+1", "to": "n-1-1+1"},
+    ...                   {"event": "rolled-back", "layer": "n-1-1+1", "to": "n-2-1+1"}])
+    {'n-1-1+1'}
+    """
+    left: set[str] = set()
+    for event in history:
+        if event.get("event") == "rolled-back":
+            left.discard(str(event.get("to")))
+            left.add(str(event.get("layer")))
+    return left

@@ -25,14 +25,14 @@ from functools import cmp_to_key
 from pathlib import Path
 from typing import Any
 
-from . import bootloader
-from .errors import die
-from .kargs import check_arg, for_new_node
-from .naming import Layer, Nvr, vercmp
-from .plan import Plan, Step
-from .run import run
-from .storage import lvm
-from .storage.layout import (
+from .. import bootloader
+from ..errors import die
+from ..image.kargs import check_arg, for_new_node
+from ..image.naming import Layer, Nvr, vercmp
+from ..plan import Plan, Step
+from ..run import run
+from ..storage import lvm
+from ..storage.layout import (
     MOUNT_TAG,
     TAG_RETIRED,
     THIN_PROFILE,
@@ -43,7 +43,7 @@ from .storage.layout import (
     rewrite_fstab,
     volume_steps,
 )
-from .storage.lvm import TAG_BASE, TAG_POOL, TAG_VG, TAG_VOLUME
+from ..storage.lvm import TAG_BASE, TAG_POOL, TAG_VG, TAG_VOLUME
 
 VAR_SIZE = "4G"
 # Not /var/lib/imgbase: /var is being copied onto its own volume while this runs.

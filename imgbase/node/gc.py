@@ -5,7 +5,7 @@
   has been good. One grubenv write.
 * ``imgbase pin|unpin BASE``: a pinned base (tag ``imgbase:pinned``) is never collected.
 * ``imgbase gc [--keep N]``: keep N images (default 2; ``[gc] keep`` in imgbase.toml) plus
-  those :mod:`imgbase.keep` keeps (booted, default, next boot, fallback, staged, last
+  those :mod:`imgbase.node.keep` keeps (booted, default, next boot, fallback, staged, last
   good, pinned); remove the others with their layers. It refuses, removing nothing, when
   /boot is not mounted or its menu cannot be read. The N kept are the images most
   recently found healthy (then the newest): after a rollback from a bad v2 to v1 and an
@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import bootloader
+from .. import bootloader
+from ..errors import die
+from ..image.naming import layer_key
+from ..plan import Plan, Step
 from .boot import plan_set_default
-from .errors import die
+from .facts import NodeFacts
 from .keep import TAG_PINNED, keep_set
-from .plan import Plan, Step
-from .status import NodeFacts
-from .storage.layout import layer_key
 
 DEFAULT_KEEP = 2
 CONFIG = Path("/etc/imgbase/imgbase.toml")
@@ -75,7 +75,7 @@ def plan_rollback(f: NodeFacts, history: list[dict[str, Any]], to: str | None,
                   now: float = 0.0) -> Plan:
     """The target becomes the default; the history records the rollback, so that the
     agent does not roll this node forward again to the image the admin left
-    (:func:`rolled_back_from`) -- until the admin picks it again or a newer one comes.
+    (:func:`keep.rolled_back_from`) -- until the admin picks it again or a newer one comes.
 
     """
     from .health import HISTORY, HISTORY_KEEP
@@ -90,22 +90,6 @@ def plan_rollback(f: NodeFacts, history: list[dict[str, Any]], to: str | None,
             note=f"remembered: the admin left {f.booted}"))
     return Plan("rollback", tuple(steps))
 
-
-def rolled_back_from(history: list[dict[str, Any]]) -> set[str]:
-    """Layers an admin rolled back from and has not rolled to again since.
-
-    >>> rolled_back_from([{"event": "rolled-back", "layer": "n-2-1+1", "to": "n-1-1+1"}])
-    {'n-2-1+1'}
-    >>> rolled_back_from([{"event": "rolled-back", "layer": "n-2-1+1", "to": "n-1-1+1"},
-    ...                   {"event": "rolled-back", "layer": "n-1-1+1", "to": "n-2-1+1"}])
-    {'n-1-1+1'}
-    """
-    left: set[str] = set()
-    for event in history:
-        if event.get("event") == "rolled-back":
-            left.discard(str(event.get("to")))
-            left.add(str(event.get("layer")))
-    return left
 
 
 def plan_pin(f: NodeFacts, base: str, pin: bool) -> Plan:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import die
+from ..errors import die
 
 # any character outside what GRUB's script syntax reads as a plain word character
 UNSAFE = re.compile(r"[^A-Za-z0-9._,:=/+@%^~!-]")

@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bootloader import committed, grubenv, uses_bls
-from .bootloader.grub import menu_timeout_env
-from .errors import die
-from .plan import Plan, Step
-from .status import NodeFacts
+from ..bootloader import committed, grubenv, uses_bls
+from ..bootloader.grub import menu_timeout_env
+from ..errors import die
+from ..plan import Plan, Step
+from .facts import NodeFacts
 
 DEFAULT_TRIES = 3
 TRIAL_KEYS = ("imgbase_tries", "imgbase_fallback")

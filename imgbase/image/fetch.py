@@ -4,7 +4,7 @@ Downloads go to ``/var/lib/imgbase/downloads`` (on /var, so they outlive a layer
 ``NAME.part`` and are renamed to ``NAME`` once complete. A download cut short keeps its
 ``.part``; running the same command again asks the server for the rest (``Range``) and
 starts over only when the server does not do ranges. The checksum and signature files
-are fetched first, next to the image, where :mod:`imgbase.trust` looks for them, and
+are fetched first, next to the image, where :mod:`imgbase.image.trust` looks for them, and
 judged before the image is asked for: a server without them (404) or a signature that is
 bad or by an untrusted key stops the download before its first byte, unless the image
 may be accepted unsigned (``--insecure`` where the node allows it). The downloads
@@ -25,9 +25,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ..errors import die
+from ..progress import Progress
 from . import trust
-from .errors import die
-from .progress import Progress
 
 DOWNLOADS = Path("/var/lib/imgbase/downloads")
 CHUNK = 1 << 20

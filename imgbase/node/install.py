@@ -11,7 +11,7 @@ unformatted for grub-efi), 3 /boot (ext4, 1 GiB), 4 LVM PV. The volume group
 (<nvr>+1, writable thin snapshot, imgbase:layer) and the volumes
 (imgbase:volume): /var always, the NIST set with --volumes nist.
 
-The image is verified before anything reads it (:func:`imgbase.trust.verified_copy`): its
+The image is verified before anything reads it (:func:`imgbase.image.trust.verified_copy`): its
 ``.sha256`` signed by a key in /etc/imgbase/trusted.d, unless ``--insecure`` where
 imgbase.toml allows it. In the live environment the image is the running one, read from
 its read-only device, and its sidecars are ``/run/imgbase/live/image.sha256`` and
@@ -31,14 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import bootloader
-from .bootloader import grub
-from .errors import die
-from .kargs import for_new_node
-from .naming import Layer, Nvr
-from .plan import Plan, Step
-from .run import run
-from .storage.layout import (
+from .. import bootloader
+from ..bootloader import grub
+from ..errors import die
+from ..image.kargs import for_new_node
+from ..image.naming import Layer, Nvr
+from ..image.trust import ACCEPTED, Verified, accepted_step, verified_copy, with_key
+from ..plan import Plan, Step
+from ..run import run
+from ..storage.layout import (
     THIN_PROFILE,
     base_from_image_steps,
     layer_create_steps,
@@ -46,8 +47,7 @@ from .storage.layout import (
     rewrite_fstab,
     volume_steps,
 )
-from .storage.lvm import TAG_POOL, TAG_VG
-from .trust import ACCEPTED, Verified, accepted_step, verified_copy, with_key
+from ..storage.lvm import TAG_POOL, TAG_VG
 
 GIB = 1 << 30
 MIN_DISK = 8 * GIB
@@ -100,7 +100,7 @@ def join_config(endpoints: str, group: str, ca: str | None, cert: str | None,
                 insecure_http: bool = False) -> JoinConfig:
     """Check --join, its TLS files and the etcd password file, before anything is written:
     every value is checked by the agent's parser and written by its TOML writer."""
-    from .agent import config as agent_config
+    from . import agentconfig as agent_config
 
     if not insecure_http and not (user and password_file):
         die("--join needs the node's etcd user: --etcd-user and --etcd-password-file",

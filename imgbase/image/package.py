@@ -33,11 +33,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ImgbaseError, InputError, die
+from ..errors import ImgbaseError, InputError, die
+from ..run import run
+from .info import image_info
 from .naming import Nvr
-from .run import run
 from .trust import TRUSTED, keyrings, sig_path, sums_path, verify_image
-from .update import image_info
 
 IMAGES = "usr/share/imgbase/images"
 FORMATS = ("deb", "rpm")
@@ -65,7 +65,7 @@ RPM_PATH = re.compile(r"[A-Za-z0-9._+/-]+")
 VERIFY = """import sys
 from pathlib import Path
 from imgbase.errors import ImgbaseError
-from imgbase.trust import verify_image
+from imgbase.image.trust import verify_image
 try:
     verdict = verify_image(sys.argv[1], insecure=False, trusted=Path(sys.argv[2]))
 except ImgbaseError as exc:

@@ -1,8 +1,8 @@
 """Make a tree (a base being made) equal to a mounted image: only what changed is written.
 
-    python3 -P -m imgbase.treesync IMAGE_DIR BASE_DIR [--mount IMAGE_FILE BASE_DEVICE]
+    python3 -P -m imgbase.node.treesync IMAGE_DIR BASE_DIR [--mount IMAGE_FILE BASE_DEVICE]
 
-When both trees carry a file listing (:mod:`imgbase.filelist`), the two listings are
+When both trees carry a file listing (:mod:`imgbase.image.filelist`), the two listings are
 compared, paths gone or changed in kind are removed, and rsync copies just the paths
 that differ (``--files-from``, each written whole into the thin snapshot). Without a
 listing on either side it is rsync over the whole tree, comparing every file's contents
@@ -17,7 +17,7 @@ The listing comes with the image: a path in it that could lead out of the base
 (absolute, ``..``, a NUL) refuses the sync, and a removal never follows a symlink
 (:mod:`imgbase.intree`).
 
-Imports only imgbase.filelist, .intree, .run and .errors, and those lazily where they can: it
+Imports only imgbase.image.filelist, .intree, .run and .errors, and those lazily where they can: it
 runs as its own process in an update, where every import costs under emulation.
 """
 
@@ -28,10 +28,10 @@ import stat
 import sys
 from typing import TYPE_CHECKING
 
-from .errors import ImgbaseError
-from .filelist import LISTING, diff, read_listing
-from .intree import Dirs, NotInside, parts
-from .run import run
+from ..errors import ImgbaseError
+from ..image.filelist import LISTING, diff, read_listing
+from ..intree import Dirs, NotInside, parts
+from ..run import run
 
 # --whole-file: a listed file is copied whole, not matched block by block -- an updated
 # package's files are new through and through (measured in a guest: 91 changed files,
@@ -115,7 +115,7 @@ def mounted_sync(image_file: str, base_dev: str, image: str, base: str) -> str:
         run(["umount", base])
 
 
-USAGE = ("usage: python3 -m imgbase.treesync IMAGE_DIR BASE_DIR "
+USAGE = ("usage: python3 -m imgbase.node.treesync IMAGE_DIR BASE_DIR "
          "[--mount IMAGE_FILE BASE_DEVICE]")
 
 

@@ -12,10 +12,10 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import die
-from .run import run
-from .status import NodeFacts
-from .storage.layout import WORK
+from ..errors import die
+from ..run import run
+from ..storage.layout import WORK
+from .facts import NodeFacts
 
 
 def differences(itemized: str) -> list[str]:

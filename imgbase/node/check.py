@@ -25,13 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bootloader import ENTRIES, uses_bls
-from .bootloader.grub import unrecognised
-from .errors import ImgbaseError, die
-from .naming import Layer, Nvr
-from .run import run
-from .storage import lvm
-from .storage.layout import TAG_INCOMPLETE, NodeLayout, mountpoint_of
+from ..bootloader import ENTRIES, uses_bls
+from ..bootloader.grub import unrecognised
+from ..errors import ImgbaseError, die
+from ..image.naming import Layer, Nvr
+from ..run import run
+from ..storage import lvm
+from ..storage.layout import TAG_INCOMPLETE, NodeLayout, mountpoint_of
 
 CONFIG = Path("/etc/imgbase/imgbase.toml")
 @dataclass(frozen=True)
@@ -290,7 +290,7 @@ def _autoextend(layout: NodeLayout) -> tuple[tuple[int, int] | None, bool]:
 
 
 def gather(limits: Limits, boot: Path = Path("/boot")) -> CheckFacts:
-    from .status import NodeFacts
+    from .facts import NodeFacts
 
     found = lvm.vg_free_with_tag(lvm.TAG_VG)
     tagged = tuple(found)

@@ -24,10 +24,6 @@ kickstart line or the ``%post`` shell unchecked::
 ()
 >>> check_karg("console=ttyS0,115200", "--karg")
 'console=ttyS0,115200'
->>> check_url("http://h/x y.squashfs", "--url")
-Traceback (most recent call last):
-...
-imgbase.errors.InputError: --url: 'http://h/x y.squashfs' is not a URL anaconda can fetch
 """
 
 from __future__ import annotations
@@ -37,12 +33,11 @@ import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from .errors import ImgbaseError, die
-from .kargs import check_arg
+from ..compose.kickstart import check_url
+from ..errors import ImgbaseError, die
+from ..image.kargs import check_arg
 
-URL_SCHEMES = ("http", "https", "ftp", "file")
 WORD_RE = {  # what may stand on a kickstart command line unquoted
     "disk": re.compile(r"^[A-Za-z0-9/_.:+-]+$"),
     "lang": re.compile(r"^[A-Za-z0-9_.@-]+$"),
@@ -84,7 +79,7 @@ class Cluster:
         user = "n1"
         password_file = "/etc/imgbase/agent/etcd-password"
         """
-        from .agent import config as agent_config
+        from ..node import agentconfig as agent_config
 
         return agent_config.render(
             list(self.endpoints), self.group, ca=self.ca, cert=self.cert, key=self.key,
@@ -131,28 +126,10 @@ class Site:
 #: what may stand in a URL on a kickstart line: RFC 3986's characters without those that
 #: pykickstart's shlex.split(comments=True) treats specially -- # (the rest of the line is
 #: a comment: a liveimg's --checksum would go), quotes, backslash -- and no whitespace
-URL_RE = re.compile(r"^[A-Za-z0-9\-._~:/?\[\]@!$&()*+,;=%]+$")
-
-
-def check_url(url: str, where: str) -> str:
-    """A URL anaconda can fetch, that stands on a kickstart line as one word and is read
-    back whole: no fragment, whitespace, quotes, backslash, control or non-ASCII character,
-    and % only in an escape (%2F)."""
-    try:
-        parts = urlsplit(url) if URL_RE.match(url) else None
-    except ValueError:  # e.g. an unclosed [ in the host
-        parts = None
-    if parts is None or re.search(r"%(?![0-9A-Fa-f]{2})", url) \
-            or parts.scheme not in URL_SCHEMES \
-            or not (parts.netloc or parts.scheme == "file") or not parts.path:
-        die(f"{where}: {url!r} is not a URL anaconda can fetch",
-            hint=f"a {', '.join(URL_SCHEMES)} URL without a #fragment, spaces, quotes or "
-            "backslashes (escape them: %23, %20)")
-    return url
 
 
 def check_karg(arg: str, where: str) -> str:
-    """A kernel argument that can go into a boot entry (:func:`imgbase.kargs.check_arg`)."""
+    """A kernel argument that can go into a boot entry (:func:`imgbase.image.kargs.check_arg`)."""
     try:
         return check_arg(arg)
     except ImgbaseError as exc:

@@ -9,7 +9,7 @@ operation short (a crash, a kill, power loss), the leftovers are visible.
 * boot entries with no layer, and their files in /boot;
 * LVs tagged ``imgbase:retired`` (anaconda's root after layout --init) once unused.
 
-What :mod:`imgbase.keep` keeps -- the booted, default, next-boot, fallback, staged and
+What :mod:`imgbase.node.keep` keeps -- the booted, default, next-boot, fallback, staged and
 last good layers and their bases, the pinned bases -- is never touched, whatever its
 tags say; and recover refuses, removing nothing, when it cannot read the menu (/boot not
 mounted, no entries file or one that does not parse, no default in grubenv): a layer
@@ -27,13 +27,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import bootloader
+from .. import bootloader
+from ..errors import ImgbaseError
+from ..plan import JOURNAL, Plan, Step
+from ..storage.layout import TAG_INCOMPLETE, TAG_RETIRED, WORK
 from .boot import plan_set_default
-from .errors import ImgbaseError
+from .facts import NodeFacts
 from .keep import keep_set
-from .plan import JOURNAL, Plan, Step
-from .status import NodeFacts
-from .storage.layout import TAG_INCOMPLETE, TAG_RETIRED, WORK
 
 
 def plan_recover(f: NodeFacts, work_mounts: list[str], journal: list[dict[str, Any]],
@@ -115,23 +115,6 @@ def finish_update_steps(f: NodeFacts, journal: list[dict[str, Any]], doomed: lis
             for s in plan.steps if s.write]  # (the commit of /boot comes with the plan's)
 
 
-def interrupted(journal: list[dict[str, Any]]) -> str | None:
-    """What the journal says was cut short, e.g. "layer-add, after step layer-mount".
-
-    >>> interrupted([{"event": "begin", "operation": "layer-add"},
-    ...              {"event": "start", "step": "a"}, {"event": "done", "step": "a"}])
-    'layer-add, after step a'
-    >>> interrupted([]) is None
-    True
-    """
-    if not journal:
-        return None
-    op = journal[0].get("operation", "an operation")
-    done = [r["step"] for r in journal if r.get("event") == "done"]
-    failed = [r for r in journal if r.get("event") == "failed"]
-    if failed:
-        return f"{op}, failed at step {failed[-1]['step']}"
-    return f"{op}, after step {done[-1]}" if done else f"{op}, before its first step"
 
 
 def work_mounts() -> list[str]:
@@ -143,7 +126,7 @@ def work_mounts() -> list[str]:
 
 def layer_dirs(boot: Path) -> tuple[str, ...]:
     """Directories in /boot named like layers."""
-    from .naming import Layer
+    from ..image.naming import Layer
 
     found = []
     for p in sorted(boot.iterdir()) if boot.is_dir() else []:

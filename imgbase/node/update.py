@@ -2,7 +2,7 @@
 
 Facts first, every refusal before anything is written: ``SOURCE.sha256``'s signature is
 good by a key in /etc/imgbase/trusted.d, then the image is copied into a root-only
-directory and its sha256 checked on the way (:mod:`imgbase.trust`; unsigned only with
+directory and its sha256 checked on the way (:mod:`imgbase.image.trust`; unsigned only with
 ``--insecure`` where imgbase.toml allows it); from there on only that verified copy is
 read. It is an imgbase image of the same product, newer than every base and than the
 newest image the node has ever accepted (``/var/lib/imgbase/accepted.json``; or
@@ -11,10 +11,10 @@ the bytes of the files that differ, from the two images' file listings; metadata
 /boot have room. The verified copy is removed when the update ends, done or not.
 
 The new base is a thin snapshot of the closest existing base, synced from the mounted
-squashfs (:mod:`imgbase.treesync`: the two images' file listings say which paths differ,
+squashfs (:mod:`imgbase.node.treesync`: the two images' file listings say which paths differ,
 rsync copies those with contents, modes, owners, xattrs and hard links, and deletes what
 is gone), so its cost follows the change, not the image; with no base to start from it
-is a full unpack. The new layer gets /etc merged three ways (:mod:`imgbase.etcmerge`), an fstab
+is a full unpack. The new layer gets /etc merged three ways (:mod:`imgbase.node.etcmerge`), an fstab
 from the volume tags, the kernel arguments of the booted layer plus the new image's,
 and its boot entry. Last, one grubenv write makes it the default on trial: the next
 boot is counted, and a layer that does not come up healthy is abandoned by GRUB.
@@ -22,23 +22,27 @@ boot is counted, and a layer that does not come up healthy is abandoned by GRUB.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import bootloader
-from .admin import _boot_files_step
-from .boot import DEFAULT_TRIES
-from .bootloader import grubenv
-from .errors import ImgbaseError, die
-from .naming import Layer, Nvr
-from .plan import Plan, Step
-from .run import run
-from .status import NodeFacts
-from .storage.layout import (
+from .. import bootloader
+from ..bootloader import grubenv
+from ..errors import ImgbaseError, die
+from ..image.naming import Layer, Nvr
+from ..image.trust import (
+    Verdict,
+    Verified,
+    accepted_step,
+    read_accepted,
+    refuse_rollback,
+    with_key,
+)
+from ..plan import Plan, Step
+from ..run import run
+from ..storage.layout import (
     TAG_INCOMPLETE,
     WORK,
     base_from_image_steps,
@@ -48,15 +52,10 @@ from .storage.layout import (
     mountpoint_of,
     rewrite_fstab,
 )
-from .storage.lvm import TAG_BASE
-from .trust import (
-    Verdict,
-    Verified,
-    accepted_step,
-    read_accepted,
-    refuse_rollback,
-    with_key,
-)
+from ..storage.lvm import TAG_BASE
+from .boot import DEFAULT_TRIES
+from .facts import NodeFacts
+from .layers import boot_files_step
 
 EXIT_UP_TO_DATE = 77
 BASE_SIZE = "8G"
@@ -109,7 +108,7 @@ def plan_update(f: UpdateFacts) -> Plan:
                                    f"{vg}/{f.origin}"),
                  note=f"delta: starts as {f.origin}, only the changes are written (created "
                       "active: -kn)"),
-            Step("base-sync", (sys.executable, "-P", "-m", "imgbase.treesync", str(img_mnt),
+            Step("base-sync", (sys.executable, "-P", "-m", "imgbase.node.treesync", str(img_mnt),
                                str(base_mnt), "--mount", f.image, f"/dev/{vg}/{nvr}"),
                  note="mounts both, then copies only the paths whose lines differ in the "
                       "two images' file listings"),
@@ -122,7 +121,7 @@ def plan_update(f: UpdateFacts) -> Plan:
     fstab_at = [s.name for s in create].index("layer-fstab")
     steps += create[:fstab_at]
     # this very imgbase (the new image's, when an update package runs it), not /usr/bin's
-    steps.append(Step("etc-merge", (sys.executable, "-P", "-m", "imgbase.etcmerge",
+    steps.append(Step("etc-merge", (sys.executable, "-P", "-m", "imgbase.node.etcmerge",
                                     "/usr/share/factory/etc", "/etc",
                                     f"{mnt}/usr/share/factory/etc", f"{mnt}/etc"),
                       note="3-way: old factory, this layer's /etc, new factory"))
@@ -130,7 +129,7 @@ def plan_update(f: UpdateFacts) -> Plan:
     model = node.entries.get(node.booted or "") or node.entries.get(node.default or "") or ""
     kargs = merge_kargs(bootloader.kernel_args(model) if model else "rw", f.image_kargs)
     steps += [
-        _boot_files_step(mnt, node.boot, layer),
+        boot_files_step(mnt, node.boot, layer),
         *bootloader.write_entry_steps(node.boot, node.entries, {
             layer: bootloader.entry(node.boot, layer, f"/dev/{vg}/{layer}", kargs)}),
         *layer_finish_steps(vg, layer, mnt),
@@ -151,22 +150,6 @@ def plan_update(f: UpdateFacts) -> Plan:
 
 # -- facts -----------------------------------------------------------------------------
 
-def image_info(image: str) -> dict[str, Any]:
-    if not os.path.exists(image):
-        die(f"{image}: no such image", hint="give the .squashfs made by imgbase compose")
-    if run(["unsquashfs", "-s", image], check=False).returncode != 0:
-        die(f"{image} is not a readable squashfs (truncated or corrupt?)",
-            hint="download it again and check it against its .sha256")
-    proc = run(["unsquashfs", "-cat", image, "usr/lib/imgbase/image.json"], check=False)
-    if proc.returncode != 0:
-        die(f"{image} is not an imgbase image (no /usr/lib/imgbase/image.json)",
-            hint="use an image made by imgbase compose")
-    try:
-        info: dict[str, Any] = json.loads(proc.stdout)
-    except ValueError as exc:
-        die(f"{image}: its image.json is not JSON ({exc})",
-            hint="use an image made by imgbase compose")
-    return info
 
 
 def _size(path: str) -> int:
@@ -210,7 +193,7 @@ def space_needed(new_listing: str | None, old_listing: str | None, image_size: i
 
 
 def _listing_of_image(image: str) -> str | None:
-    from .filelist import LISTING
+    from ..image.filelist import LISTING
 
     proc = run(["unsquashfs", "-cat", image, LISTING], check=False)
     return proc.stdout if proc.returncode == 0 else None
@@ -254,7 +237,7 @@ def gather_facts(image: Verified, *, allow_downgrade: bool, tries: int,
     if pool is None:
         die("no thin pool tagged imgbase:pool", hint="imgbase check tells what is wrong")
     # the old side of a delta: the listing of the booted root, when it is the origin's
-    from .filelist import LISTING
+    from ..image.filelist import LISTING
 
     old_listing = None
     if origin is not None and str(origin) == node.booted_base:
@@ -266,7 +249,7 @@ def gather_facts(image: Verified, *, allow_downgrade: bool, tries: int,
     need = space_needed(new_listing, old_listing if origin is not None else None,
                         _size(path))
     check_pool_space(pool, need)
-    from .admin import check_boot_space
+    from .layers import check_boot_space
 
     check_boot_space(node.boot, node.booted or node.default)
     return UpdateFacts(node=node, image=path, nvr=str(new), image_kargs=image.kernel_args,

@@ -11,12 +11,12 @@ import os
 import stat
 from pathlib import Path
 
-from . import bootloader
-from .errors import die
-from .naming import Layer, Nvr
-from .plan import Plan, Step
-from .status import NodeFacts
-from .storage.layout import (
+from .. import bootloader
+from ..errors import die
+from ..image.naming import Layer, Nvr
+from ..image.trust import accepted_step, with_key
+from ..plan import Plan, Step
+from ..storage.layout import (
     WORK,
     base_from_image_steps,
     layer_create_steps,
@@ -24,10 +24,10 @@ from .storage.layout import (
     mountpoint_of,
     rewrite_fstab,
 )
-from .trust import accepted_step, with_key
+from .facts import NodeFacts
 
 
-def _boot_files_step(mnt: Path, boot: Path, layer: str) -> Step:
+def boot_files_step(mnt: Path, boot: Path, layer: str) -> Step:
     """Copy the newest kernel (and its initrd) of the tree at mnt to /boot/<layer>/."""
     script = ('k=$(ls -v "$1"/boot/vmlinuz-* 2>/dev/null | tail -n 1); v=${k##*/vmlinuz-}; '
               '[ -n "$k" ] && [ -f "$1/boot/initrd.img-$v" ] || '
@@ -97,7 +97,7 @@ def plan_layer_add(f: NodeFacts, base: str | None, fstab: str) -> Plan:
     new_entry = bootloader.entry(f.boot, layer, f"/dev/{vg}/{layer}", kargs)
     steps = [
         *layer_create_steps(vg, base, layer, mnt, new_fstab),
-        _boot_files_step(mnt, f.boot, layer),
+        boot_files_step(mnt, f.boot, layer),
         *bootloader.write_entry_steps(f.boot, f.entries, {layer: new_entry}),
         *layer_finish_steps(vg, layer, mnt),
     ]

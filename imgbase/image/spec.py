@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import intree
-from .errors import ImgbaseError, die
+from .. import intree
+from ..errors import ImgbaseError, die
 from .kargs import check_arg
 from .naming import Nvr
 

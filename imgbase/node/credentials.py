@@ -26,10 +26,10 @@ def merge_authorized_keys(source: Path, home: Path = Path("/root")) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``python3 -I -m imgbase.credentials FILE``: what imgbase-ssh-credential.service runs
+    """``python3 -I -m imgbase.node.credentials FILE``: what imgbase-ssh-credential.service runs
     at boot, before sshd, without the CLI's imports (seconds under emulation)."""
     if len(argv) != 1:
-        print("usage: python3 -m imgbase.credentials AUTHORIZED_KEYS_FILE", file=sys.stderr)
+        print("usage: python3 -m imgbase.node.credentials AUTHORIZED_KEYS_FILE", file=sys.stderr)
         return 2
     print(f"{merge_authorized_keys(Path(argv[0]))} SSH key(s) added for root")
     return 0

@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputError, die
-from .plan import LOCK, locked
+from ..errors import InputError, die
+from ..plan import LOCK, locked
 
 if TYPE_CHECKING:
-    from .status import NodeFacts
+    from .facts import NodeFacts
 
 HEALTH_D = Path("/etc/imgbase/health.d")
 HISTORY = Path("/var/lib/imgbase/health.json")
@@ -122,7 +122,7 @@ def builtin_checks(config: HealthConfig) -> list[tuple[str, str, list[str]]]:
 
 def agent_configured(config: Path | None = None, cmdline: Path | None = None) -> bool:
     """A node meant to be in a cluster wants its agent registered (a wanted check)."""
-    from .agent import config as agent_config
+    from . import agentconfig as agent_config
 
     config, cmdline = config or agent_config.CONFIG, cmdline or agent_config.CMDLINE
     line = cmdline.read_text() if cmdline.exists() else ""
@@ -171,7 +171,7 @@ def read_history(path: Path = HISTORY) -> list[dict[str, Any]]:
 
 
 def append_history(record: dict[str, Any], path: Path = HISTORY) -> None:
-    from .plan import write_atomic
+    from ..plan import write_atomic
 
     history = [*read_history(path), record][-HISTORY_KEEP:]
     write_atomic(path, json.dumps(history, indent=1) + "\n")
@@ -207,9 +207,9 @@ def write_env(f: NodeFacts, seen: dict[str, str], env: dict[str, str],
     False, nothing written, when grubenv is no longer ``seen`` (the one the verdict was
     made from): a command that changed it meanwhile (the agent's boot --set-default) wins.
     Refused when /boot is not mounted."""
-    from .bootloader import commit_argv, grubenv
-    from .plan import write_atomic
-    from .run import run
+    from ..bootloader import commit_argv, grubenv
+    from ..plan import write_atomic
+    from ..run import run
 
     f.need_boot()
     path = f.boot / "grub/grubenv"

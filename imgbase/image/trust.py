@@ -43,11 +43,11 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ImageRefused, InputError, die, refuse
+from ..errors import ImageRefused, InputError, die, refuse
+from ..plan import Step
+from ..run import run
 from .kargs import check_args
 from .naming import Nvr
-from .plan import Step
-from .run import run
 
 TRUSTED = Path("/etc/imgbase/trusted.d")
 CONFIG = Path("/etc/imgbase/imgbase.toml")
@@ -390,7 +390,7 @@ def verified_copy(image: str, *, insecure: bool, trusted: Path = TRUSTED,
 def _identity(image: str, copy: Path) -> tuple[str, tuple[str, ...]]:
     """The verified image's NVR (an LVM name: :meth:`Nvr.check_parts`) and kernel arguments
     (the GRUB entries file's gate), read from its copy, or the image is refused."""
-    from .update import image_info
+    from .info import image_info
 
     try:
         info = image_info(str(copy))

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from functools import total_ordering
 
-from .errors import die
+from ..errors import ImgbaseError, die
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._]*(?:-[A-Za-z0-9._]*[A-Za-z_][A-Za-z0-9._]*)*"
 _FIELD = r"[A-Za-z0-9][A-Za-z0-9._~]*"
@@ -151,3 +151,11 @@ class Layer:
 
     def __str__(self) -> str:
         return f"{self.nvr}+{self.index}"
+
+def layer_key(name: str) -> tuple[int, object]:
+    """Sort key: layers by NVR then index; names that do not parse last."""
+    try:
+        layer = Layer.parse(name)
+    except ImgbaseError:
+        return (1, name)
+    return (0, (layer.nvr, layer.index))

@@ -31,7 +31,7 @@ import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import intree
+from .. import intree
 
 ACCOUNT_DBS = ("passwd", "group", "shadow", "gshadow")
 POLICIES = ("keep-local", "take-new")
@@ -293,15 +293,15 @@ def _merge_accounts(base: _Side, local: _Side, new: _Side, target: _Target,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python3 -P -m imgbase.etcmerge OLD_FACTORY OLD_ETC NEW_FACTORY TARGET [POLICY]``:
+    """``python3 -P -m imgbase.node.etcmerge OLD_FACTORY OLD_ETC NEW_FACTORY TARGET [POLICY]``:
     what an update runs, without the CLI's imports (seconds under emulation)."""
     import sys
 
-    from .errors import ImgbaseError
+    from ..errors import ImgbaseError
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (4, 5) or (args[4:] and args[4] not in ("keep-local", "take-new")):
-        print("usage: python3 -m imgbase.etcmerge OLD_FACTORY OLD_ETC NEW_FACTORY TARGET "
+        print("usage: python3 -m imgbase.node.etcmerge OLD_FACTORY OLD_ETC NEW_FACTORY TARGET "
               "[keep-local|take-new]", file=sys.stderr)
         return 2
     policy = args[4] if args[4:] else "keep-local"

@@ -1,0 +1,1 @@
+"""Install kickstarts for anaconda and their site parameters."""

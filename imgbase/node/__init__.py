@@ -1,0 +1,1 @@
+"""The lifecycle on a node: facts, the verbs that plan and change it, and the checks."""

@@ -1,0 +1,85 @@
+"""The node as its planners and checks see it: the layout, the booted layer, grubenv and
+the boot menu, and whether /boot is mounted (:class:`NodeFacts`, gathered once per verb)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import bootloader
+from ..errors import die
+from ..run import run
+from ..storage.layout import NodeLayout
+
+BOOT = Path("/boot")
+FSTAB = Path("/etc/fstab")
+
+
+def boot_unmounted(fstab: str, boot: Path, mounted: bool) -> str | None:
+    """Why /boot must not be written: fstab mounts a filesystem there and none is
+    (what is there is the root's own directory, which GRUB never reads).
+
+    >>> boot_unmounted("LABEL=boot /boot ext4 defaults 0 2\\n", Path("/boot"), False)
+    '/boot is not mounted (/etc/fstab mounts LABEL=boot there)'
+    >>> boot_unmounted("LABEL=boot /boot ext4 defaults 0 2\\n", Path("/boot"), True)
+    >>> boot_unmounted("/dev/vg/a+1 / ext4 defaults 0 1\\n", Path("/boot"), False)
+    """
+    if mounted:
+        return None
+    for line in fstab.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and not fields[0].startswith("#") \
+                and os.path.normpath(fields[1]) == os.path.normpath(boot):
+            return f"{boot} is not mounted ({FSTAB} mounts {fields[0]} there)"
+    return None
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What the node's planners and checks need: the layout and the boot state."""
+
+    layout: NodeLayout
+    booted: str | None  # the layer mounted as /
+    env: dict[str, str]  # grubenv
+    entries: dict[str, str]  # grub menu entries by id
+    boot: Path = BOOT
+    unmounted: str | None = None  # /boot should be a mount of its own and is not: why
+    menu_problem: str | None = None  # why the menu may not be what GRUB reads (None: it is)
+
+    @classmethod
+    def gather(cls, boot: Path = BOOT, layout: NodeLayout | None = None,
+               fstab: Path = FSTAB) -> NodeFacts:
+        layout = layout or NodeLayout.discover()
+        root = os.path.realpath(run(["findmnt", "-n", "-o", "SOURCE", "/"]).stdout.strip())
+        booted = next((lv.name for lv in layout.layers
+                       if lv.active and os.path.realpath(lv.path) == root), None)
+        entries, problem = bootloader.read_menu(boot)
+        unmounted = boot_unmounted(fstab.read_text() if fstab.is_file() else "", boot,
+                                   os.path.ismount(boot))
+        return cls(layout, booted, bootloader.read_grubenv(boot / "grub/grubenv"),
+                   entries, boot, unmounted, problem)
+
+    def need_boot(self) -> None:
+        """Refuse (a verb that writes /boot) when /boot is not mounted: the write would land
+        in the root's directory, and GRUB would never see it."""
+        if self.unmounted:
+            die(self.unmounted, hint=f"mount {self.boot}, then run this again")
+
+    def need_menu(self) -> None:
+        """Refuse (a planner that removes what the menu does not name) unless /boot is
+        mounted and its menu reads as imgbase wrote it."""
+        self.need_boot()
+        if self.menu_problem:
+            die(f"cannot read the boot menu: {self.menu_problem}",
+                hint="nothing was removed; imgbase check and imgbase boot show the menu; "
+                     "repair it (imgbase kargs, boot --set-default), then run this again")
+
+    @property
+    def default(self) -> str | None:
+        return self.env.get("saved_entry") or None
+
+    @property
+    def booted_base(self) -> str | None:
+        lv = self.layout.get(self.booted) if self.booted else None
+        return lv.origin if lv else None
