@@ -249,10 +249,11 @@ def cmd_layer(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from . import config
     from .node import check
 
-    limits = check.load_limits(pool_data_max=args.pool_data_max,
-                               pool_metadata_max=args.pool_metadata_max)
+    limits = check.limits(config.load().check, pool_data_max=args.pool_data_max,
+                          pool_metadata_max=args.pool_metadata_max)
     results = check.run_checks(check.gather(limits))
     print(json.dumps(check.report(results), indent=2) if args.json else check.render(results))
     return 0 if all(r.ok for r in results) else 1
@@ -323,10 +324,11 @@ def cmd_kargs(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    from .config import load as load_settings
     from .node import boot, health
     from .node.facts import NodeFacts
 
-    config = health.load_config()
+    config = load_settings().health
     results = health.run_checks(config)
     facts = NodeFacts.gather()
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -359,11 +361,12 @@ def cmd_health(args: argparse.Namespace) -> int:
 def _gc_after_good_boot(boot_id: str, when: float) -> None:
     """A new layer has proved itself: collect old images, as [gc] says. A failure here is
     reported (and left to `imgbase recover`), never turned into a red health result."""
+    from .config import load as load_settings
     from .node import gc, health
     from .node.facts import NodeFacts
 
     try:
-        config = gc.load_config()
+        config = load_settings().gc
         if not config.after_good_boot:
             return
         plan = gc.plan_gc(NodeFacts.gather(), config.keep, health.read_history())
@@ -395,11 +398,12 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from .config import load as load_settings
     from .node import gc
     from .node.facts import NodeFacts
     from .node.health import read_history
 
-    keep = args.keep if args.keep is not None else gc.load_config().keep
+    keep = args.keep if args.keep is not None else load_settings().gc.keep
     return _apply(gc.plan_gc(NodeFacts.gather(), keep, read_history()), args)
 
 

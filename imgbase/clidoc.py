@@ -279,7 +279,7 @@ COMPOSE_CACHE_DEFAULT = "/var/cache/imgbase"
 def files() -> list[tuple[str, str]]:
     """The files imgbase reads and writes, each path taken from the constant that holds it."""
     return [
-        (_path("node.check", "CONFIG"),
+        (_path("config", "CONFIG"),
          "settings: [check] pool_data_max and pool_metadata_max (percent), [gc] keep and "
          "after_good_boot, [health] timeout and required_units"),
         (_path("node.health", "HEALTH_D", "/{required,wanted}/"),

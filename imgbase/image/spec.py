@@ -13,13 +13,13 @@ import hashlib
 import os
 import re
 import stat
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import intree
 from ..errors import ImgbaseError, die
+from ..tomlconf import Source, Table
 from .kargs import check_arg
 from .naming import Nvr
 
@@ -33,88 +33,6 @@ MIRROR_RE = re.compile(r"(?:https?|file)://[^\s\[\]\"'`#]+")
 #: suite, distribution, architecture: one plain word (bookworm, 40, amd64, x86_64)
 WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 COMPRESSIONS = {"zstd": range(1, 23), "xz": range(0, 1), "gzip": range(1, 10), "lz4": range(0, 1)}
-
-
-# -- helpers: typed access to TOML tables with file:line in every error ----------
-
-class _Source:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            die(f"{path}: no such file", hint="check the path of the image or layer definition")
-        except (OSError, UnicodeDecodeError) as exc:
-            die(f"{path}: cannot read: {exc}")
-        try:
-            self.data = tomllib.loads(self.text)
-        except tomllib.TOMLDecodeError as exc:
-            m = re.search(r"line (\d+)", str(exc))
-            where = f"{path}:{m[1]}" if m else str(path)
-            die(f"{where}: TOML syntax error: {exc}", hint="see https://toml.io for the syntax")
-
-    def line_of(self, table: str, key: str | None = None) -> int:
-        """Best-effort line of ``key`` in ``[table]`` (or of the table header)."""
-        lines = self.text.splitlines()
-        start = 0
-        for i, line in enumerate(lines):
-            if re.match(rf"^\s*\[\s*{re.escape(table)}\s*\]", line):
-                start = i
-                break
-        if key is None:
-            return start + 1
-        pat = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
-        for i in range(start, len(lines)):
-            if pat.match(lines[i]):
-                return i + 1
-        return start + 1
-
-    def fail(self, table: str, key: str | None, message: str, hint: str | None = None) -> None:
-        die(f"{self.path}:{self.line_of(table, key)}: {message}", hint=hint)
-
-
-class _Table:
-    """One TOML table whose keys are consumed one by one; leftovers are errors."""
-
-    def __init__(self, src: _Source, name: str, data: Any, allowed: set[str]) -> None:
-        self.src, self.name = src, name
-        if not isinstance(data, dict):
-            src.fail(name, None, f"[{name}] must be a table")
-        self.data: dict[str, Any] = data
-        for key in data:
-            if key not in allowed:
-                src.fail(
-                    name, key, f"unknown key '{key}' in [{name}]",
-                    hint=f"allowed keys: {', '.join(sorted(allowed))}",
-                )
-
-    def get(self, key: str, typ: type, default: Any = None, *, required: bool = False) -> Any:
-        if key not in self.data:
-            if required:
-                self.src.fail(self.name, None, f"[{self.name}] needs '{key}'")
-            return default
-        value = self.data[key]
-        if typ is int and isinstance(value, bool) or not isinstance(value, typ):
-            self.src.fail(
-                self.name, key,
-                f"'{key}' must be {typ.__name__}, not {type(value).__name__}",
-            )
-        return value
-
-    def strings(self, key: str, pattern: re.Pattern[str] | None = None,
-                what: str = "name", hint: str | None = None) -> tuple[str, ...]:
-        values = self.get(key, list, [])
-        seen: set[str] = set()
-        for v in values:
-            if not isinstance(v, str):
-                self.src.fail(self.name, key, f"'{key}' must be a list of strings, found {v!r}")
-            if pattern and not pattern.fullmatch(v):  # $ alone takes a trailing newline
-                self.src.fail(self.name, key, f"'{key}': {v!r} is not a valid {what}",
-                              hint=hint)
-            if v in seen:
-                self.src.fail(self.name, key, f"'{key}': {v!r} is listed twice")
-            seen.add(v)
-        return tuple(values)
 
 
 # -- layers ---------------------------------------------------------------------
@@ -169,11 +87,11 @@ def tree_digest(root: Path) -> str:
 
 
 def load_layer(path: Path) -> LayerSpec:
-    src = _Source(path)
-    _Table(src, "", src.data, {"layer", "services"})  # rejects unknown top-level tables
+    src = Source(path)
+    Table(src, "", src.data, {"layer", "services"})  # rejects unknown top-level tables
     if "layer" not in src.data:
         die(f"{path}:1: a layer file needs a [layer] table", hint="see docs/layers.md")
-    t = _Table(src, "layer", src.data["layer"],
+    t = Table(src, "layer", src.data["layer"],
                {"name", "description", "packages", "imgbase_package", "kernel_args", "hooks"})
     name = t.get("name", str, required=True)
     if not LAYER_NAME_RE.fullmatch(name):
@@ -188,7 +106,7 @@ def load_layer(path: Path) -> LayerSpec:
     hooks = tuple(_hook(src, layer_dir, rel) for rel in t.strings("hooks"))
     services = Services()
     if "services" in src.data:
-        s = _Table(src, "services", src.data["services"], {"enable", "disable", "mask"})
+        s = Table(src, "services", src.data["services"], {"enable", "disable", "mask"})
         services = Services(
             s.strings("enable", UNIT_RE), s.strings("disable", UNIT_RE), s.strings("mask", UNIT_RE)
         )
@@ -215,7 +133,7 @@ def load_layer(path: Path) -> LayerSpec:
     )
 
 
-def _hook(src: _Source, layer_dir: Path, rel: str) -> Path:
+def _hook(src: Source, layer_dir: Path, rel: str) -> Path:
     """A hook: a regular file in the layer's directory, found there (a symlink may point
     within the directory, never out of it)."""
     try:
@@ -234,7 +152,7 @@ def _hook(src: _Source, layer_dir: Path, rel: str) -> Path:
     return hook
 
 
-def _files(src: _Source, layer_dir: Path) -> Path | None:
+def _files(src: Source, layer_dir: Path) -> Path | None:
     """The layer's files/ tree: a real directory of directories, regular files and
     symlinks (copied as links), or None."""
     files = layer_dir / "files"
@@ -302,13 +220,13 @@ class ImageSpec:
 def load_image(path: Path, layer_dir: Path | None = None,
                overrides: dict[str, Any] | None = None) -> ImageSpec:
     """Load an image definition and its layers (from ``layer_dir``, default ../layers)."""
-    src = _Source(path)
-    _Table(src, "", src.data, {"image"})
+    src = Source(path)
+    Table(src, "", src.data, {"image"})
     if "image" not in src.data:
         die(f"{path}:1: an image file needs an [image] table", hint="see images/node.toml")
     data = dict(src.data["image"])
     data.update(overrides or {})
-    t = _Table(src, "image", data, {
+    t = Table(src, "image", data, {
         "name", "version", "release", "distro", "suite", "architecture", "mirror",
         "security_mirror", "backend", "layers", "layer_dir", "source_date_epoch",
         "compression", "compression_level", "repos", "gpgkeys", "unsigned", "bootable",
@@ -374,7 +292,7 @@ def load_image(path: Path, layer_dir: Path | None = None,
     )
 
 
-def _word(src: _Source, t: _Table, key: str, default: str) -> str:
+def _word(src: Source, t: Table, key: str, default: str) -> str:
     value: str = t.get(key, str, default)
     if not WORD_RE.fullmatch(value):
         src.fail("image", key, f"{key} {value!r} is not one plain word",
@@ -382,7 +300,7 @@ def _word(src: _Source, t: _Table, key: str, default: str) -> str:
     return value
 
 
-def _mirror(src: _Source, t: _Table, key: str, default: str) -> str:
+def _mirror(src: Source, t: Table, key: str, default: str) -> str:
     value: str = t.get(key, str, default)
     if not MIRROR_RE.fullmatch(value):
         src.fail("image", key, f"{key} {value!r} is not one http, https or file URL",
@@ -391,7 +309,7 @@ def _mirror(src: _Source, t: _Table, key: str, default: str) -> str:
     return value
 
 
-def _repositories(src: _Source, t: _Table) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+def _repositories(src: Source, t: Table) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
     """repos, gpgkeys and unsigned: URLs, and either keys or an explicit unsigned = true."""
     repos, gpgkeys = (t.strings(k, REPO_URL_RE, "URL", hint="http, https, ftp or file URLs, "
                                 "e.g. file:///srv/repo or https://mirror/fedora/$releasever/")

@@ -39,10 +39,11 @@ import shutil
 import stat
 import struct
 import tempfile
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import CONFIG
+from ..config import load as config_load
 from ..errors import ImageRefused, InputError, die, refuse
 from ..plan import Step
 from ..run import run
@@ -50,7 +51,6 @@ from .kargs import check_args
 from .naming import Nvr
 
 TRUSTED = Path("/etc/imgbase/trusted.d")
-CONFIG = Path("/etc/imgbase/imgbase.toml")
 IMAGES = Path("/var/lib/imgbase/images")  # verified copies, root-only
 ACCEPTED = Path("/var/lib/imgbase/accepted.json")  # anti-rollback: newest NVR per product
 KEY_TAG = "imgbase:key:"  # on a base: the fingerprint of the key its image was signed with
@@ -137,29 +137,9 @@ def keyrings(trusted: Path = TRUSTED) -> list[Path]:
 
 # -- the node's policy: may an unsigned image be accepted at all? -------------------------
 
-def allow_insecure(path: Path = CONFIG) -> bool:
-    """[trust] allow_insecure = true|false in imgbase.toml (default false)."""
-    if not path.exists():
-        return False
-    try:
-        table = tomllib.loads(path.read_text()).get("trust", {})
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        die(f"{path}: {exc}", hint="fix the TOML syntax")
-    if not isinstance(table, dict):
-        die(f"{path}: trust is not a table", hint="[trust] then allow_insecure = false")
-    for key in table:
-        if key != "allow_insecure":
-            die(f"{path}: [trust] has no setting {key!r}", hint="known: allow_insecure")
-    value = table.get("allow_insecure", False)
-    if not isinstance(value, bool):
-        die(f"{path}: [trust] allow_insecure = {value!r} is not true or false",
-            hint="allow_insecure = false")
-    return value
-
-
 def check_insecure(insecure: bool, config: Path = CONFIG) -> None:
     """--insecure is honoured only where the node's config allows it."""
-    if insecure and not allow_insecure(config):
+    if insecure and not config_load(config).trust.allow_insecure:
         die(f"--insecure is not allowed on this node ({config} has no "
             "[trust] allow_insecure = true)",
             hint="sign the image (imgbase sign) and trust its key, or set allow_insecure")

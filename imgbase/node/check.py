@@ -19,28 +19,19 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..bootloader import ENTRIES, uses_bls
 from ..bootloader.grub import unrecognised
-from ..errors import ImgbaseError, die
+from ..config import CheckSettings
+from ..errors import ImgbaseError
 from ..image.naming import Layer, Nvr
 from ..run import run
 from ..storage import lvm
 from ..storage.layout import TAG_INCOMPLETE, NodeLayout, mountpoint_of
-
-CONFIG = Path("/etc/imgbase/imgbase.toml")
-@dataclass(frozen=True)
-class Limits:
-    pool_data_max: float = 80.0
-    pool_metadata_max: float = 80.0
-
-
-DEFAULT_LIMITS = asdict(Limits())
 
 
 @dataclass(frozen=True)
@@ -61,7 +52,7 @@ class CheckFacts:
     lv_devices: dict[str, str] = field(default_factory=dict)  # real device path -> LV name
     autoextend: tuple[int, int] | None = None  # (threshold, percent) of the pool's profile
     monitored: bool = False  # dmeventd watches the pool
-    limits: Limits = Limits()
+    limits: CheckSettings = CheckSettings()
 
 
 @dataclass(frozen=True)
@@ -244,24 +235,9 @@ def run_checks(f: CheckFacts) -> list[Result]:
 
 # -- gathering ------------------------------------------------------------------------
 
-def load_limits(path: Path = CONFIG, **overrides: float | None) -> Limits:
-    """Limits from the config file, then the command line."""
-    values: dict[str, Any] = dict(DEFAULT_LIMITS)
-    if path.exists():
-        try:
-            table = tomllib.loads(path.read_text()).get("check", {})
-        except tomllib.TOMLDecodeError as exc:
-            die(f"{path}: {exc}", hint="fix the TOML syntax")
-        for key, value in table.items():
-            if key not in DEFAULT_LIMITS:
-                die(f"{path}: [check] has no setting {key!r}",
-                    hint=f"known: {', '.join(DEFAULT_LIMITS)}")
-            if not isinstance(value, int | float) or not 0 < value <= 100:
-                die(f"{path}: [check] {key} = {value!r} is not a percentage",
-                    hint="give a number between 1 and 100")
-            values[key] = float(value)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return Limits(**values)
+def limits(settings: CheckSettings, **overrides: float | None) -> CheckSettings:
+    """The [check] limits of the settings file, then the command line's."""
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _mounts() -> dict[str, Mount]:
@@ -289,7 +265,7 @@ def _autoextend(layout: NodeLayout) -> tuple[tuple[int, int] | None, bool]:
     return setting, pool.monitored
 
 
-def gather(limits: Limits, boot: Path = Path("/boot")) -> CheckFacts:
+def gather(limits: CheckSettings, boot: Path = Path("/boot")) -> CheckFacts:
     from .facts import NodeFacts
 
     found = lvm.vg_free_with_tag(lvm.TAG_VG)

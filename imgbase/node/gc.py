@@ -16,48 +16,16 @@
 from __future__ import annotations
 
 import json
-import tomllib
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .. import bootloader
+from ..config import GcSettings
 from ..errors import die
 from ..image.naming import layer_key
 from ..plan import Plan, Step
 from .boot import plan_set_default
 from .facts import NodeFacts
 from .keep import TAG_PINNED, keep_set
-
-DEFAULT_KEEP = 2
-CONFIG = Path("/etc/imgbase/imgbase.toml")
-
-
-@dataclass(frozen=True)
-class GcConfig:
-    keep: int = DEFAULT_KEEP
-    after_good_boot: bool = True  # health --act collects once a new layer is marked good
-
-
-def load_config(path: Path = CONFIG) -> GcConfig:
-    """[gc] keep = N, after_good_boot = true|false."""
-    if not path.exists():
-        return GcConfig()
-    try:
-        table = tomllib.loads(path.read_text()).get("gc", {})
-    except tomllib.TOMLDecodeError as exc:
-        die(f"{path}: {exc}", hint="fix the TOML syntax")
-    for key in table:
-        if key not in ("keep", "after_good_boot"):
-            die(f"{path}: [gc] has no setting {key!r}", hint="known: keep, after_good_boot")
-    keep, auto = table.get("keep", DEFAULT_KEEP), table.get("after_good_boot", True)
-    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
-        die(f"{path}: [gc] keep = {keep!r} is not a number of images (1 or more)",
-            hint="e.g. keep = 2")
-    if not isinstance(auto, bool):
-        die(f"{path}: [gc] after_good_boot = {auto!r} is not true or false",
-            hint="after_good_boot = false")
-    return GcConfig(keep, auto)
 
 
 def rollback_target(f: NodeFacts, history: list[dict[str, Any]]) -> str:
@@ -117,7 +85,7 @@ def last_good(history: list[dict[str, Any]]) -> dict[str, float]:
     return found
 
 
-def plan_gc(f: NodeFacts, keep: int = DEFAULT_KEEP,
+def plan_gc(f: NodeFacts, keep: int = GcSettings.keep,
             history: list[dict[str, Any]] | None = None) -> Plan:
     if keep < 1:
         die(f"--keep {keep}: at least one image is kept", hint="give --keep 1 or more")

@@ -24,13 +24,13 @@ import json
 import os
 import subprocess
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InputError, die
+from ..config import HealthSettings
+from ..errors import InputError
 from ..plan import LOCK, locked
 
 if TYPE_CHECKING:
@@ -38,12 +38,8 @@ if TYPE_CHECKING:
 
 HEALTH_D = Path("/etc/imgbase/health.d")
 HISTORY = Path("/var/lib/imgbase/health.json")
-CONFIG = Path("/etc/imgbase/imgbase.toml")
 HISTORY_KEEP = 50
-DEFAULT_TIMEOUT = 60.0
 LOCK_WAIT = 120.0  # seconds health waits for another imgbase command to finish
-# Units whose failure makes a boot bad (the [health] required_units setting replaces them).
-REQUIRED_UNITS = ("local-fs.target", "systemd-journald.service", "libvirtd.service")
 
 
 @dataclass(frozen=True)
@@ -53,34 +49,6 @@ class CheckResult:
     ok: bool
     reason: str
     seconds: float
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    timeout: float = DEFAULT_TIMEOUT
-    required_units: tuple[str, ...] = REQUIRED_UNITS
-
-
-def load_config(path: Path = CONFIG) -> HealthConfig:
-    if not path.exists():
-        return HealthConfig()
-    try:
-        table = tomllib.loads(path.read_text()).get("health", {})
-    except tomllib.TOMLDecodeError as exc:
-        die(f"{path}: {exc}", hint="fix the TOML syntax")
-    known = {"timeout", "required_units"}
-    for key in table:
-        if key not in known:
-            die(f"{path}: [health] has no setting {key!r}", hint=f"known: {', '.join(known)}")
-    timeout = table.get("timeout", DEFAULT_TIMEOUT)
-    if not isinstance(timeout, int | float) or timeout <= 0:
-        die(f"{path}: [health] timeout = {timeout!r} is not a number of seconds",
-            hint="e.g. timeout = 60")
-    units = table.get("required_units", list(REQUIRED_UNITS))
-    if not isinstance(units, list) or not all(isinstance(u, str) for u in units):
-        die(f"{path}: [health] required_units must be a list of unit names",
-            hint='e.g. required_units = ["libvirtd.service"]')
-    return HealthConfig(float(timeout), tuple(units))
 
 
 def _last_line(text: str) -> str:
@@ -103,7 +71,7 @@ def run_command(name: str, tier: str, argv: list[str], timeout: float) -> CheckR
                        round(time.monotonic() - t0, 2))
 
 
-def builtin_checks(config: HealthConfig) -> list[tuple[str, str, list[str]]]:
+def builtin_checks(config: HealthSettings) -> list[tuple[str, str, list[str]]]:
     """(name, tier, argv) of the built-in checks."""
     units = " ".join(config.required_units)
     failed_units = (f'bad=""; for u in {units}; do systemctl is-failed --quiet "$u" && '
@@ -140,7 +108,7 @@ def directory_checks(root: Path = HEALTH_D) -> list[tuple[str, str, list[str]]]:
     return found
 
 
-def run_checks(config: HealthConfig, root: Path = HEALTH_D,
+def run_checks(config: HealthSettings, root: Path = HEALTH_D,
                runner: Callable[[str, str, list[str], float], CheckResult] = run_command
                ) -> list[CheckResult]:
     return [runner(name, tier, argv, config.timeout)

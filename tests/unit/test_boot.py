@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from imgbase import config
 from imgbase.bootloader import grub, grubenv
 from imgbase.errors import InputError
 from imgbase.image import kargs
@@ -128,10 +129,10 @@ def test_health_runs_directory_checks_with_a_timeout(tmp_path: Path) -> None:
 def test_health_config_is_validated(tmp_path: Path) -> None:
     conf = tmp_path / "imgbase.toml"
     conf.write_text('[health]\ntimeout = 5\nrequired_units = ["a.service"]\n')
-    assert health.load_config(conf) == health.HealthConfig(5.0, ("a.service",))
+    assert config.load(conf).health == config.HealthSettings(5.0, ("a.service",))
     conf.write_text("[health]\ntimeout = -1\n")
-    with pytest.raises(InputError, match="is not a number of seconds"):
-        health.load_config(conf)
+    with pytest.raises(InputError, match="imgbase.toml:2: .* is not a number of seconds"):
+        config.load(conf)
 
 
 def test_status_shows_trial_kargs_and_abandoned_layers() -> None:
@@ -205,15 +206,13 @@ def test_gc_keeps_the_images_last_found_healthy_over_newer_ones() -> None:
 
 
 def test_gc_config_is_validated(tmp_path: Path) -> None:
-    from imgbase.node import gc
-
     conf = tmp_path / "imgbase.toml"
     conf.write_text("[gc]\nkeep = 3\nafter_good_boot = false\n")
-    assert gc.load_config(conf) == gc.GcConfig(3, False)
+    assert config.load(conf).gc == config.GcSettings(3, False)
     for bad, message in (("keep = 0", "is not a number of images"),
                          ("keep = true", "is not a number of images"),
                          ("after_good_boot = 1", "is not true or false"),
-                         ("kep = 2", "has no setting 'kep'")):
+                         ("kep = 2", r"unknown key 'kep' in \[gc\]")):
         conf.write_text(f"[gc]\n{bad}\n")
         with pytest.raises(InputError, match=message):
-            gc.load_config(conf)
+            config.load(conf)

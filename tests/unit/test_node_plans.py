@@ -10,6 +10,7 @@ import pytest
 
 from imgbase import bootloader
 from imgbase.bootloader.grub import parse_entries
+from imgbase.config import CheckSettings, load
 from imgbase.errors import InputError
 from imgbase.node import check, layers, recover
 from imgbase.node.adopt import AdoptFacts, plan_adopt
@@ -192,8 +193,8 @@ def test_a_good_node_passes_every_check() -> None:
                                           VAR))}, "bases"),
     ({"layout": replace(GOOD.layout, lvs=(*GOOD.layout.lvs, lv("x", tags="imgbase:layer")))},
      "layers"),
-    ({"limits": check.Limits(pool_data_max=10)}, "pool-data"),
-    ({"limits": check.Limits(pool_metadata_max=4)}, "pool-metadata"),
+    ({"limits": CheckSettings(pool_data_max=10)}, "pool-data"),
+    ({"limits": CheckSettings(pool_metadata_max=4)}, "pool-metadata"),
     ({"autoextend": (100, 20)}, "autoextend"),
     ({"monitored": False}, "autoextend"),
     ({"mounts": {"/": GOOD.mounts["/"], "/var": check.Mount("tmpfs", ("rw",))}}, "var"),
@@ -211,11 +212,15 @@ def test_each_check_fails_on_its_fault(change: dict[str, object], fails: str) ->
 def test_limits_come_from_the_config_then_the_command_line(tmp_path: Path) -> None:
     conf = tmp_path / "imgbase.toml"
     conf.write_text("[check]\npool_data_max = 60\n")
-    assert check.load_limits(conf) == check.Limits(60.0, 80.0)
-    assert check.load_limits(conf, pool_data_max=70.0).pool_data_max == 70.0
+    assert load(conf).check == CheckSettings(60.0, 80.0)
+    assert check.limits(load(conf).check, pool_data_max=70.0) == CheckSettings(70.0, 80.0)
     conf.write_text("[check]\npool_data_mx = 60\n")
-    with pytest.raises(InputError, match="has no setting 'pool_data_mx'"):
-        check.load_limits(conf)
+    with pytest.raises(InputError,
+                       match=r"imgbase.toml:2: unknown key 'pool_data_mx' in \[check\]"):
+        load(conf)
+    conf.write_text("[chek]\npool_data_max = 60\n")
+    with pytest.raises(InputError, match=r"imgbase.toml:1: unknown key 'chek'"):
+        load(conf)
 
 
 def test_layer_add_stops_before_the_entries_when_the_layer_has_no_kernel(
