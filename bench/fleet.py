@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from imgbase.agent import fleet  # noqa: E402
 from imgbase.agent.core import Agent, NodeState  # noqa: E402
-from imgbase.node.agentconfig import AgentConfig  # noqa: E402
+from imgbase.node.agentconfig import AgentConfig, Join  # noqa: E402
 from tests.etcdcluster import EtcdCluster, etcd_cluster  # noqa: E402
 
 WORKERS, K = 10, 10
@@ -50,7 +50,7 @@ def parallel(agents: list[Agent], fn: object) -> float:
 
 
 def one_run(cluster: EtcdCluster, n: int, run: int) -> dict[str, float]:
-    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=f"bench{run}")
+    config = AgentConfig(Join(tuple(cluster.endpoints), group=f"bench{run}"))
     agents = [Agent(config, f"node-{i:04}", IdleNode(), cluster.client(timeout=10))
               for i in range(n)]
     register = parallel(agents, lambda a: a.register(a.node.state()))

@@ -481,38 +481,26 @@ def cmd_etc_merge(args: argparse.Namespace) -> int:
 
 def _fleet_etcd(args: argparse.Namespace) -> tuple[Etcd, str]:
     """An etcd client from --endpoints (TLS and user flags), or from this node's agent.toml."""
+    from dataclasses import replace
+
     from .agent.etcd import Etcd
     from .node import agentconfig as agent_config
 
     if args.endpoints:
-        endpoints = [e for e in args.endpoints.split(",") if e]
-        ca, cert, key = args.ca, args.cert, args.key
-        user, password_file = args.user, args.password_file
-        group = args.group or "default"
-        insecure = args.insecure_http
+        join = agent_config.Join(
+            tuple(e for e in args.endpoints.split(",") if e), args.group or "default",
+            ca=args.ca, cert=args.cert, key=args.key, user=args.user,
+            password_file=args.password_file, insecure_http=args.insecure_http)
     else:
         try:
             conf = agent_config.load()
         except ImgbaseError as exc:
             die(f"no --endpoints, and this machine has no agent config ({exc.message})",
                 hint="give --endpoints https://etcd:2379 (and --ca/--cert/--key for TLS)")
-        endpoints, ca, cert, key = list(conf.endpoints), conf.ca, conf.cert, conf.key
-        user, password_file = conf.user, conf.password_file
-        group = args.group or conf.group
-        insecure = conf.insecure_http
-    for e in endpoints:
-        agent_config.check_endpoint(e, "--endpoints", insecure)
-    agent_config.check_name(group, "group", "--group")
-    if bool(user) != bool(password_file):
-        die("--user and --password-file go together", hint="e.g. --user root "
-            "--password-file /root/etcd-root-password")
-    password = None
-    if password_file:
-        try:
-            password = Path(password_file).read_text().strip()
-        except OSError as exc:
-            die(f"{password_file}: {exc.strerror}", hint="the file with the etcd password")
-    return Etcd(endpoints, ca=ca, cert=cert, key=key, user=user, password=password), group
+        join = replace(conf.join, group=args.group or conf.group)
+    join.check("--endpoints", on_node=False)
+    return Etcd(list(join.endpoints), ca=join.ca, cert=join.cert, key=join.key, user=join.user,
+                password=join.password()), join.group
 
 
 def _password_file(path: str) -> str:

@@ -18,21 +18,21 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import die
 
 
 class Source:
-    """A TOML file read once; ``missing_ok``: a file that does not exist reads as empty
-    (a settings file nobody wrote)."""
+    """A TOML file read once (or its ``text``, already read); ``missing_ok``: a file that
+    does not exist reads as empty (a settings file nobody wrote)."""
 
     def __init__(self, path: Path, *, missing_ok: bool = False,
-                 missing_hint: str = "check the path of the image or layer definition"
-                 ) -> None:
+                 missing_hint: str = "check the path of the image or layer definition",
+                 text: str | None = None) -> None:
         self.path = path
         try:
-            self.text = path.read_text(encoding="utf-8")
+            self.text = path.read_text(encoding="utf-8") if text is None else text
         except FileNotFoundError:
             if not missing_ok:
                 die(f"{path}: no such file", hint=missing_hint)
@@ -62,7 +62,8 @@ class Source:
                 return i + 1
         return start + 1
 
-    def fail(self, table: str, key: str | None, message: str, hint: str | None = None) -> None:
+    def fail(self, table: str, key: str | None, message: str,
+             hint: str | None = None) -> NoReturn:
         die(f"{self.path}:{self.line_of(table, key)}: {message}", hint=hint)
 
 

@@ -24,9 +24,9 @@ BOOT_DIR = PROJECT_DIR / "boot"
 
 DEPENDS = [
     "python3 (>= 3.11)", "lvm2", "thin-provisioning-tools", "squashfs-tools", "rsync",
-    "e2fsprogs", "gdisk", "initramfs-tools", "gpgv",
+    "e2fsprogs", "gdisk", "initramfs-tools", "gpgv", "python3-requests", "python3-tomli-w",
 ]
-RECOMMENDS = ["python3-libvirt", "python3-dbus", "python3-etcd3gw", "python3-requests"]
+RECOMMENDS = ["python3-libvirt", "python3-dbus"]
 
 SCRIPT = """#!/usr/bin/python3
 from imgbase.{module} import main

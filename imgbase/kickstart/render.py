@@ -37,7 +37,7 @@ from ..compose.kickstart import (
     validate,
 )
 from ..errors import die
-from .site import Site
+from .site import KICKSTART_COMMENT, Site
 
 #: the node's volume group and thin pool in the explicit layout (as imgbase install makes)
 VG, POOL = "imgbase", "pool"
@@ -151,7 +151,7 @@ def render_install(template: Template, *, image: Path | None, url: str | None,
     context = {
         "imgbase_version": __version__, "image_name": image.name,
         "url": source, "checksum": checksum, "site": site, "nist": nist,
-        "agent_toml": site.cluster.agent_toml() if site.cluster else None,
+        "agent_toml": site.cluster.agent_toml(KICKSTART_COMMENT) if site.cluster else None,
         "vg": VG, "pool": POOL, "root_size": ROOT_SIZE_MIB, "volumes": volumes,
         "tagged_volumes": [v for v in volumes if v.mount != "/var"],
         "tag_volume": TAG_VOLUME, "mount_tag": MOUNT_TAG, "image_json_path": "/" + IMAGE_JSON,

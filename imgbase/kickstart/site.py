@@ -29,14 +29,14 @@ kickstart line or the ``%post`` shell unchecked::
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from ..compose.kickstart import check_url
 from ..errors import ImgbaseError, die
 from ..image.kargs import check_arg
+from ..node.agentconfig import Join
+from ..tomlconf import Source, Table
 
 WORD_RE = {  # what may stand on a kickstart command line unquoted
     "disk": re.compile(r"^[A-Za-z0-9/_.:+-]+$"),
@@ -48,44 +48,10 @@ SSH_KEY_RE = re.compile(r"^(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+
                         r"[A-Za-z0-9+/]+={0,3}( [^\n\r]*)?$")
 TOP_KEYS = ("image_url", "disk", "lang", "keyboard", "timezone", "kernel_args", "ssh_keys",
             "cluster")
+#: the first line of the agent.toml a kickstart's %post writes
+KICKSTART_COMMENT = "written by the imgbase kickstart's %post; see docs/agent.md"
 CLUSTER_KEYS = ("endpoints", "group", "ca", "cert", "key", "user", "password_file",
                 "insecure_http")
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """The agent's cluster, written to /etc/imgbase/agent.toml by the kickstart's %post."""
-
-    endpoints: tuple[str, ...]
-    group: str = "default"
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    user: str | None = None
-    password_file: str | None = None
-    insecure_http: bool = False
-
-    def agent_toml(self, where: str = "agent.toml") -> str:
-        """The file's text: every value checked by the agent's own parser (errors name
-        ``where``) and written by its TOML writer, which escapes every string.
-
-        >>> print(Cluster(("https://e1:2379",), "rack1", user="n1",
-        ...               password_file="/etc/imgbase/agent/etcd-password").agent_toml(),
-        ...       end="")
-        # written by the imgbase kickstart's %post; see docs/agent.md
-        [cluster]
-        endpoints = ["https://e1:2379"]
-        group = "rack1"
-        user = "n1"
-        password_file = "/etc/imgbase/agent/etcd-password"
-        """
-        from ..node import agentconfig as agent_config
-
-        return agent_config.render(
-            list(self.endpoints), self.group, ca=self.ca, cert=self.cert, key=self.key,
-            user=self.user, password_file=self.password_file,
-            insecure_http=self.insecure_http,
-            comment="written by the imgbase kickstart's %post; see docs/agent.md", where=where)
 
 
 @dataclass(frozen=True)
@@ -97,7 +63,7 @@ class Site:
     timezone: str = "Etc/UTC"
     kernel_args: tuple[str, ...] = ()
     ssh_keys: tuple[str, ...] = ()
-    cluster: Cluster | None = None
+    cluster: Join | None = None
 
     def override(self, *, endpoints: list[str] | None = None, group: str | None = None,
                  kernel_args: list[str] | None = None,
@@ -115,10 +81,10 @@ class Site:
             if endpoints is None and site.cluster is None:
                 die("--group names the agent's update group, but no cluster is given",
                     hint="add --endpoint URL (or [cluster] endpoints in the site file)")
-            base = site.cluster or Cluster(())
+            base = site.cluster or Join(())
             cluster = replace(base, endpoints=base.endpoints if endpoints is None
                               else tuple(endpoints), group=group or base.group)
-            cluster.agent_toml("--endpoint/--group")
+            cluster.agent_toml(KICKSTART_COMMENT, "--endpoint/--group")
             site = replace(site, cluster=cluster)
         return site
 
@@ -150,77 +116,52 @@ def ssh_keys_of(value: str, where: str) -> list[str]:
     return [line.strip() for line in lines]
 
 
-def _word(data: dict[str, Any], key: str, path: Path) -> str | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not WORD_RE[key].match(value):
-        die(f"{path}: {key} = {value!r} cannot stand on a kickstart line",
-            hint=f"a single word matching {WORD_RE[key].pattern}")
+def _word(src: Source, t: Table, key: str) -> str | None:
+    value: str | None = t.get(key, str)
+    if value is not None and not WORD_RE[key].match(value):
+        src.fail("", key, f"{key} = {value!r} cannot stand on a kickstart line",
+                 hint=f"a single word matching {WORD_RE[key].pattern}")
     return value
 
 
-def _strings(data: dict[str, Any], key: str, path: Path) -> list[str]:
-    value = data.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        die(f"{path}: {key} must be a list of strings", hint=f'{key} = ["..."]')
+def _strings(t: Table, key: str) -> tuple[str, ...]:
+    return t.strings(key, what="string")
+
+
+def _node_path(src: Source, t: Table, key: str) -> str | None:
+    value: str | None = t.get(key, str)
+    if value is not None and (not value.startswith("/") or re.search(r"[\s'\"\\$`]", value)):
+        src.fail("cluster", key, f"cluster.{key} = {value!r} is not an absolute path on the "
+                 "node", hint="TLS material is referenced by path (e.g. "
+                 "/etc/imgbase/agent/ca.pem) and put on the node separately; the kickstart "
+                 "carries no secrets")
     return value
 
 
 def parse_site(text: str, path: Path) -> Site:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        die(f"{path}: TOML syntax error: {exc}", hint="see https://toml.io for the syntax")
-    for key in data:
-        if key not in TOP_KEYS:
-            die(f"{path}: unknown key {key!r}", hint=f"known keys: {', '.join(TOP_KEYS)}")
+    src = Source(path, text=text)
+    top = Table(src, "", src.data, set(TOP_KEYS))
     cluster = None
-    if "cluster" in data:
-        table = data["cluster"]
-        if not isinstance(table, dict):
-            die(f"{path}: cluster must be a table", hint="[cluster] with endpoints = [...]")
-        for key in table:
-            if key not in CLUSTER_KEYS:
-                die(f"{path}: unknown key 'cluster.{key}'",
-                    hint=f"known keys of [cluster]: {', '.join(CLUSTER_KEYS)}")
-        endpoints = _strings(table, "endpoints", path)
-        tls: dict[str, str] = {}
-        for key in ("ca", "cert", "key", "password_file"):
-            value = table.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, str) or not value.startswith("/") \
-                    or re.search(r"[\s'\"\\$`]", value):
-                die(f"{path}: cluster.{key} = {value!r} is not an absolute path on the node",
-                    hint="TLS material is referenced by path (e.g. /etc/imgbase/agent/ca.pem) "
-                    "and put on the node separately; the kickstart carries no secrets")
-            tls[key] = value
-        group = table.get("group", "default")
-        if not isinstance(group, str):
-            die(f"{path}: cluster.group must be a string", hint='group = "rack1"')
-        user, insecure = table.get("user"), table.get("insecure_http", False)
-        if user is not None and not isinstance(user, str):
-            die(f"{path}: cluster.user must be a string", hint='user = "node7"')
-        if not isinstance(insecure, bool):
-            die(f"{path}: cluster.insecure_http must be true or false", hint="false")
-        cluster = Cluster(tuple(endpoints), group, **tls, user=user, insecure_http=insecure)
-        cluster.agent_toml(str(path))
-    image_url = data.get("image_url")
+    if "cluster" in src.data:
+        t = Table(src, "cluster", src.data["cluster"], set(CLUSTER_KEYS))
+        cluster = Join(_strings(t, "endpoints"), t.get("group", str, "default"),
+                       ca=_node_path(src, t, "ca"), cert=_node_path(src, t, "cert"),
+                       key=_node_path(src, t, "key"), user=t.get("user", str),
+                       password_file=_node_path(src, t, "password_file"),
+                       insecure_http=t.get("insecure_http", bool, False))
+        cluster.agent_toml(KICKSTART_COMMENT, str(path))
+    image_url = top.get("image_url", str)
     if image_url is not None:
-        if not isinstance(image_url, str):
-            die(f"{path}: image_url must be a string", hint='image_url = "http://..."')
         check_url(image_url, f"{path}: image_url")
     return Site(
         image_url=image_url,
-        disk=_word(data, "disk", path),
-        lang=_word(data, "lang", path) or Site.lang,
-        keyboard=_word(data, "keyboard", path) or Site.keyboard,
-        timezone=_word(data, "timezone", path) or Site.timezone,
+        disk=_word(src, top, "disk"),
+        lang=_word(src, top, "lang") or Site.lang,
+        keyboard=_word(src, top, "keyboard") or Site.keyboard,
+        timezone=_word(src, top, "timezone") or Site.timezone,
         kernel_args=tuple(check_karg(a, f"{path}: kernel_args")
-                          for a in _strings(data, "kernel_args", path)),
-        ssh_keys=tuple(k for v in _strings(data, "ssh_keys", path)
-                       for k in _ssh_key_line(v, path)),
+                          for a in _strings(top, "kernel_args")),
+        ssh_keys=tuple(k for v in _strings(top, "ssh_keys") for k in _ssh_key_line(v, path)),
         cluster=cluster,
     )
 

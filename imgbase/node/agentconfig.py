@@ -43,13 +43,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import tomli_w
+
 from ..errors import die
+from ..tomlconf import Source, Table
 
 CONFIG = Path("/etc/imgbase/agent.toml")
 CMDLINE = Path("/proc/cmdline")
@@ -61,20 +63,38 @@ FILES = ("ca", "cert", "key", "password_file")
 
 
 @dataclass(frozen=True)
-class AgentConfig:
+class Join:
+    """Where a node's cluster is and how the node logs in: the one shape of the cluster join,
+    whether it comes from agent.toml's ``[cluster]``, ``imgbase install --join``, a kickstart
+    site's ``[cluster]`` or the flags of ``imgbase fleet``. TLS files and the password are
+    paths (on the node, except for ``fleet``'s own)."""
+
     endpoints: tuple[str, ...]
     group: str = "default"
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
-    ttl: int = 30
-    backoff_max: float = 60.0
-    domains: str = "wait"
-    migrate_hook: str | None = None
-    fleetlock: str | None = None
     user: str | None = None
     password_file: str | None = None
     insecure_http: bool = False
+
+    def check(self, where: str, files_exist: bool = False, on_node: bool = True) -> Join:
+        """Every value checked (errors name ``where``); returns itself. ``on_node``: the
+        files are paths on the node, absolute (not so for an admin's ``imgbase fleet``)."""
+        for e in self.endpoints:
+            check_endpoint(e, where, self.insecure_http)
+        check_name(self.group, "group", where)
+        for k in FILES:
+            if on_node:
+                _file(getattr(self, k), k, where, files_exist)
+        if bool(self.cert) != bool(self.key):
+            die(f"{where}: [cluster] cert and key go together", hint="give both, or neither")
+        if self.user is not None:
+            check_name(self.user, "user", where)
+        if bool(self.user) != bool(self.password_file):
+            die(f"{where}: [cluster] user and password_file go together",
+                hint="give both (imgbase fleet add-node makes them), or neither")
+        return self
 
     def password(self) -> str | None:
         """The etcd password, read from its file (None: no user)."""
@@ -85,6 +105,74 @@ class AgentConfig:
         except OSError as exc:
             die(f"password_file {self.password_file}: {exc.strerror}",
                 hint="imgbase fleet add-node wrote it; install --join puts it on the node")
+
+    def table(self) -> dict[str, Any]:
+        """agent.toml's ``[cluster]`` table: the values set, nothing empty."""
+        table: dict[str, Any] = {"endpoints": list(self.endpoints), "group": self.group}
+        for k in (*FILES[:3], "user", "password_file"):
+            if getattr(self, k):
+                table[k] = getattr(self, k)
+        if self.insecure_http:
+            table["insecure_http"] = True
+        return table
+
+    def agent_toml(self, comment: str = "written by imgbase install --join; see docs/agent.md",
+                   where: str = "agent.toml") -> str:
+        """The file install --join and a kickstart's %post write: checked, written by a
+        TOML library, and read back to the same join before it is returned."""
+        self.check(where)
+        text = f"# {comment}\n" + tomli_w.dumps({"cluster": self.table()})
+        if parse(text, Path(where)).join != self:  # the writer and the reader disagree
+            raise AssertionError(f"agent.toml does not read back as {self}")
+        return text
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """agent.toml: the cluster join and the agent's own settings (``[agent]``)."""
+
+    join: Join
+    ttl: int = 30
+    backoff_max: float = 60.0
+    domains: str = "wait"
+    migrate_hook: str | None = None
+    fleetlock: str | None = None
+
+    # the join's values, read as the agent's
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return self.join.endpoints
+
+    @property
+    def group(self) -> str:
+        return self.join.group
+
+    @property
+    def ca(self) -> str | None:
+        return self.join.ca
+
+    @property
+    def cert(self) -> str | None:
+        return self.join.cert
+
+    @property
+    def key(self) -> str | None:
+        return self.join.key
+
+    @property
+    def user(self) -> str | None:
+        return self.join.user
+
+    @property
+    def password_file(self) -> str | None:
+        return self.join.password_file
+
+    @property
+    def insecure_http(self) -> bool:
+        return self.join.insecure_http
+
+    def password(self) -> str | None:
+        return self.join.password()
 
 
 def node_id_from(machine_id: str) -> str:
@@ -110,15 +198,6 @@ def cmdline_overrides(cmdline: str) -> dict[str, Any]:
         elif name == "imgbase.agent.group" and value:
             found["group"] = value
     return found
-
-
-def _str(table: dict[str, Any], key: str, path: Path, section: str) -> str | None:
-    value = table.get(key)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        die(f"{path}: [{section}] {key} = {value!r} is not a string", hint=f'{key} = "..."')
-    return value
 
 
 def check_name(value: object, what: str, where: str) -> str:
@@ -164,6 +243,11 @@ def _file(value: str | None, key: str, where: str, must_exist: bool) -> str | No
     return value
 
 
+def _opt_str(src: Source, t: Table, key: str) -> str | None:
+    value = t.get(key, str)
+    return value or None
+
+
 def parse(text: str, path: Path, cmdline: str = "", files_exist: bool = False) -> AgentConfig:
     """Validate the file's text (plus command-line overrides) into an AgentConfig.
 
@@ -171,31 +255,22 @@ def parse(text: str, path: Path, cmdline: str = "", files_exist: bool = False) -
     exist, and an https cluster names the node's etcd user. Not when the file is written
     for another root (``install --join`` asks for the user itself; a kickstart's site
     file may leave it to be added on the node)."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        die(f"{path}: {exc}", hint="fix the TOML syntax")
-    known = {"cluster": {"endpoints", "group", *FILES, "user", "insecure_http"},
-             "agent": {"ttl", "backoff_max", "domains", "migrate_hook", "fleetlock"}}
-    for section, table in doc.items():
-        if section not in known or not isinstance(table, dict):
-            die(f"{path}: unknown section [{section}]", hint="known: [cluster], [agent]")
-        for key in table:
-            if key not in known[section]:
-                die(f"{path}: [{section}] has no setting {key!r}",
-                    hint=f"known: {', '.join(sorted(known[section]))}")
-    cluster, agent = doc.get("cluster", {}), doc.get("agent", {})
-    insecure = cluster.get("insecure_http", False)
-    if not isinstance(insecure, bool):
-        die(f"{path}: [cluster] insecure_http = {insecure!r} is not true or false",
-            hint="insecure_http = false")
-    endpoints = cluster.get("endpoints", [])
+    src = Source(path, text=text)
+    Table(src, "", src.data, {"cluster", "agent"})
+    cluster = Table(src, "cluster", src.data.get("cluster", {}),
+                    {"endpoints", "group", *FILES, "user", "insecure_http"})
+    agent = Table(src, "agent", src.data.get("agent", {}),
+                  {"ttl", "backoff_max", "domains", "migrate_hook", "fleetlock"})
+    where = str(path)
+    insecure = cluster.get("insecure_http", bool, False)
+    endpoints = cluster.data.get("endpoints", [])
     if isinstance(endpoints, str):
         endpoints = [endpoints]
     if not isinstance(endpoints, list):
-        die(f"{path}: [cluster] endpoints is not a list", hint='endpoints = ["https://..."]')
+        src.fail("cluster", "endpoints", "[cluster] endpoints is not a list",
+                 hint='endpoints = ["https://..."]')
     for e in endpoints:
-        check_endpoint(e, str(path), insecure)
+        check_endpoint(e, f"{path}:{src.line_of('cluster', 'endpoints')}", insecure)
     over = cmdline_overrides(cmdline)
     for e in over.get("endpoints", []):  # never a downgrade: https only from the cmdline
         check_endpoint(e, "the kernel command line", False)
@@ -204,43 +279,35 @@ def parse(text: str, path: Path, cmdline: str = "", files_exist: bool = False) -
         die(f"{path}: no [cluster] endpoints, and none on the kernel command line",
             hint='endpoints = ["https://etcd.example.org:2379"], or '
             "imgbase.agent.endpoints=... on the kernel command line")
-    group = check_name(over.get("group", cluster.get("group", "default")), "group",
-                       str(path))
-    ttl = agent.get("ttl", 30)
-    if not isinstance(ttl, int) or isinstance(ttl, bool) or not 5 <= ttl <= 3600:
-        die(f"{path}: [agent] ttl = {ttl!r} is not 5 to 3600 seconds", hint="ttl = 30")
-    backoff = agent.get("backoff_max", 60)
-    if not isinstance(backoff, int | float) or isinstance(backoff, bool) or backoff <= 0:
-        die(f"{path}: [agent] backoff_max = {backoff!r} is not a number of seconds",
-            hint="backoff_max = 60")
-    domains = agent.get("domains", "wait")
-    if domains not in DOMAIN_POLICIES:
-        die(f"{path}: [agent] domains = {domains!r} is not a policy",
-            hint=f"one of: {', '.join(DOMAIN_POLICIES)}")
-    ca, cert, key, password_file = (
-        _file(_str(cluster, k, path, "cluster"), k, str(path), files_exist) for k in FILES)
-    if bool(cert) != bool(key):
-        die(f"{path}: [cluster] cert and key go together", hint="give both, or neither")
-    user = _str(cluster, "user", path, "cluster")
-    if user is not None:
-        check_name(user, "user", str(path))
-    if bool(user) != bool(password_file):
-        die(f"{path}: [cluster] user and password_file go together",
-            hint="give both (imgbase fleet add-node makes them), or neither")
-    if files_exist and not insecure and not user:  # the agent's check, at its start
+    join = Join(tuple(endpoints), over.get("group", cluster.get("group", str, "default")),
+                ca=_opt_str(src, cluster, "ca"), cert=_opt_str(src, cluster, "cert"),
+                key=_opt_str(src, cluster, "key"), user=_opt_str(src, cluster, "user"),
+                password_file=_opt_str(src, cluster, "password_file"),
+                insecure_http=insecure).check(where, files_exist)
+    if files_exist and not insecure and not join.user:  # the agent's check, at its start
         die(f"{path}: [cluster] has no user: the cluster's etcd has auth on",
             hint='user = "NODE" and password_file = "/etc/imgbase/agent/etcd-password"; '
             "no auth only with insecure_http = true")
-    hook = _file(_str(agent, "migrate_hook", path, "agent"), "migrate_hook", str(path),
-                 files_exist)
+    ttl = agent.get("ttl", int, 30)
+    if not 5 <= ttl <= 3600:
+        src.fail("agent", "ttl", f"[agent] ttl = {ttl!r} is not 5 to 3600 seconds",
+                 hint="ttl = 30")
+    backoff = agent.data.get("backoff_max", 60)
+    if not isinstance(backoff, int | float) or isinstance(backoff, bool) or backoff <= 0:
+        src.fail("agent", "backoff_max", f"[agent] backoff_max = {backoff!r} is not a "
+                 "number of seconds", hint="backoff_max = 60")
+    domains = agent.get("domains", str, "wait")
+    if domains not in DOMAIN_POLICIES:
+        src.fail("agent", "domains", f"[agent] domains = {domains!r} is not a policy",
+                 hint=f"one of: {', '.join(DOMAIN_POLICIES)}")
+    hook = _file(_opt_str(src, agent, "migrate_hook"), "migrate_hook", where, files_exist)
     if domains == "migrate" and not hook:
-        die(f"{path}: [agent] domains = \"migrate\" needs a migrate_hook",
-            hint='migrate_hook = "/etc/imgbase/agent/migrate"')
-    fleetlock = _str(agent, "fleetlock", path, "agent")
+        src.fail("agent", "domains", "[agent] domains = \"migrate\" needs a migrate_hook",
+                 hint='migrate_hook = "/etc/imgbase/agent/migrate"')
+    fleetlock = _opt_str(src, agent, "fleetlock")
     if fleetlock is not None:
         check_endpoint(fleetlock, f"{path}: [agent] fleetlock", insecure)
-    return AgentConfig(tuple(endpoints), group, ca, cert, key, ttl, float(backoff), domains,
-                       hook, fleetlock, user, password_file, insecure)
+    return AgentConfig(join, ttl, float(backoff), domains, hook, fleetlock)
 
 
 def load(path: Path | None = None, cmdline: Path | None = None) -> AgentConfig:
@@ -256,73 +323,3 @@ def load(path: Path | None = None, cmdline: Path | None = None) -> AgentConfig:
 def node_id_of(config: AgentConfig, machine_id: Path = MACHINE_ID) -> str:
     """The node's id: its etcd user (etcd checks it), else one made from the machine-id."""
     return config.user if config.user else node_id(machine_id)
-
-
-def toml_string(value: str) -> str:
-    r"""A TOML basic string: quotes, backslashes and every control character escaped.
-
-    >>> print(toml_string('g"\nmigrate_hook = "/x\\y\x7f'))
-    "g\"\nmigrate_hook = \"/x\\y\u007F"
-    >>> import tomllib; s = 'a"\\\n\t\x00\x1f\x7fé'
-    >>> tomllib.loads(f"k = {toml_string(s)}")["k"] == s
-    True
-    """
-    short = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
-             "\f": "\\f", "\r": "\\r"}
-    out = []
-    for c in value:
-        if c in short:
-            out.append(short[c])
-        elif ord(c) < 0x20 or ord(c) == 0x7F:
-            out.append(f"\\u{ord(c):04X}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
-def dump(tables: dict[str, dict[str, str | bool | list[str]]], comment: str = "") -> str:
-    """TOML for tables of strings, booleans and lists of strings (every string escaped).
-
-    >>> print(dump({"cluster": {"endpoints": ["https://e:2379"], "insecure_http": False}}))
-    [cluster]
-    endpoints = ["https://e:2379"]
-    insecure_http = false
-    <BLANKLINE>
-    """
-    def value(v: str | bool | list[str]) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, list):
-            return "[" + ", ".join(toml_string(x) for x in v) + "]"
-        return toml_string(v)
-
-    lines = [f"# {comment}"] if comment else []
-    for name, table in tables.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
-
-
-def render(endpoints: list[str], group: str = "default", ca: str | None = None,
-           cert: str | None = None, key: str | None = None, user: str | None = None,
-           password_file: str | None = None, insecure_http: bool = False,
-           comment: str = "written by imgbase install --join; see docs/agent.md",
-           where: str = "agent.toml") -> str:
-    """The file `imgbase install --join` (and the kickstart) writes: every value checked
-    by the agent's own parser, the text written by :func:`dump`, and read back to the same
-    values before it is returned."""
-    cluster: dict[str, str | bool | list[str]] = {"endpoints": list(endpoints), "group": group}
-    for k, v in (("ca", ca), ("cert", cert), ("key", key), ("user", user),
-                 ("password_file", password_file)):
-        if v:
-            cluster[k] = v
-    if insecure_http:
-        cluster["insecure_http"] = True
-    text = dump({"cluster": cluster}, comment)
-    parsed = parse(text, Path(where))
-    want = AgentConfig(tuple(endpoints), group, ca or None, cert or None, key or None,
-                       user=user or None, password_file=password_file or None,
-                       insecure_http=insecure_http)
-    if parsed != want:  # the writer and the reader disagree: never write it
-        raise AssertionError(f"agent.toml does not read back: {parsed} != {want}")
-    return text

@@ -99,7 +99,7 @@ def join_config(endpoints: str, group: str, ca: str | None, cert: str | None,
                 key: str | None, *, user: str | None = None, password_file: str | None = None,
                 insecure_http: bool = False) -> JoinConfig:
     """Check --join, its TLS files and the etcd password file, before anything is written:
-    every value is checked by the agent's parser and written by its TOML writer."""
+    every value is checked by the agent's parser and written by a TOML library (Join)."""
     from . import agentconfig as agent_config
 
     if not insecure_http and not (user and password_file):
@@ -121,11 +121,11 @@ def join_config(endpoints: str, group: str, ca: str | None, cert: str | None,
     def on_node(name: str) -> str | None:
         return f"{AGENT_DIR}/{name}" if name in given else None
 
-    text = agent_config.render([e for e in endpoints.split(",") if e], group,
-                               ca=on_node("ca.pem"), cert=on_node("node.pem"),
-                               key=on_node("node-key.pem"), user=user,
-                               password_file=on_node("etcd-password"),
-                               insecure_http=insecure_http, where="--join")
+    text = agent_config.Join(
+        tuple(e for e in endpoints.split(",") if e), group, ca=on_node("ca.pem"),
+        cert=on_node("node.pem"), key=on_node("node-key.pem"), user=user,
+        password_file=on_node("etcd-password"), insecure_http=insecure_http
+    ).agent_toml(where="--join")
     return JoinConfig(text, tuple(files))
 
 

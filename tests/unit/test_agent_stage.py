@@ -16,7 +16,7 @@ from imgbase.agent import fleet
 from imgbase.agent.core import STAGE_RETRY, Agent, StageRefused
 from imgbase.agent.host import HostNode
 from imgbase.errors import ImgbaseError
-from imgbase.node.agentconfig import AgentConfig
+from imgbase.node.agentconfig import AgentConfig, Join
 from tests.etcdcluster import EtcdCluster, etcd_cluster
 from tests.unit.test_fleet import SimNode, group
 
@@ -72,7 +72,7 @@ def test_a_refused_image_is_not_staged_again(cluster: EtcdCluster) -> None:
     node = FailingStage("n-1.0-1", StageRefused("imgbase update refused it: not signed"))
     with cluster.client() as admin, cluster.client() as client:
         fleet.set_image(admin, g, "n-2.0-1", "https://h/n-2.0-1.squashfs", 1)
-        agent = Agent(AgentConfig(tuple(cluster.endpoints), g, insecure_http=True), "a",
+        agent = Agent(AgentConfig(Join(tuple(cluster.endpoints), g, insecure_http=True)), "a",
                       node, client)
         agent.tick(0.0, roll=False)
         actions = [agent.tick(t * 60.0) for t in range(1, 200, 7)]  # hours of passes
@@ -89,7 +89,7 @@ def test_a_failed_download_is_retried_later_not_every_pass(cluster: EtcdCluster)
     node = FailingStage("n-1.0-1", ImgbaseError("imgbase update failed: connection reset"))
     with cluster.client() as admin, cluster.client() as client:
         fleet.set_image(admin, g, "n-2.0-1", "https://h/n-2.0-1.squashfs", 1)
-        agent = Agent(AgentConfig(tuple(cluster.endpoints), g, insecure_http=True), "b",
+        agent = Agent(AgentConfig(Join(tuple(cluster.endpoints), g, insecure_http=True)), "b",
                       node, client)
         agent.tick(0.0, roll=False)
         times = [t * 10.0 for t in range(1, 90)]  # a pass every 10 s for 15 min

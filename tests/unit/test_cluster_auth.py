@@ -14,7 +14,7 @@ from imgbase.agent import fleet
 from imgbase.agent.core import Agent
 from imgbase.agent.etcd import Etcd, EtcdError
 from imgbase.errors import ImgbaseError
-from imgbase.node.agentconfig import AgentConfig
+from imgbase.node.agentconfig import AgentConfig, Join
 from tests.etcdcluster import AuthCluster, auth_cluster
 from tests.unit.test_fleet import SimNode
 
@@ -56,7 +56,7 @@ def test_a_node_registers_heartbeats_and_takes_and_gives_back_its_slot(
 
 
 def test_an_agent_runs_on_its_own_etcd_user(cluster: AuthCluster) -> None:
-    config = AgentConfig(endpoints=tuple(cluster.cluster.endpoints), group=G, ttl=10)
+    config = AgentConfig(Join(tuple(cluster.cluster.endpoints), group=G), ttl=10)
     sim = SimNode("n-1.0-1")
     with cluster.node("node-a") as a, cluster.admin() as admin:
         agent = Agent(config, "node-a", sim, a)

@@ -21,7 +21,7 @@ from imgbase.agent import core, fleet
 from imgbase.agent.core import Agent, LeaseKeeper, NodeState
 from imgbase.agent.etcd import Etcd
 from imgbase.errors import ImgbaseError
-from imgbase.node.agentconfig import AgentConfig
+from imgbase.node.agentconfig import AgentConfig, Join
 from tests.etcdcluster import EtcdCluster, etcd_cluster, max_holders_in_history
 
 
@@ -191,7 +191,7 @@ def run_fleet(cluster: EtcdCluster, nodes: dict[str, SimNode], g: str, config: A
 
 def test_a_rolling_update_keeps_to_max_unavailable(cluster: EtcdCluster) -> None:
     g = group()
-    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g)
+    config = AgentConfig(Join(tuple(cluster.endpoints), group=g))
     nodes = {f"node-{i}": SimNode("n-1.0-1") for i in range(8)}
     nodes["node-3"].domains = 1  # waits until its domain is gone (policy: wait)
     with cluster.client() as admin:
@@ -240,7 +240,7 @@ def test_the_record_outlives_a_pass_longer_than_the_lease(cluster: EtcdCluster) 
     """Staging for twice the TTL in one pass: the keeper renews the lease meanwhile, so
     the node never looks dead; without it the record is gone (the control)."""
     g = group()
-    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g, ttl=5)
+    config = AgentConfig(Join(tuple(cluster.endpoints), group=g), ttl=5)
     with cluster.client() as admin:
         fleet.set_image(admin, g, "n-2.0-1", "https://127.0.0.1/n-2.0-1.squashfs", 1)
         for keeper_runs in (True, False):
@@ -281,7 +281,7 @@ def test_a_node_whose_clock_is_a_day_off_keeps_its_record_and_updates(
     for module in (core, fleet):  # the node's code only: not other threads'
         monkeypatch.setattr(module, "time", skewed)
     g = group()
-    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g, ttl=5)
+    config = AgentConfig(Join(tuple(cluster.endpoints), group=g), ttl=5)
     with cluster.client() as admin, cluster.client() as client:
         node = SimNode("n-1.0-1")
         agent = Agent(config, "skewed", node, client)
@@ -301,7 +301,7 @@ def test_a_node_whose_clock_is_a_day_off_keeps_its_record_and_updates(
 def test_a_renewal_that_comes_too_late_registers_again(cluster: EtcdCluster) -> None:
     """The agent's own clock ran slow (the node stalled): the lease expired before it
     renewed. The next pass finds the lease gone and registers again, with a new lease."""
-    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=group(), ttl=5)
+    config = AgentConfig(Join(tuple(cluster.endpoints), group=group()), ttl=5)
     with cluster.client() as admin, cluster.client() as client:
         agent = Agent(config, "stalled", SimNode("n-1.0-1"), client)
         agent.tick(roll=False)
@@ -317,7 +317,7 @@ def test_a_renewal_that_comes_too_late_registers_again(cluster: EtcdCluster) -> 
 
 def test_a_node_that_falls_back_pauses_the_rollout(cluster: EtcdCluster) -> None:
     g = group()
-    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g)
+    config = AgentConfig(Join(tuple(cluster.endpoints), group=g))
     nodes = {f"node-{i}": SimNode("n-1.0-1", bad="n-3.0-1") for i in range(4)}
     with cluster.client() as admin:
         fleet.set_image(admin, g, "n-3.0-1", "https://127.0.0.1/n-3.0-1.squashfs", 1)
@@ -334,7 +334,7 @@ def test_a_fall_back_pauses_the_rollout_though_the_slot_ran_out(cluster: EtcdClu
     back on its old image must still report the fall-back (once, and not again from an
     agent restarted on the same boot after the admin resumed)."""
     g = group()
-    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g)
+    config = AgentConfig(Join(tuple(cluster.endpoints), group=g))
     nodes = {f"node-{i}": SimNode("n-1.0-1", bad="n-3.0-1") for i in range(3)}
     with cluster.client() as admin:
         fleet.set_image(admin, g, "n-3.0-1", "https://127.0.0.1/n-3.0-1.squashfs", 1)
@@ -359,7 +359,7 @@ def test_a_fall_back_pauses_the_rollout_though_the_slot_ran_out(cluster: EtcdClu
 
 
 def test_agent_backs_off_while_etcd_is_unreachable() -> None:
-    config = AgentConfig(endpoints=("http://127.0.0.1:9",), backoff_max=8)
+    config = AgentConfig(Join(("http://127.0.0.1:9",)), backoff_max=8)
     agent = Agent(config, "n", SimNode("n-1.0-1"), Etcd(["http://127.0.0.1:9"], timeout=1))
     waits = []
     now = 0.0
@@ -495,7 +495,7 @@ def test_an_agent_on_fleetlock_keeps_its_slot_across_the_reboot(
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FleetLockHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     g = group()
-    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=g,
+    config = AgentConfig(Join(tuple(cluster.endpoints), group=g),
                          fleetlock=f"http://127.0.0.1:{server.server_address[1]}")
     slot = tmp_path / "slot"
     sim = SimNode("n-1.0-1")

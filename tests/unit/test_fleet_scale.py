@@ -14,7 +14,7 @@ import pytest
 
 from imgbase.agent import fleet
 from imgbase.agent.core import Agent
-from imgbase.node.agentconfig import AgentConfig
+from imgbase.node.agentconfig import AgentConfig, Join
 from tests.etcdcluster import EtcdCluster, etcd_cluster
 from tests.unit.test_fleet import SimNode, max_holders_in_history
 
@@ -24,7 +24,7 @@ N, K, WORKERS = 500, 100, 10  # K: the most set-image allows (fleet.MAX_UNAVAILA
 
 
 def agents_for(cluster: EtcdCluster, group: str, n: int) -> list[Agent]:
-    config = AgentConfig(endpoints=tuple(cluster.endpoints), group=group, ttl=30)
+    config = AgentConfig(Join(tuple(cluster.endpoints), group=group), ttl=30)
     return [Agent(config, f"node-{i:03}", SimNode("n-1.0-1"),
                   cluster.client(timeout=10)) for i in range(n)]
 

@@ -398,7 +398,7 @@ def test_missing_image(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "phrases"), [
     ('image_url = "http://h/"\nimgae_url = "x"\n', ("unknown key 'imgae_url'",)),
     ('[cluster]\nendpoints = ["https://e:2379"]\ngropu = "a"\n',
-     ("unknown key 'cluster.gropu'",)),
+     ("site.toml:3: unknown key 'gropu' in [cluster]",)),
     ('[cluster]\nendpoints = ["etcd:2379"]\n', ("is not an http(s) URL",)),
     ('[cluster]\nendpoints = ["https://e:2379"]\nca = "ca.pem"\n',
      ("cluster.ca", "not an absolute path")),
