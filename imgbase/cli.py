@@ -20,7 +20,6 @@ from .progress import Progress
 
 if TYPE_CHECKING:
     from .agent.etcd import Etcd
-from .run import run
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
@@ -325,60 +324,25 @@ def cmd_kargs(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     from .config import load as load_settings
-    from .node import boot, health
-    from .node.facts import NodeFacts
+    from .node import afterboot
 
-    config = load_settings().health
-    results = health.run_checks(config)
-    facts = NodeFacts.gather()
-    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    rec = health.record(facts.booted, boot_id, results)
-    health.append_history(rec)
-    verdict = boot.assess(facts.env, facts.booted, rec["good"], rec["reason"],
-                          health.read_history())
-    for event in verdict.events:
-        health.append_history({"time": rec["time"], "boot_id": boot_id, **event})
-    if verdict.env != facts.env and not health.write_env(facts, facts.env, verdict.env):
+    settings = load_settings()
+    out = afterboot.check(settings)
+    if not out.env_kept:
         print("grubenv changed while the checks ran: left as it is now", file=sys.stderr)
     if args.json:
-        print(json.dumps({**rec, "events": verdict.events, "reboot": verdict.reboot}, indent=2))
+        print(json.dumps({**out.record, "events": out.events, "reboot": out.reboot}, indent=2))
     else:
-        for r in results:
+        for r in out.results:
             print(f"{'ok  ' if r.ok else 'FAIL'} {r.tier:<8} {r.name:<20} {r.reason}")
-        for event in verdict.events:
+        for event in out.events:
             print(f"{event['event']}: {event['layer']}" +
                   (f" ({event['reason']})" if event.get("reason") else ""))
-        print(f"this boot ({facts.booted}) is {'good' if rec['good'] else 'NOT good'}: "
-              f"{rec['reason']}")
-    if verdict.reboot and args.act:
-        print("on trial and not healthy: rebooting to count the try down", flush=True)
-        run(["systemctl", "reboot"])
-    if args.act and any(e["event"] == "marked-good" for e in verdict.events):
-        _gc_after_good_boot(boot_id, rec["time"])
-    return 0 if rec["good"] else 1
-
-
-def _gc_after_good_boot(boot_id: str, when: float) -> None:
-    """A new layer has proved itself: collect old images, as [gc] says. A failure here is
-    reported (and left to `imgbase recover`), never turned into a red health result."""
-    from .config import load as load_settings
-    from .node import gc, health
-    from .node.facts import NodeFacts
-
-    try:
-        config = load_settings().gc
-        if not config.after_good_boot:
-            return
-        plan = gc.plan_gc(NodeFacts.gather(), config.keep, health.read_history())
-        if plan.steps:
-            with locked():
-                execute(plan, Progress())
-        removed = [s.name.removeprefix("remove-") for s in plan.steps
-                   if s.name.startswith("remove-") and "+" not in s.name]
-        health.append_history({"time": when, "boot_id": boot_id, "event": "gc",
-                               "removed": removed})
-    except ImgbaseError as exc:
-        print(f"gc after a good boot failed: {exc.oneline()}", file=sys.stderr)
+        print(f"this boot ({out.booted}) is {'good' if out.good else 'NOT good'}: "
+              f"{out.record['reason']}")
+    if args.act:
+        afterboot.act(out, settings, lambda line: print(line, file=sys.stderr, flush=True))
+    return 0 if out.good else 1
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -578,6 +542,11 @@ def cmd_w(args: argparse.Namespace) -> int:
     return 0
 
 
+JSON_HELP = "print JSON (the machine interface) instead of text"
+#: verbs units and other verbs run, not an admin: not listed by imgbase --help
+INTERNAL = ("etc-merge", "selfcheck", "ssh-credential")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgbase", description="Image-based hypervisor nodes on LVM thin pools.")
@@ -600,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache directory (default: $IMGBASE_CACHE or /var/cache/imgbase)")
     p.add_argument("--rebuild", action="store_true",
                    help="build from scratch: no cached image, no cached package tree")
-    p.add_argument("--version", dest="image_version", help="override the image version")
+    p.add_argument("--image-version", help="override the image version (the spec's version)")
     p.add_argument("--release", help="override the image release")
     p.add_argument("--json", action="store_true", help="one JSON event per line on stdout")
     p.set_defaults(func=cmd_compose)
@@ -608,9 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("diff", help="name the files that differ between two images",
                        description="Compare two squashfs images file by file (contents, "
                        "mode, owner, mtime); exit 1 when they differ.")
-    p.add_argument("a", metavar="A.squashfs")
-    p.add_argument("b", metavar="B.squashfs")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("a", metavar="A.squashfs", help="the first image")
+    p.add_argument("b", metavar="B.squashfs", help="the second image")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("vm", help="boot an image or disk in qemu (TCG) with SSH on 127.0.0.1",
@@ -626,8 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attach a blank qcow2 disk of this size (thrown away after)")
     p.add_argument("--attach", action="append", default=[], metavar="FILE",
                    help="attach an existing disk image (written in place)")
-    p.add_argument("--memory", type=int, default=2048, metavar="MiB")
-    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--memory", type=int, default=2048, metavar="MiB",
+                   help="guest memory (default 2048)")
+    p.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
     p.add_argument("--port", type=int, help="SSH port on 127.0.0.1 (default: a free one)")
     p.add_argument("--serial-log", metavar="FILE", help="keep the serial console here")
     p.add_argument("--append", action="append", default=[], metavar="KARG",
@@ -649,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "and first layer, the volumes, and a bootloader. In the live environment "
                        "IMAGE defaults to the running image.")
     p.add_argument("--disk", required=True, help="the whole disk, e.g. /dev/vdb")
-    p.add_argument("image", nargs="?", metavar="IMAGE.squashfs")
+    p.add_argument("image", nargs="?", metavar="IMAGE.squashfs",
+                   help="the image to install (default: the running live image)")
     p.add_argument("--volumes", choices=["minimal", "nist"], default="minimal",
                    help="minimal: /var; nist: also /var/log, /var/log/audit, /var/crash, "
                    "/var/tmp, /home, /tmp")
@@ -684,7 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Turn the root LV of an anaconda install (autopart "
                        "--type=thinp, liveimg) into a read-only base and a first layer, move "
                        "/var to its own volume and make the layer the default boot entry.")
-    p.add_argument("--init", action="store_true", required=True)
+    p.add_argument("--init", action="store_true", required=True,
+                   help="make the anaconda install an imgbase node")
     p.add_argument("--from", dest="root", default="/", metavar="ROOT",
                    help="root of the installed system (default: /, as in %%post)")
     p.add_argument("--nvr", help="name the base (default: the image's NVR)")
@@ -756,9 +728,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "limits (/etc/imgbase/imgbase.toml [check], default 80%), pool "
                        "autoextend, /var on its own volume, discard, and one boot entry per "
                        "layer.")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--pool-data-max", type=float, metavar="PCT")
-    p.add_argument("--pool-metadata-max", type=float, metavar="PCT")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+    p.add_argument("--pool-data-max", type=float, metavar="PCT",
+                   help="pool data use limit, percent (default: [check] in imgbase.toml, 80)")
+    p.add_argument("--pool-metadata-max", type=float, metavar="PCT",
+                   help="pool metadata use limit, percent (default: [check], 80)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("recover", help="remove what an interrupted operation left",
@@ -788,9 +762,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "the booted one); a layer added later from it carries them over.")
     p.add_argument("--layer", help="the layer (default: the booted one)")
     p.add_argument("--list", action="store_true", help="the default")
-    p.add_argument("--append", action="append", metavar="ARG")
-    p.add_argument("--delete", action="append", metavar="ARG")
-    p.add_argument("--replace", action="append", metavar="OLD=NEW")
+    p.add_argument("--append", action="append", metavar="ARG",
+                   help="add a kernel argument (repeatable)")
+    p.add_argument("--delete", action="append", metavar="ARG",
+                   help="remove a kernel argument (repeatable)")
+    p.add_argument("--replace", action="append", metavar="OLD=NEW",
+                   help="replace a kernel argument (repeatable)")
     _plan_args(p)
     p.set_defaults(func=cmd_kargs)
 
@@ -798,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the required and wanted checks, record them in "
                        "/var/lib/imgbase/health.json, mark a layer on trial good, or record "
                        "one that was abandoned. Exit 1 if a required check failed.")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.add_argument("--act", action="store_true",
                    help="reboot when a layer on trial is not healthy (the boot service does)")
     p.set_defaults(func=cmd_health)
@@ -806,13 +783,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollback", help="make the previous good layer the default again",
                        description="Make the layer most recently found healthy (other than "
                        "the booted one) the default, with no trial; --to names another.")
-    p.add_argument("--to", metavar="LAYER")
+    p.add_argument("--to", metavar="LAYER",
+                   help="the layer to roll back to (default: the last good one)")
     _plan_args(p)
     p.set_defaults(func=cmd_rollback)
 
     for verb in ("pin", "unpin"):
         p = sub.add_parser(verb, help=f"{verb} a base: gc never removes a pinned base")
-        p.add_argument("base", metavar="BASE")
+        p.add_argument("base", metavar="BASE", help="the base (imgbase base --list)")
         _plan_args(p)
         p.set_defaults(func=cmd_pin)
 
@@ -852,8 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "and a post-install script that verifies it again with the node's "
                        "imgbase and trusted keys before it runs imgbase update with the new "
                        "image's imgbase.")
-    p.add_argument("image", metavar="IMAGE.squashfs")
-    p.add_argument("--format", required=True, choices=("deb", "rpm"))
+    p.add_argument("image", metavar="IMAGE.squashfs", help="the signed image to wrap")
+    p.add_argument("--format", required=True, choices=("deb", "rpm"), help="the package format")
     p.add_argument("-o", "--output", default=".", metavar="DIR",
                    help="where to write the package (default: .)")
     p.add_argument("--trusted", default="/etc/imgbase/trusted.d", metavar="DIR",
@@ -864,28 +842,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sign", help="sign an image's .sha256 with gpg (IMAGE.sha256.sig)",
                        description="Write a detached OpenPGP signature of IMAGE.sha256. Nodes "
                        "accept the image when the signing key is in /etc/imgbase/trusted.d/.")
-    p.add_argument("image", metavar="IMAGE.squashfs")
+    p.add_argument("image", metavar="IMAGE.squashfs", help="the image whose .sha256 to sign")
     p.add_argument("--key", help="the key to sign with (gpg --local-user)")
     p.add_argument("--homedir", help="gpg's home directory")
     p.set_defaults(func=cmd_sign)
 
     p = sub.add_parser("verify", help="prove a base holds exactly its image (read-only)")
-    p.add_argument("base", metavar="BASE")
-    p.add_argument("image", metavar="IMAGE.squashfs")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("base", metavar="BASE", help="the base to check")
+    p.add_argument("image", metavar="IMAGE.squashfs", help="the image it was made from")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("etc-merge", help="(used by update) 3-way merge of /etc")
-    for name in ("old_factory", "old_etc", "new_factory", "target"):
-        p.add_argument(name)
-    p.add_argument("--policy", choices=["keep-local", "take-new"], default="keep-local")
+    # internal verbs: callable, not listed by imgbase --help (INTERNAL)
+    p = sub.add_parser("etc-merge", description="Internal, used by imgbase update: the 3-way "
+                       "merge of /etc into a new layer.")
+    for name, meaning in (("old_factory", "the booted image's factory /etc"),
+                       ("old_etc", "the booted layer's /etc, with the admin's edits"),
+                       ("new_factory", "the new image's factory /etc"),
+                       ("target", "the new layer's /etc, merged in place")):
+        p.add_argument(name, help=meaning)
+    p.add_argument("--policy", choices=["keep-local", "take-new"], default="keep-local",
+                   help="a file both sides changed: keep the admin's or take the image's "
+                   "(default: keep-local)")
     p.set_defaults(func=cmd_etc_merge)
 
     p = sub.add_parser("status", help="bases, layers, pool and volumes of this node",
                        description="Show the node's bases and layers (booted, default and "
                        "next-boot marks), pool usage and volumes; --json is the machine "
                        "interface (docs/status.schema.json).")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("fleet", help="the cluster: desired image per group, rollouts, nodes",
@@ -894,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "run, watch the rollout, pause or resume it.")
     fsub = p.add_subparsers(dest="fleet_verb", metavar="ACTION", required=True)
     fp = fsub.add_parser("set-image", help="the image a group should run; agents roll it")
-    fp.add_argument("nvr", metavar="NVR")
+    fp.add_argument("nvr", metavar="NVR", help="the image's name-version-release")
     fp.add_argument("url", metavar="URL", help="where nodes download IMAGE (and .sha256, .sig)")
     fp.add_argument("--max-unavailable", type=int, default=1, metavar="K",
                     help="nodes of the group rebooting at once (1-100, default 1)")
@@ -908,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
     fsub.add_parser("resume", help="hand out reboot slots again")
     fp2 = fsub.add_parser("release", help="free a node's reboot slot (a node that never came "
                           "back)")
-    fp2.add_argument("node", metavar="NODE-ID")
+    fp2.add_argument("node", metavar="NODE-ID", help="the node whose slot to free")
     fp3 = fsub.add_parser("init-auth", help="make etcd's root user and turn etcd auth on "
                           "(once, as the cluster's first admin step)")
     fp3.add_argument("--root-password-file", required=True, metavar="FILE",
@@ -930,20 +915,22 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--password-file", metavar="FILE", help="the etcd user's password")
         q.add_argument("--insecure-http", action="store_true",
                        help="allow http:// endpoints and image URLs (a lab only)")
-        q.add_argument("--json", action="store_true")
+        q.add_argument("--json", action="store_true", help=JSON_HELP)
         q.set_defaults(func=cmd_fleet)
 
     p = sub.add_parser("w", help="name the booted layer")
     p.set_defaults(func=cmd_w)
 
-    p = sub.add_parser("selfcheck", help="run the image's boot checks (inside a node)")
+    p = sub.add_parser("selfcheck", description="Internal, run by imgbase-selfcheck.service: "
+                       "the image's boot checks inside a booted node.")
     p.add_argument("--poweroff", action="store_true",
                    help="then end the boot (qemu: result as its exit status)")
     p.set_defaults(func=cmd_selfcheck)
 
-    p = sub.add_parser("ssh-credential",
-                       help="add root's SSH keys from a credential file (boot-time unit)")
-    p.add_argument("file")
+    p = sub.add_parser("ssh-credential", description="Internal, run by "
+                       "imgbase-ssh-credential.service: add root's SSH keys from a credential "
+                       "file.")
+    p.add_argument("file", help="the credential file of authorized_keys lines")
     p.set_defaults(func=cmd_ssh_credential)
     return parser
 

@@ -201,7 +201,9 @@ def describe(parser: argparse.ArgumentParser, name: str | None = None,
                 if id(sub) in seen:  # an alias
                     continue
                 seen.add(id(sub))
-                children.append(describe(sub, f"{name} {verb}", helps.get(verb, "")))
+                summary = helps.get(verb) or (  # an internal verb: its description says
+                    (sub.description or "").split(":")[0].lower())
+                children.append(describe(sub, f"{name} {verb}", summary))
             continue
         if not _shown(action):
             continue

@@ -124,7 +124,10 @@ def registered(path: Path = STATE) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgbase-agent", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="imgbase-agent", description="The node's cluster agent: joins the cluster "
+        "(etcd) at boot, reports the node, and rolls the group's updates "
+        "(imgbase-agent.service). See docs/agent.md.")
     parser.add_argument("--version", action="version", version=f"imgbase-agent {__version__}")
     parser.add_argument("command", nargs="?", choices=["run", "registered", "status"],
                         default="run",

@@ -31,7 +31,7 @@ from ..errors import ImgbaseError
 from ..image.naming import Layer, Nvr
 from ..run import run
 from ..storage import lvm
-from ..storage.layout import TAG_INCOMPLETE, NodeLayout, mountpoint_of
+from ..storage.layout import TAG_INCOMPLETE, NodeLayout, mountpoint_of, require_lvm
 
 
 @dataclass(frozen=True)
@@ -268,6 +268,7 @@ def _autoextend(layout: NodeLayout) -> tuple[tuple[int, int] | None, bool]:
 def gather(limits: CheckSettings, boot: Path = Path("/boot")) -> CheckFacts:
     from .facts import NodeFacts
 
+    require_lvm()
     found = lvm.vg_free_with_tag(lvm.TAG_VG)
     tagged = tuple(found)
     if len(tagged) != 1:

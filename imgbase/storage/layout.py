@@ -12,6 +12,7 @@ set self-describing: every new layer's fstab is written from it.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,14 @@ def mountpoint_of(lv: LogicalVolume) -> str | None:
 
 
 
+def require_lvm() -> None:
+    """Off a node -- no LVM tools at all -- every node verb says so, in the admin's words."""
+    if shutil.which("vgs") is None:
+        die("this machine is not an imgbase node (it has no LVM tools)",
+            hint="run this on a node; a node is made by imgbase install or imgbase layout "
+            "--init")
+
+
 @dataclass(frozen=True)
 class NodeLayout:
     vg: str
@@ -50,10 +59,11 @@ class NodeLayout:
 
     @classmethod
     def discover(cls) -> NodeLayout:
+        require_lvm()
         found = lvm.vg_free_with_tag(TAG_VG)
         vgs = list(found)
         if not vgs:
-            die("this is not an imgbase node (no volume group tagged imgbase:vg)",
+            die("this machine is not an imgbase node (no volume group tagged imgbase:vg)",
                 hint="install one with imgbase install, or adopt one with imgbase layout --init")
         if len(vgs) > 1:
             die(f"more than one volume group is tagged {TAG_VG}: {', '.join(vgs)}",

@@ -111,7 +111,8 @@ def build_lifecycle_images(work: Path) -> Path:
     def compose_v2() -> subprocess.CompletedProcess[str]:
         run = subprocess.run(
             [sys.executable, "-m", "imgbase", "compose", str(src / "images/node.toml"), "-o",
-             str(files), "--version", "1.1", "--json"], capture_output=True, text=True, cwd=ROOT)
+             str(files), "--image-version", "1.1", "--json"], capture_output=True, text=True,
+            cwd=ROOT)
         if run.returncode != 0:
             raise AssertionError(f"compose of v2 failed: {run.stderr[-2000:]}")
         return run
@@ -161,7 +162,7 @@ def build_installed_disks(node_image: Path, work: Path) -> dict[str, Path]:
     with Guest(VmSpec(live=live, attach=attach, trusted=(key,)),
                rundir=work / "installer") as guest:
         not_yet = guest.run("imgbase status --json", check=False)
-        assert not_yet.rc == 2 and "this is not an imgbase node" in not_yet.stderr
+        assert not_yet.rc == 2 and "this machine is not an imgbase node" in not_yet.stderr
         refuse_bad_installs(guest)
         dry = json.loads(guest.run("imgbase install --disk /dev/vdb --dry-run --json").stdout)
         assert [s["name"] for s in dry["steps"]][:2] == ["wipe", "partition"]
