@@ -25,15 +25,13 @@ if TYPE_CHECKING:
 def cmd_compose(args: argparse.Namespace) -> int:
     from .compose.build import DEFAULT_CACHE, compose_image
     from .image.spec import load_image
+    from .resources import DEFAULT_IMAGE
 
     if args.list_backends:
         return list_backends(as_json=args.json)
-    if args.image is None:
-        die("compose needs an image definition IMAGE.toml",
-            hint="e.g. imgbase compose images/node.toml -o out")
     overrides = {k: v for k, v in (("version", args.image_version), ("release", args.release),
                                    ("backend", args.backend)) if v is not None}
-    image = load_image(Path(args.image), overrides=overrides)
+    image = load_image(Path(args.image) if args.image else DEFAULT_IMAGE, overrides=overrides)
     progress = Progress(json_lines=args.json)
     compose_image(image, Path(args.output), progress=progress,
                   cache=Path(args.cache) if args.cache else DEFAULT_CACHE, rebuild=args.rebuild)
@@ -559,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build <name>-<version>-<release>.squashfs, .manifest.json "
                        "and .sha256 from an image definition and its layers.")
     p.add_argument("image", metavar="IMAGE.toml", nargs="?",
-                   help="image definition, e.g. images/node.toml")
+                   help="image definition (default: the default node image, images/node.toml)")
     p.add_argument("-o", "--output", default="out", help="output directory (default: out)")
     p.add_argument("--backend", metavar="NAME",
                    help="compose with this backend instead of the image's (see --list-backends)")

@@ -13,8 +13,8 @@ parsed by pykickstart for each syntax version in `syntax_versions` before it is 
 out; a refusal is fatal and nothing is written. Install kickstarts are rendered by
 :mod:`imgbase.kickstart.render` on these same templates.
 
-The templates live in the source checkout, not in the imgbase package that images carry:
-render kickstarts on the admin's machine, from the repository.
+The templates live in the source checkout (and a wheel's package data), not in the imgbase
+package that images carry: render kickstarts on the admin's machine.
 
 >>> check_url("http://h/x y.squashfs", "--url")
 Traceback (most recent call last):
@@ -40,11 +40,12 @@ from urllib.parse import urlsplit
 
 from ..errors import die
 from ..image.spec import ImageSpec, LayerSpec
+from ..resources import KICKSTARTS
 
 if TYPE_CHECKING:
     import jinja2
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent.parent / "kickstarts"
+TEMPLATE_DIR = KICKSTARTS
 SUFFIX = ".ks.j2"
 DEFAULT_TEMPLATE = "node-thinp"
 BUILD_TEMPLATE = "build-pxe-live"
@@ -100,8 +101,8 @@ def _load_template(path: Path) -> Template:
 def template_dir() -> Path:
     if not TEMPLATE_DIR.is_dir():
         die(f"kickstart templates not found at {TEMPLATE_DIR}",
-            hint="render kickstarts from a checkout of the imgbase repository (the package "
-            "in node images carries no templates)")
+            hint="render kickstarts from a checkout or an installed imgbase wheel (the "
+            "imgbase in node images carries no templates)")
     return TEMPLATE_DIR
 
 
