@@ -68,7 +68,8 @@ bench: setup
 
 # the CLI reference and man pages, generated from the parsers (tests fail when stale)
 docs: setup
-	$(BIN)/python -m imgbase.clidoc --markdown docs/cli.md --man docs/imgbase.1 --agent-man docs/imgbase-agent.8
+	$(BIN)/python -m imgbase.clidoc --markdown docs/cli.md --man docs/imgbase.1 --agent-man docs/imgbase-agent.8 \
+	  --completions docs/completions
 
 # the README's five-minute tour, run for real in qemu (~5 min); its output replaces the old
 tour: setup

@@ -23,10 +23,11 @@ the parsers' actions, and wrapped at fixed widths.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -534,6 +535,25 @@ def man_agent() -> str:
     return "\n".join(out) + "\n"
 
 
+# -- shell completion (shtab) ----------------------------------------------------------------
+
+#: the completion files, by name, under docs/completions (the .deb installs them)
+COMPLETIONS = {"imgbase.bash": ("imgbase", "bash"), "_imgbase": ("imgbase", "zsh"),
+               "imgbase-agent.bash": ("imgbase-agent", "bash"),
+               "_imgbase-agent": ("imgbase-agent", "zsh")}
+
+
+def completion(program: str, shell: str) -> str:
+    """bash or zsh completion of imgbase or imgbase-agent, generated from its parser."""
+    import shtab
+
+    from .agent.main import build_parser as agent_parser
+    from .cli import build_parser
+
+    parser = build_parser() if program == "imgbase" else agent_parser()
+    return str(shtab.complete(parser, shell=shell)).rstrip("\n") + "\n"
+
+
 # -- the command ---------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -544,13 +564,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", metavar="FILE", help="the Markdown reference")
     parser.add_argument("--man", metavar="FILE", help="imgbase(1)")
     parser.add_argument("--agent-man", metavar="FILE", help="imgbase-agent(8)")
+    parser.add_argument("--completions", metavar="DIR",
+                        help="bash and zsh completion of both commands, into DIR")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 when a file differs from what it would be")
     args = parser.parse_args(argv)
-    wanted = [(path, make) for path, make in ((args.markdown, markdown), (args.man, man_imgbase),
-                                              (args.agent_man, man_agent)) if path]
+    wanted: list[tuple[str, Callable[[], str]]] = [
+        (path, make) for path, make in ((args.markdown, markdown), (args.man, man_imgbase),
+                                        (args.agent_man, man_agent)) if path]
+    if args.completions:
+        wanted += [(str(Path(args.completions) / name), functools.partial(completion, *what))
+                   for name, what in COMPLETIONS.items()]
     if not wanted:
-        parser.error("name at least one of --markdown, --man, --agent-man")
+        parser.error("name at least one of --markdown, --man, --agent-man, --completions")
     stale: list[str] = []
     for path, make in wanted:
         text = make()

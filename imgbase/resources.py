@@ -17,5 +17,6 @@ IMAGES = DATA / "images"
 KICKSTARTS = DATA / "kickstarts"
 BOOT = DATA / "boot"
 MAN = DATA / "man"  # the man pages (docs/imgbase.1, docs/imgbase-agent.8)
+COMPLETIONS = DATA / "completions"  # bash and zsh (docs/completions, made by make docs)
 #: what imgbase compose builds when no IMAGE.toml is given
 DEFAULT_IMAGE = IMAGES / "node.toml"

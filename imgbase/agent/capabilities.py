@@ -21,9 +21,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from ..errors import ImgbaseError
-
-URI = "qemu:///system"
+from ..node import virt
+from ..node.virt import URI
 
 
 def version(n: int) -> str:
@@ -55,18 +54,6 @@ def summarize(caps_xml: str, info: list[Any], lib_version: int, qemu_version: in
 
 def collect(uri: str = URI) -> dict[str, Any]:
     """Ask libvirt; an ImgbaseError with libvirt's message when it cannot answer."""
-    try:
-        import libvirt
-    except ImportError as exc:
-        raise ImgbaseError("python3-libvirt is not installed",
-                           hint="apt install python3-libvirt") from exc
-    try:
-        conn = libvirt.openReadOnly(uri)
-        try:
-            return summarize(conn.getCapabilities(), conn.getInfo(), conn.getLibVersion(),
-                             conn.getVersion(), conn.numOfDomains())
-        finally:
-            conn.close()
-    except libvirt.libvirtError as exc:
-        raise ImgbaseError(f"libvirt ({uri}) did not answer: {exc}",
-                           hint="systemctl status libvirtd") from exc
+    with virt.connection(uri) as conn:
+        return summarize(conn.getCapabilities(), conn.getInfo(), conn.getLibVersion(),
+                         conn.getVersion(), conn.numOfDomains())

@@ -128,7 +128,7 @@ class HostNode:
         """Make nvr's layer the default on trial (tries boots) -- the slot is ours now --
         and reboot."""
         from ..node.facts import NodeFacts
-        from .systemd import reboot
+        from ..node.systemd import reboot
 
         facts = NodeFacts.gather()
         layers = sorted((lv.name for lv in facts.layout.layers if _nvr_of(lv.name) == nvr),

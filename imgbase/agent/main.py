@@ -49,10 +49,10 @@ def write_state(agent: Any, path: Path = STATE) -> None:
 def run_daemon() -> int:
     from ..errors import InputError
     from ..node import agentconfig as agent_config
+    from ..node.systemd import notify
     from .core import Agent, LeaseKeeper
     from .etcd import Etcd
     from .host import HostNode
-    from .systemd import notify
 
     try:
         config = agent_config.load()

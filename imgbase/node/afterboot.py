@@ -18,8 +18,7 @@ from ..config import Settings
 from ..errors import ImgbaseError
 from ..plan import execute, locked
 from ..progress import Progress
-from ..run import run
-from . import boot, gc, health
+from . import boot, gc, health, systemd
 from .facts import NodeFacts
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -60,7 +59,7 @@ def act(outcome: Outcome, settings: Settings, say: Callable[[str], None]) -> Non
     told first what is done. A failing gc is said, never turned into a red health result."""
     if outcome.reboot:
         say("on trial and not healthy: rebooting to count the try down")
-        run(["systemctl", "reboot"])
+        systemd.reboot()
         return
     if not any(e["event"] == "marked-good" for e in outcome.events):
         return

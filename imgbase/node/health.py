@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -30,8 +31,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import HealthSettings
-from ..errors import InputError
+from ..errors import ImgbaseError, InputError
 from ..plan import LOCK, locked
+from . import systemd, virt
 
 if TYPE_CHECKING:
     from .facts import NodeFacts
@@ -71,21 +73,64 @@ def run_command(name: str, tier: str, argv: list[str], timeout: float) -> CheckR
                        round(time.monotonic() - t0, 2))
 
 
-def builtin_checks(config: HealthSettings) -> list[tuple[str, str, list[str]]]:
-    """(name, tier, argv) of the built-in checks."""
-    units = " ".join(config.required_units)
-    failed_units = (f'bad=""; for u in {units}; do systemctl is-failed --quiet "$u" && '
-                    'bad="$bad $u"; done; [ -z "$bad" ] || { echo "failed units:$bad"; exit 1; }')
-    return [
-        ("units", "required", ["sh", "-c", failed_units]),
-        ("libvirt", "required", ["virsh", "--connect", "qemu:///system", "uri"]),
-        # not is-system-running --wait: this check runs as part of the boot it would wait for
-        ("failed-units", "wanted", ["sh", "-c", 'f=$(systemctl --failed --plain --no-legend '
-                                    '| cut -d" " -f1 | xargs); [ -z "$f" ] || '
-                                    '{ echo "failed: $f"; exit 1; }']),
-        *([("agent-registered", "wanted", ["imgbase-agent", "registered"])]
-          if agent_configured() else []),
+def run_call(name: str, tier: str, call: Callable[[], tuple[bool, str]],
+             timeout: float) -> CheckResult:
+    """A built-in check, in-process (D-Bus, libvirt), with the same timeout as a command: it
+    runs in a thread of its own, and one that has not answered in time has failed."""
+    t0 = time.monotonic()
+    answer: list[tuple[bool, str]] = []
+
+    def target() -> None:
+        try:
+            answer.append(call())
+        except Exception as exc:  # a check that breaks has failed, with its reason
+            message = exc.oneline() if isinstance(exc, ImgbaseError) else f"{exc}"
+            answer.append((False, message))
+
+    thread = threading.Thread(target=target, name=f"health-{name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    seconds = round(time.monotonic() - t0, 2)
+    if not answer:
+        return CheckResult(name, tier, False, f"timed out after {timeout:g} s", seconds)
+    ok, reason = answer[0]
+    return CheckResult(name, tier, ok, reason, seconds)
+
+
+def units_not_failed(units: tuple[str, ...]) -> tuple[bool, str]:
+    """The required units: none in the failed state (``systemctl is-failed``)."""
+    bad = [u for u in units if systemd.unit_state(u)["active"] == "failed"]
+    return (not bad, f"failed units: {' '.join(bad)}" if bad else "ok")
+
+
+def libvirt_answers() -> tuple[bool, str]:
+    with virt.connection() as conn:
+        return True, str(conn.getURI())
+
+
+def no_failed_units() -> tuple[bool, str]:
+    """Not ``is-system-running --wait``: this check runs as part of the boot it would wait
+    for."""
+    failed = systemd.failed_units()
+    return (not failed, f"failed: {' '.join(failed)}" if failed else "ok")
+
+
+def builtin_checks(config: HealthSettings) -> list[tuple[str, str, Callable[[], tuple[bool, str]]]]:
+    """(name, tier, call) of the built-in checks."""
+    checks: list[tuple[str, str, Callable[[], tuple[bool, str]]]] = [
+        ("units", "required", lambda: units_not_failed(config.required_units)),
+        ("libvirt", "required", libvirt_answers),
+        ("failed-units", "wanted", no_failed_units),
     ]
+    if agent_configured():
+        checks.append(("agent-registered", "wanted", agent_registered))
+    return checks
+
+
+def agent_registered() -> tuple[bool, str]:
+    """``imgbase-agent registered``: the agent's own answer (its state file)."""
+    proc = subprocess.run(["imgbase-agent", "registered"], capture_output=True, text=True)
+    return proc.returncode == 0, _last_line(proc.stdout + "\n" + proc.stderr) or "no answer"
 
 
 def agent_configured(config: Path | None = None, cmdline: Path | None = None) -> bool:
@@ -108,11 +153,11 @@ def directory_checks(root: Path = HEALTH_D) -> list[tuple[str, str, list[str]]]:
     return found
 
 
-def run_checks(config: HealthSettings, root: Path = HEALTH_D,
-               runner: Callable[[str, str, list[str], float], CheckResult] = run_command
-               ) -> list[CheckResult]:
-    return [runner(name, tier, argv, config.timeout)
-            for name, tier, argv in [*builtin_checks(config), *directory_checks(root)]]
+def run_checks(config: HealthSettings, root: Path = HEALTH_D) -> list[CheckResult]:
+    return [*(run_call(name, tier, call, config.timeout)
+              for name, tier, call in builtin_checks(config)),
+            *(run_command(name, tier, argv, config.timeout)
+              for name, tier, argv in directory_checks(root))]
 
 
 def verdict(results: list[CheckResult]) -> tuple[bool, str]:

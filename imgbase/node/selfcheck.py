@@ -15,11 +15,13 @@ import json
 import mmap
 import os
 import platform
-import subprocess
 import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..errors import ImgbaseError
+from . import systemd, virt
 
 DEBUG_EXIT_PORT = 0x501
 PASS_CODE, FAIL_CODE = 0x10, 0x11  # qemu exits with (code << 1) | 1: 33 and 35
@@ -33,24 +35,19 @@ class CheckResult:
     detail: str
 
 
-def _sh(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-
-
 def check_system_running() -> CheckResult:
-    proc = _sh(["systemctl", "is-system-running", "--wait"], timeout=600)
-    state = proc.stdout.strip()
+    state = systemd.wait_system_running(timeout=600)
     if state == "running":
         return CheckResult("system-running", True, state)
-    failed = _sh(["systemctl", "--failed", "--plain", "--no-legend"]).stdout.split("\n")
-    units = " ".join(line.split()[0] for line in failed if line.strip())
+    units = " ".join(systemd.failed_units())
     return CheckResult("system-running", False, f"{state}; failed units: {units or 'none'}")
 
 
 def check_libvirt() -> CheckResult:
-    proc = _sh(["virsh", "-c", "qemu:///system", "capabilities"], timeout=120)
-    ok = proc.returncode == 0 and "<domain type='qemu'" in proc.stdout
-    return CheckResult("libvirt", ok, "qemu domain type offered" if ok else proc.stderr.strip())
+    with virt.connection() as conn:
+        ok = virt.offers_qemu(conn.getCapabilities())
+    return CheckResult("libvirt", ok, "qemu domain type offered" if ok
+                       else "libvirt offers no qemu domain type")
 
 
 def check_machine_id() -> CheckResult:
@@ -121,7 +118,10 @@ def end_boot(ok: bool) -> None:
             debug_exit(PASS_CODE if ok else FAIL_CODE)
         except OSError as exc:
             print(f"IMGBASE-SELFCHECK debug-exit unavailable: {exc}", flush=True)
-    subprocess.run(["systemctl", "poweroff"], check=False)
+    try:
+        systemd.power_off()
+    except ImgbaseError as exc:
+        print(f"IMGBASE-SELFCHECK power-off: {exc.oneline()}", flush=True)
 
 
 def report_to_console(lines: list[str]) -> None:

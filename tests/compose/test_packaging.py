@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from imgbase import clidoc
 from imgbase.compose import debpkg
 from tests.conftest import ROOT
 
@@ -72,6 +73,6 @@ def test_the_deb_is_lintian_clean_of_errors(tmp_path: Path) -> None:
 
 
 def test_the_completion_knows_the_verbs() -> None:
-    bash, zsh = debpkg.completions()["imgbase"]
+    bash, zsh = (clidoc.completion("imgbase", shell) for shell in ("bash", "zsh"))
     for verb in ("update", "rollback", "fleet"):
         assert verb in bash and verb in zsh

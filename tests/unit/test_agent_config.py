@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from imgbase.agent.systemd import notify
 from imgbase.errors import InputError
 from imgbase.node import agentconfig as config
+from imgbase.node.systemd import notify
 
 GOOD = """
 [cluster]

@@ -4,6 +4,7 @@ the prose docs only use verbs the CLI has."""
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import shutil
 import subprocess
@@ -19,6 +20,8 @@ GENERATED: dict[str, Callable[[], str]] = {
     "docs/cli.md": clidoc.markdown,
     "docs/imgbase.1": clidoc.man_imgbase,
     "docs/imgbase-agent.8": clidoc.man_agent,
+    **{f"docs/completions/{name}": functools.partial(clidoc.completion, *what)
+       for name, what in clidoc.COMPLETIONS.items()},
 }
 MAN_PAGES = ("docs/imgbase.1", "docs/imgbase-agent.8")
 

@@ -149,3 +149,13 @@ def test_every_module_has_a_layer() -> None:
            for p in (ROOT / "imgbase").iterdir()
            if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()}
     assert sorted(top - named) == []
+
+
+def test_systemd_and_libvirt_are_spoken_to_not_scraped() -> None:
+    """The node's code reaches systemd over D-Bus and libvirt through its binding
+    (node/systemd.py, node/virt.py); only compose runs systemctl, offline, in an image
+    tree it enables units in."""
+    users = sorted({path.relative_to(ROOT).as_posix()
+                    for path in (ROOT / "imgbase").rglob("*.py")
+                    for tool in ('"systemctl"', '"virsh"') if tool in path.read_text()})
+    assert users == ["imgbase/compose/postprocess.py"]

@@ -1,8 +1,10 @@
-"""The agent and systemd: readiness over $NOTIFY_SOCKET, unit states and reboots over D-Bus.
+"""imgbase and systemd: readiness over $NOTIFY_SOCKET; unit states, the system's state,
+failed units, reboot and power-off over D-Bus.
 
-No ``systemctl`` in the agent: unit states come from org.freedesktop.systemd1 and the
-reboot goes through logind (org.freedesktop.login1), both with dbus-python; readiness and
-status lines are sd_notify datagrams, written here with a plain socket.
+No ``systemctl`` in imgbase (the agent, health, selfcheck): unit states come from
+org.freedesktop.systemd1 and reboots and power-off go through logind
+(org.freedesktop.login1), both with dbus-python; readiness and status lines are sd_notify
+datagrams, written here with a plain socket.
 
 >>> notify("READY=1", socket_path=None)
 False
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 from ..errors import ImgbaseError
@@ -68,6 +71,38 @@ def unit_state(name: str) -> dict[str, str]:
     return state
 
 
+def _manager() -> Any:
+    import dbus
+
+    return dbus.Interface(_bus().get_object(SYSTEMD, SYSTEMD_PATH), f"{SYSTEMD}.Manager")
+
+
+def system_state() -> str:
+    """What ``systemctl is-system-running`` says: initializing, starting, running,
+    degraded, maintenance, stopping."""
+    import dbus
+
+    props = dbus.Interface(_bus().get_object(SYSTEMD, SYSTEMD_PATH),
+                           "org.freedesktop.DBus.Properties")
+    return str(props.Get(f"{SYSTEMD}.Manager", "SystemState"))
+
+
+def wait_system_running(timeout: float, poll: float = 1.0) -> str:
+    """The system's state once the boot is over (not initializing or starting), or the
+    state it was still in after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = system_state()
+        if state not in ("initializing", "starting") or time.monotonic() >= deadline:
+            return state
+        time.sleep(poll)
+
+
+def failed_units() -> list[str]:
+    """The units in the failed state, by name (``systemctl --failed``)."""
+    return sorted(str(u[0]) for u in _manager().ListUnitsFiltered(["failed"]))
+
+
 def reboot() -> None:
     """Ask logind for a reboot (it runs the shutdown: units stop, domains get their turn)."""
     import dbus
@@ -77,4 +112,16 @@ def reboot() -> None:
         manager.Reboot(False)
     except dbus.DBusException as exc:
         raise ImgbaseError(f"logind refused the reboot: {exc}",
+                           hint="is systemd-logind running?") from exc
+
+
+def power_off() -> None:
+    """Ask logind to power the machine off."""
+    import dbus
+
+    manager = dbus.Interface(_bus().get_object(LOGIND, LOGIND_PATH), f"{LOGIND}.Manager")
+    try:
+        manager.PowerOff(False)
+    except dbus.DBusException as exc:
+        raise ImgbaseError(f"logind refused the power-off: {exc}",
                            hint="is systemd-logind running?") from exc
