@@ -24,7 +24,6 @@ a request body it cannot decode with 404 instead of 400 gets a message of its ow
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import tomli_w
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
@@ -101,22 +101,23 @@ class Blueprint:
         )
 
     def toml(self) -> str:
-        """The blueprint as TOML (osbuild-composer's blueprint reference)."""
-        lines = [f"{key} = {_toml_str(value)}" for key, value in (
-            ("name", self.name), ("description", self.description),
-            ("version", self.version), ("distro", self.distro), ("arch", self.arch))]
-        for package in self.packages:
-            lines += ["", "[[packages]]", f"name = {_toml_str(package)}",
-                      f"version = {_toml_str('*')}"]
+        """The blueprint as TOML (osbuild-composer's blueprint reference), written by a
+        TOML library."""
+        doc: dict[str, Any] = {"name": self.name, "description": self.description,
+                               "version": self.version, "distro": self.distro,
+                               "arch": self.arch,
+                               "packages": [{"name": p, "version": "*"} for p in self.packages]}
+        customizations: dict[str, Any] = {}
         if self.kernel_append:
-            lines += ["", "[customizations.kernel]", f"append = {_toml_str(self.kernel_append)}"]
-        services = [(key, units) for key, units in (
+            customizations["kernel"] = {"append": self.kernel_append}
+        services = {key: list(units) for key, units in (
             ("enabled", self.enabled), ("disabled", self.disabled), ("masked", self.masked))
-            if units]
+            if units}
         if services:
-            lines += ["", "[customizations.services]"]
-            lines += [f"{key} = [{', '.join(map(_toml_str, units))}]" for key, units in services]
-        return "\n".join(lines) + "\n"
+            customizations["services"] = services
+        if customizations:
+            doc["customizations"] = customizations
+        return tomli_w.dumps(doc)
 
 
 def refuse_inexpressible(image: ImageSpec) -> None:
@@ -151,11 +152,6 @@ def semver(image: ImageSpec) -> str:
 def _units(image: ImageSpec, verb: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(unit for layer in image.layers
                                for unit in getattr(layer.services, verb)))
-
-
-def _toml_str(value: str) -> str:
-    """A TOML basic string (JSON's escapes are TOML's, but for DEL)."""
-    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 # -- requests over a unix socket ----------------------------------------------------
