@@ -38,6 +38,7 @@ from types import TracebackType
 from typing import Any
 
 from .errors import ImgbaseError, die
+from .image import squashfs
 from .node.selfcheck import FAIL_CODE, PASS_CODE
 from .run import run
 
@@ -501,7 +502,7 @@ def check_squashfs(path: Path) -> None:
         magic = f.read(4)
     if magic != b"hsqs":
         die(f"{path} is not a squashfs image", hint="give the .squashfs written by imgbase compose")
-    proc = run(["unsquashfs", "-s", str(path)], check=False)
+    proc = squashfs.readable(path)
     if proc.returncode != 0:
         die(f"{path} is a corrupt squashfs: {(proc.stderr or proc.stdout).strip()[-200:]}",
             hint="compose it again (imgbase compose --rebuild)")
@@ -531,7 +532,7 @@ def extract_boot_files(image: Path, dest: Path) -> tuple[Path, Path]:
     boot = dest / "live-boot"
     if boot.exists():
         shutil.rmtree(boot)
-    proc = run(["unsquashfs", "-q", "-n", "-d", str(boot), str(image), "/boot"], check=False)
+    proc = run(list(squashfs.unpack_argv(image, boot, "/boot")), check=False)
     kernels = sorted((boot / "boot").glob("vmlinuz-*")) if proc.returncode == 0 else []
     if not kernels:
         die(f"{image} has no kernel in /boot",

@@ -28,11 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import die
-from ..image import filelist
+from ..image import filelist, squashfs
 from ..image.spec import ImageSpec
 from ..image.squashfs import make_squashfs, sha256_file
 from ..progress import Progress
-from ..run import run
 from . import debpkg, postprocess, treecache
 from .backend import BuildContext, ComposerBackend
 from .chroot import api_filesystems, remove_tree
@@ -294,7 +293,7 @@ def explain_diff(a: Path, b: Path) -> list[str]:
         listings = []
         for i, img in enumerate((a, b)):
             d = base / str(i)
-            run(["unsquashfs", "-q", "-n", "-d", str(d), str(img)])
+            squashfs.unpack(img, d)
             listings.append(_catalog(d))
         la, lb = listings
         return sorted(k for k in la.keys() | lb.keys() if la.get(k) != lb.get(k))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ImgbaseError, die
+from ..image import squashfs
 from ..image.spec import ImageSpec
 from ..run import CommandError, run, stream
 from .backend import BuildContext, ComposerBackend, Package
@@ -150,8 +151,7 @@ def unwrap_live_image(live: Path, tree: Path, scratch: Path) -> None:
     remove_tree(scratch)
     scratch.mkdir(parents=True)
     try:
-        run(["unsquashfs", "-q", "-n", "-d", str(scratch / "squashfs-root"), str(live),
-             ROOTFS_IMG])
+        squashfs.unpack(live, scratch / "squashfs-root", ROOTFS_IMG)
         rootfs = scratch / "squashfs-root" / ROOTFS_IMG
         if not rootfs.is_file():
             raise ImgbaseError(f"{live.name} has no {ROOTFS_IMG}",

@@ -8,21 +8,21 @@ import os
 from typing import Any
 
 from ..errors import die
-from ..run import run
+from . import squashfs
 
 
 def image_info(image: str) -> dict[str, Any]:
     if not os.path.exists(image):
         die(f"{image}: no such image", hint="give the .squashfs made by imgbase compose")
-    if run(["unsquashfs", "-s", image], check=False).returncode != 0:
+    if squashfs.readable(image).returncode != 0:
         die(f"{image} is not a readable squashfs (truncated or corrupt?)",
             hint="download it again and check it against its .sha256")
-    proc = run(["unsquashfs", "-cat", image, "usr/lib/imgbase/image.json"], check=False)
-    if proc.returncode != 0:
+    text = squashfs.cat(image, "usr/lib/imgbase/image.json")
+    if text is None:
         die(f"{image} is not an imgbase image (no /usr/lib/imgbase/image.json)",
             hint="use an image made by imgbase compose")
     try:
-        info: dict[str, Any] = json.loads(proc.stdout)
+        info: dict[str, Any] = json.loads(text)
     except ValueError as exc:
         die(f"{image}: its image.json is not JSON ({exc})",
             hint="use an image made by imgbase compose")

@@ -49,6 +49,7 @@ from ..plan import Step
 from ..run import run
 from .kargs import check_args
 from .naming import Nvr
+from .squashfs import sha256_file
 
 TRUSTED = Path("/etc/imgbase/trusted.d")
 IMAGES = Path("/var/lib/imgbase/images")  # verified copies, root-only
@@ -103,14 +104,6 @@ def sums_path(image: str) -> Path:
 
 def sig_path(image: str) -> Path:
     return Path(f"{image}.sha256.sig")
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def parse_gpgv_status(text: str) -> tuple[str, str]:
@@ -238,7 +231,7 @@ def verify_image(image: str, *, insecure: bool, trusted: Path = TRUSTED) -> Verd
     """Check an image where it lies (the build host's check, e.g. before packaging it);
     a node uses verified_copy instead."""
     want, key = judge(image, read_sidecars(image), insecure=insecure, trusted=trusted)
-    if want is not None and (got := sha256_of(image)) != want:
+    if want is not None and (got := sha256_file(image)) != want:
         _mismatch(image, got, want, str(sums_path(image)))
     return Verdict("verified" if want else INSECURE, f"signed by {key}" if key else INSECURE)
 
@@ -444,7 +437,7 @@ def sign(image: str, *, key: str | None = None, homedir: str | None = None) -> P
         if not stat.S_ISREG(mode):
             die(f"{path} is not a regular file", hint="sign an image made by imgbase compose")
     side = read_sidecars(image)
-    if want_sha256(side) != sha256_of(image):
+    if want_sha256(side) != sha256_file(image):
         die(f"{side.sums_name} does not match {image}", hint="compose the image again")
     out = sig_path(image)
     argv = ["gpg", "--batch", "--yes", "--detach-sign", "--output", str(out)]

@@ -59,9 +59,9 @@ def image_checksum(image: Path) -> str:
     """sha256 of the image, read from the image itself. A sidecar (``IMG.sha256``, or
     ``<nvr>.sha256`` as compose writes it) that names the image must agree: one that does
     not is stale or was tampered with, and is refused."""
-    from ..image.trust import sha256_of
+    from ..image.squashfs import sha256_file
 
-    digest = sha256_of(str(image))
+    digest = sha256_file(str(image))
     for sums in (Path(f"{image}.sha256"), image.with_suffix(".sha256")):
         if sums.is_file():
             said = sidecar_digest(sums.read_text(errors="replace"), image.name)

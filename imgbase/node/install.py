@@ -34,6 +34,7 @@ from typing import Any
 from .. import bootloader
 from ..bootloader import grub
 from ..errors import die
+from ..image import squashfs
 from ..image.kargs import for_new_node
 from ..image.naming import Layer, Nvr
 from ..image.trust import ACCEPTED, Verified, accepted_step, verified_copy, with_key
@@ -296,7 +297,7 @@ def _walk(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def image_kernel(image: str) -> str:
     """The newest kernel version in a (verified) image's /boot."""
-    listing = run(["unsquashfs", "-l", "-d", "", image, "boot"]).stdout.split()
+    listing = squashfs.names(image, "boot")
     kernels = sorted(p.removeprefix("/boot/vmlinuz-") for p in listing
                      if p.startswith("/boot/vmlinuz-"))
     if not kernels:

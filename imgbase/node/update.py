@@ -31,6 +31,7 @@ from typing import Any
 from .. import bootloader
 from ..bootloader import grubenv
 from ..errors import ImgbaseError, die
+from ..image import squashfs
 from ..image.naming import Layer, Nvr
 from ..image.trust import (
     Verdict,
@@ -41,7 +42,6 @@ from ..image.trust import (
     with_key,
 )
 from ..plan import Plan, Step
-from ..run import run
 from ..storage.layout import (
     TAG_INCOMPLETE,
     WORK,
@@ -195,8 +195,7 @@ def space_needed(new_listing: str | None, old_listing: str | None, image_size: i
 def _listing_of_image(image: str) -> str | None:
     from ..image.filelist import LISTING
 
-    proc = run(["unsquashfs", "-cat", image, LISTING], check=False)
-    return proc.stdout if proc.returncode == 0 else None
+    return squashfs.cat(image, LISTING)
 
 
 def check_pool_space(pool: Any, need: int) -> None:
@@ -298,11 +297,10 @@ def check_report(f: UpdateFacts, workdir: Path, root: Path = Path("/")) -> dict[
 
     status_path = "usr/lib/sysimage/dpkg/status"
     old = packages((root / status_path).read_text(errors="replace"))
-    new_status = run(["unsquashfs", "-cat", f.image, status_path], check=False).stdout
+    new_status = squashfs.cat(f.image, status_path) or ""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         scratch = Path(tmp)
-        run(["unsquashfs", "-q", "-n", "-d", str(scratch / "new"), f.image,
-             "usr/share/factory/etc"])
+        squashfs.unpack(f.image, scratch / "new", "usr/share/factory/etc")
         factory = scratch / "new/usr/share/factory/etc"
         shutil.copytree(factory, scratch / "target", symlinks=True)
         report = merge(root / "usr/share/factory/etc", root / "etc", factory,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import die
+from ..image import squashfs
 from ..image.naming import Layer, Nvr, layer_key
 from ..plan import Step
 from . import lvm
@@ -137,7 +138,7 @@ def base_from_image_steps(vg: str, nvr: str, image: str, size: str, mnt: Path,
              note="inode tables written now, once, and shared by every layer of the base"),
         Step("base-mount", ("sh", "-c", 'mkdir -p "$2" && mount "$1" "$2"', "mount", dev,
                             str(mnt))),
-        Step("base-unpack", ("unsquashfs", "-q", "-n", "-f", "-d", str(mnt), image)),
+        Step("base-unpack", squashfs.unpack_argv(image, mnt, force=True)),
         Step("base-umount", ("umount", str(mnt))),
         *base_seal_steps(vg, nvr),
     ]

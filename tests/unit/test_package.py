@@ -21,6 +21,7 @@ import pytest
 import imgbase
 from imgbase.errors import InputError
 from imgbase.image import package, trust
+from imgbase.image.squashfs import sha256_file
 
 FAKE_MAIN = """import os, sys
 mode = oct(os.stat(os.path.dirname(sys.argv[-1])).st_mode & 0o7777)
@@ -47,7 +48,7 @@ def make_image(work: Path, image_json: str, signer: Path | None,
     meta.write_text(image_json)
     image = work / name
     subprocess.run(["mksquashfs", str(tree), str(image), "-quiet", "-no-progress"], check=True)
-    Path(f"{image}.sha256").write_text(f"{trust.sha256_of(str(image))}  {image.name}\n")
+    Path(f"{image}.sha256").write_text(f"{sha256_file(str(image))}  {image.name}\n")
     if signer is not None:
         trust.sign(str(image), homedir=str(signer))
     return image
@@ -276,7 +277,7 @@ def test_bad_input_writes_nothing(image: Path, keys: dict[str, Path], tmp_path: 
     refused(tmp_path / "nope.squashfs", "deb", out, keys["trusted"], "no such image")
     junk = tmp_path / "junk.squashfs"
     junk.write_bytes(b"not a squashfs")
-    Path(f"{junk}.sha256").write_text(f"{trust.sha256_of(str(junk))}  {junk.name}\n")
+    Path(f"{junk}.sha256").write_text(f"{sha256_file(str(junk))}  {junk.name}\n")
     trust.sign(str(junk), homedir=str(keys["home"]))
     refused(junk, "rpm", out, keys["trusted"], f"{junk} is not a readable squashfs")
     refused(image, "apk", out, keys["trusted"], "not a package format")

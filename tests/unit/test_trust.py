@@ -12,6 +12,7 @@ import pytest
 from imgbase.errors import ImageRefused, InputError
 from imgbase.image import trust
 from imgbase.image.naming import Nvr
+from imgbase.image.squashfs import sha256_file
 from imgbase.plan import write_atomic
 from tests.conftest import imgbase_cli
 from tests.unit.test_node_plans import node
@@ -21,7 +22,7 @@ from tests.unit.test_node_plans import node
 def image(tmp_path: Path) -> Path:
     image = tmp_path / "n-2.0-1.squashfs"
     image.write_bytes(b"pretend squashfs " * 1000)
-    Path(f"{image}.sha256").write_text(f"{trust.sha256_of(str(image))}  {image.name}\n")
+    Path(f"{image}.sha256").write_text(f"{sha256_file(str(image))}  {image.name}\n")
     return image
 
 
@@ -44,7 +45,7 @@ def test_tampered_checksum_file_fails_its_signature_even_when_insecure(
         keys: dict, image: Path) -> None:
     trust.sign(str(image), homedir=str(keys["home"]))
     image.write_bytes(b"something else")  # and a matching, but unsigned, checksum
-    Path(f"{image}.sha256").write_text(f"{trust.sha256_of(str(image))}  {image.name}\n")
+    Path(f"{image}.sha256").write_text(f"{sha256_file(str(image))}  {image.name}\n")
     for insecure in (False, True):
         with pytest.raises(InputError, match="is BAD"):
             trust.verify_image(str(image), insecure=insecure, trusted=keys["trusted"])
@@ -86,12 +87,12 @@ def test_an_unsigned_or_untrusted_image_is_refused_before_it_is_read(
     def hashing(path: str) -> str:
         raise AssertionError(f"{path} was read")
 
-    monkeypatch.setattr(trust, "sha256_of", hashing)
+    monkeypatch.setattr(trust, "sha256_file", hashing)
     with pytest.raises(InputError, match="is not signed"):
         trust.verify_image(str(image), insecure=False, trusted=keys["trusted"])
     monkeypatch.undo()
     trust.sign(str(image), homedir=str(keys["home"]))
-    monkeypatch.setattr(trust, "sha256_of", hashing)
+    monkeypatch.setattr(trust, "sha256_file", hashing)
     with pytest.raises(InputError, match="no trusted keys in"):
         trust.verify_image(str(image), insecure=False, trusted=tmp_path / "empty.d")
 
@@ -108,7 +109,7 @@ def squashfs(path: Path, nvr: str, filler: str = "") -> Path:
     (tree / "etc/filler").write_text(filler or nvr)
     subprocess.run(["mksquashfs", str(tree), str(path), "-quiet", "-no-progress",
                     "-noappend"], check=True)
-    Path(f"{path}.sha256").write_text(f"{trust.sha256_of(str(path))}  {path.name}\n")
+    Path(f"{path}.sha256").write_text(f"{sha256_file(str(path))}  {path.name}\n")
     return path
 
 
@@ -206,7 +207,7 @@ def test_an_image_whose_kernel_args_grub_could_misread_is_refused(
         f'{{"nvr": "n-2.0-1", "kernel_args": {kargs}}}')
     subprocess.run(["mksquashfs", str(tree), str(img), "-quiet", "-no-progress",
                     "-noappend"], check=True)
-    Path(f"{img}.sha256").write_text(f"{trust.sha256_of(str(img))}  {img.name}\n")
+    Path(f"{img}.sha256").write_text(f"{sha256_file(str(img))}  {img.name}\n")
     trust.sign(str(img), homedir=str(keys["home"]))
     dest = tmp_path / "images"
     with pytest.raises(InputError, match="kernel_args|kernel argument"):
@@ -232,7 +233,7 @@ def test_a_signed_image_json_that_is_no_identity_is_refused_with_65(
     (tree / "usr/lib/imgbase/image.json").write_text(image_json)
     subprocess.run(["mksquashfs", str(tree), str(img), "-quiet", "-no-progress",
                     "-noappend"], check=True)
-    Path(f"{img}.sha256").write_text(f"{trust.sha256_of(str(img))}  {img.name}\n")
+    Path(f"{img}.sha256").write_text(f"{sha256_file(str(img))}  {img.name}\n")
     trust.sign(str(img), homedir=str(keys["home"]))
     dest = tmp_path / "images"
     with pytest.raises(ImageRefused, match=match) as e:
