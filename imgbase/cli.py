@@ -344,12 +344,12 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from .node import gc
+    from .node import rollback
     from .node.facts import NodeFacts
     from .node.health import read_history
 
-    return _apply(gc.plan_rollback(NodeFacts.gather(), read_history(), args.to,
-                                   now=time.time()), args)
+    return _apply(rollback.plan_rollback(NodeFacts.gather(), read_history(), args.to,
+                                         now=time.time()), args)
 
 
 def cmd_pin(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from imgbase import config
 from imgbase.bootloader import grub, grubenv
 from imgbase.errors import InputError
 from imgbase.image import kargs
-from imgbase.node import boot, health, keep, update
+from imgbase.node import boot, health, keep, rollback, update
 from imgbase.node.status import collect
 from tests.unit.test_node_plans import NVR, lv, node
 
@@ -148,13 +148,12 @@ def test_status_shows_trial_kargs_and_abandoned_layers() -> None:
 
 
 def test_rollback_goes_to_the_last_layer_found_healthy_not_the_previous_nvr() -> None:
-    from imgbase.node import gc
 
     f = replace(two_layers(), booted=B, env={"saved_entry": B})
     history = [{"event": "health", "layer": A, "good": True},
                {"event": "health", "layer": "gone+1", "good": True},
                {"event": "health", "layer": B, "good": True}]
-    plan = gc.plan_rollback(f, history, None, now=1234)
+    plan = rollback.plan_rollback(f, history, None, now=1234)
     switch, remember = plan.steps[:2], plan.steps[2]
     assert written_env(replace(plan, steps=switch)) == {"saved_entry": A}
     # remembered after the switch: the agent will not roll the node forward to B again
@@ -163,9 +162,9 @@ def test_rollback_goes_to_the_last_layer_found_healthy_not_the_previous_nvr() ->
     assert event == {"time": 1234, "event": "rolled-back", "layer": B, "to": A}
     assert keep.rolled_back_from(json.loads(remember.write[1])) == {B}
     with pytest.raises(InputError, match="no earlier good layer"):
-        gc.plan_rollback(f, history[2:], None)
+        rollback.plan_rollback(f, history[2:], None)
     with pytest.raises(InputError, match="is not a layer of this node"):
-        gc.plan_rollback(f, history, "gone+1")
+        rollback.plan_rollback(f, history, "gone+1")
 
 
 def test_gc_keeps_newest_booted_default_and_pinned_bases() -> None:

@@ -17,7 +17,7 @@ from imgbase import bootloader
 from imgbase.bootloader import grubenv
 from imgbase.errors import InputError
 from imgbase.image.trust import Verified
-from imgbase.node import boot, gc, layers, recover, update
+from imgbase.node import boot, gc, layers, recover, rollback, update
 from imgbase.node.facts import NodeFacts, boot_unmounted
 from imgbase.node.keep import keep_set
 from tests.unit.test_node_plans import NVR, lv, node
@@ -173,8 +173,8 @@ def test_every_boot_writer_refuses_when_boot_is_not_mounted(monkeypatch: pytest.
         lambda: boot.plan_set_default(f, f"{OLD}+1"),
         lambda: boot.plan_next(f, f"{OLD}+1"),
         lambda: boot.plan_menu_timeout(f, 5),
-        lambda: gc.plan_rollback(f, [], f"{OLD}+1"),
-        lambda: gc.plan_rollback(replace(f, entries={}), [], None),
+        lambda: rollback.plan_rollback(f, [], f"{OLD}+1"),
+        lambda: rollback.plan_rollback(replace(f, entries={}), [], None),
         lambda: layers.plan_layer_add(f, None, "LABEL=boot /boot ext4 defaults 0 2\n"),
         lambda: layers.plan_layer_remove(f, f"{OLD}+1"),
         lambda: layers.plan_base_remove(f, OLD),
