@@ -297,27 +297,16 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_kargs(args: argparse.Namespace) -> int:
-    from .bootloader import committed, entry, kernel_args, write_entry_steps
-    from .image import kargs
+    from .node import kargs
     from .node.facts import NodeFacts
 
     facts = NodeFacts.gather()
-    facts.need_boot()  # an unmounted /boot has no entries to read or edit
-    layer = args.layer or facts.booted
-    if layer is None or layer not in facts.entries:
-        die(f"{layer or 'the running root'} has no boot entry",
-            hint="name a layer with --layer (imgbase layer --list)")
-    current = kernel_args(facts.entries[layer]).split()
     if not (args.append or args.delete or args.replace):
+        current = kargs.current(facts, args.layer)[1]
         print(json.dumps(current) if args.json else " ".join(current))
         return 0
-    new = kargs.edit(current, append=args.append, delete=args.delete, replace=args.replace)
-    lv = facts.layout.get(layer)
-    assert lv is not None
-    changed: dict[str, str | None] = {layer: entry(facts.boot, layer, lv.path, " ".join(new))}
-    return _apply(Plan("kargs", tuple(committed(facts.boot, write_entry_steps(
-        facts.boot, facts.entries, changed)))),
-                  args)
+    return _apply(kargs.plan_kargs(facts, args.layer, append=args.append, delete=args.delete,
+                                   replace=args.replace), args)
 
 
 def cmd_health(args: argparse.Namespace) -> int:

@@ -215,3 +215,24 @@ def test_gc_config_is_validated(tmp_path: Path) -> None:
         conf.write_text(f"[gc]\n{bad}\n")
         with pytest.raises(InputError, match=message):
             config.load(conf)
+
+
+def test_kargs_edits_one_layers_entry_through_the_gate() -> None:
+    from imgbase.bootloader import kernel_args
+    from imgbase.bootloader.grub import parse_entries
+    from imgbase.node import kargs as node_kargs
+
+    f = two_layers()
+    assert node_kargs.current(f, None) == (A, ["rw", "quiet"])  # the booted layer's
+    plan = node_kargs.plan_kargs(f, B, append=["mitigations=off"], delete=["quiet"])
+    written = next(s for s in plan.steps if s.write and s.write[0].endswith(".cfg")).write
+    assert written is not None
+    entries = parse_entries(written[1])
+    assert kernel_args(entries[B]).split() == ["rw", "mitigations=off"]
+    assert kernel_args(entries[A]).split() == ["rw", "quiet"]  # the other untouched
+    with pytest.raises(InputError, match="cannot go into a boot entry"):
+        node_kargs.plan_kargs(f, B, append=["a;b"])
+    with pytest.raises(InputError, match="has no boot entry"):
+        node_kargs.plan_kargs(f, "gone+1", append=["x=1"])
+    with pytest.raises(InputError, match="/boot is not mounted"):
+        node_kargs.current(replace(f, unmounted="/boot is not mounted (...)"), None)
