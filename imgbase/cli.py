@@ -197,28 +197,14 @@ def _names(status: dict[str, object], key: str) -> list[dict[str, object]]:
 
 
 def cmd_base(args: argparse.Namespace) -> int:
-    from .image import trust
-    from .image.naming import Nvr
     from .node import layers as node_layers
     from .node.facts import NodeFacts
-    from .node.install import parse_size
     from .node.status import collect
 
     if args.add:
-        if not Path(args.add).is_file():
-            die(f"{args.add}: no such image", hint="give the .squashfs made by imgbase compose")
-        parse_size(args.size)
-        trust.check_insecure(args.insecure)
-        image = trust.verified_copy(args.add, insecure=args.insecure)
-        try:
-            facts = NodeFacts.gather()
-            nvr = args.nvr or image.nvr
-            accepted = trust.read_accepted()
-            trust.refuse_rollback(Nvr.parse(image.nvr), accepted, args.allow_downgrade)
-            return _apply(node_layers.plan_base_add(facts, str(image.path), nvr, args.size,
-                                              image.key, accepted, image.nvr), args)
-        finally:
-            image.discard()
+        with node_layers.base_to_add(args.add, args.size, args.nvr, insecure=args.insecure,
+                                     allow_downgrade=args.allow_downgrade) as plan:
+            return _apply(plan, args)
     facts = NodeFacts.gather()
     if args.remove:
         return _apply(node_layers.plan_base_remove(facts, args.remove), args)
@@ -359,33 +345,20 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    from .image import fetch, trust
     from .node import update
 
-    trust.check_insecure(args.insecure)
-    with locked():
-        source, adopt = args.source, None
-        if fetch.is_url(source):
-            source = str(fetch.fetch(source, Progress(json_lines=args.json),
-                                     insecure=args.insecure))
-            adopt = fetch.DOWNLOADS  # root-only: the download is renamed, not copied
-        image = trust.verified_copy(source, insecure=args.insecure, adopt=adopt)
-        try:
-            facts = update.gather_facts(image, allow_downgrade=args.allow_downgrade,
-                                        tries=args.tries, full_copy=args.full_copy,
-                                        stage_only=args.stage_only)
-            plan = update.plan_update(facts)
-            if args.check:
-                report = update.check_report(facts, Path("/run/imgbase"))
-                print(json.dumps(report, indent=2) if args.json
-                      else update.render_report(report))
-                return 0
-            if args.dry_run:
-                print(plan.to_json() if args.json else plan.describe())
-                return 0
-            execute(plan, Progress(json_lines=args.json))
-        finally:
-            image.discard()  # done or failed: the plan needs it no more
+    with update.prepared(args.source, insecure=args.insecure,
+                         allow_downgrade=args.allow_downgrade, tries=args.tries,
+                         full_copy=args.full_copy, stage_only=args.stage_only,
+                         progress=Progress(json_lines=args.json)) as (facts, plan):
+        if args.check:
+            report = update.check_report(facts, Path("/run/imgbase"))
+            print(json.dumps(report, indent=2) if args.json else update.render_report(report))
+            return 0
+        if args.dry_run:
+            print(plan.to_json() if args.json else plan.describe())
+            return 0
+        execute(plan, Progress(json_lines=args.json))
     if args.json:
         pass
     elif args.stage_only:

@@ -7,14 +7,23 @@ layer (the node would boot something unexpected next time).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from .. import bootloader
 from ..errors import die
 from ..image.naming import Layer, Nvr
-from ..image.trust import accepted_step, with_key
+from ..image.trust import (
+    accepted_step,
+    check_insecure,
+    read_accepted,
+    refuse_rollback,
+    verified_copy,
+    with_key,
+)
 from ..plan import Plan, Step
 from ..storage.layout import (
     WORK,
@@ -163,3 +172,25 @@ def plan_base_remove(f: NodeFacts, base: str) -> Plan:
         steps.append(Step(f"remove-{layer}", ("lvremove", "-y", f"{f.layout.vg}/{layer}")))
     steps.append(Step("remove-base", ("lvremove", "-y", lv.path)))
     return Plan("base-remove", tuple(bootloader.committed(f.boot, steps)))
+
+
+@contextlib.contextmanager
+def base_to_add(image: str, size: str, nvr: str | None, *, insecure: bool,
+                allow_downgrade: bool) -> Iterator[Plan]:
+    """``base --add``: the image verified into a private copy (discarded after), refused
+    when older than the newest accepted, and the plan that makes its base."""
+    from .install import parse_size
+
+    if not Path(image).is_file():
+        die(f"{image}: no such image", hint="give the .squashfs made by imgbase compose")
+    parse_size(size)
+    check_insecure(insecure)
+    verified = verified_copy(image, insecure=insecure)
+    try:
+        facts = NodeFacts.gather()
+        accepted = read_accepted()
+        refuse_rollback(Nvr.parse(verified.nvr), accepted, allow_downgrade)
+        yield plan_base_add(facts, str(verified.path), nvr or verified.nvr, size,
+                            verified.key, accepted, verified.nvr)
+    finally:
+        verified.discard()

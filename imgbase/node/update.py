@@ -22,8 +22,10 @@ boot is counted, and a layer that does not come up healthy is abandoned by GRUB.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,17 +33,20 @@ from typing import Any
 from .. import bootloader
 from ..bootloader import grubenv
 from ..errors import ImgbaseError, die
-from ..image import squashfs
+from ..image import fetch, squashfs
 from ..image.naming import Layer, Nvr
 from ..image.trust import (
     Verdict,
     Verified,
     accepted_step,
+    check_insecure,
     read_accepted,
     refuse_rollback,
+    verified_copy,
     with_key,
 )
-from ..plan import Plan, Step
+from ..plan import Plan, Step, locked
+from ..progress import Progress
 from ..storage.layout import (
     TAG_INCOMPLETE,
     WORK,
@@ -341,3 +346,25 @@ def render_report(r: dict[str, Any]) -> str:
         lines.append(f"pool free {r['pool_free'] >> 20} MiB; the new base needs about "
                      f"{r['space_needed'] >> 20} MiB (image {r['image_size'] >> 20} MiB)")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def prepared(source: str, *, insecure: bool, allow_downgrade: bool, tries: int,
+             full_copy: bool = False, stage_only: bool = False,
+             progress: Progress | None = None) -> Iterator[tuple[UpdateFacts, Plan]]:
+    """``imgbase update``'s work before the plan runs: a URL downloaded, the image verified
+    into a private copy, the facts and the plan -- under imgbase's lock; the verified copy
+    is discarded when the caller is done (the plan run, or only shown)."""
+    check_insecure(insecure)
+    with locked():
+        adopt = None
+        if fetch.is_url(source):
+            source = str(fetch.fetch(source, progress or Progress(), insecure=insecure))
+            adopt = fetch.DOWNLOADS  # root-only: the download is renamed, not copied
+        image = verified_copy(source, insecure=insecure, adopt=adopt)
+        try:
+            facts = gather_facts(image, allow_downgrade=allow_downgrade, tries=tries,
+                                 full_copy=full_copy, stage_only=stage_only)
+            yield facts, plan_update(facts)
+        finally:
+            image.discard()  # done or failed: the plan needs it no more
