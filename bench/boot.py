@@ -37,6 +37,7 @@ from tests.etcdcluster import EtcdCluster, etcd_cluster  # noqa: E402
 AGENT_TOML = f"""[cluster]
 endpoints = ["http://{GUESTFWD_ADDR}:2379"]
 group = "bench"
+insecure_http = true
 [agent]
 ttl = 15
 """

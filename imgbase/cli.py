@@ -299,8 +299,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     from .config import load as load_settings
     from .node import afterboot
 
-    settings = load_settings()
-    out = afterboot.check(settings)
+    out = afterboot.check(load_settings(only=("health",)).health)
     if not out.env_kept:
         print("grubenv changed while the checks ran: left as it is now", file=sys.stderr)
     if args.json:
@@ -314,7 +313,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         print(f"this boot ({out.booted}) is {'good' if out.good else 'NOT good'}: "
               f"{out.record['reason']}")
     if args.act:
-        afterboot.act(out, settings, lambda line: print(line, file=sys.stderr, flush=True))
+        afterboot.act(out, lambda line: print(line, file=sys.stderr, flush=True))
     return 0 if out.good else 1
 
 

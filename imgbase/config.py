@@ -130,8 +130,22 @@ def _trust(src: Source) -> TrustSettings:
     return TrustSettings(value)
 
 
-def load(path: Path = CONFIG) -> Settings:
-    """Every section of the node's settings, checked; defaults where the file is silent."""
+SECTIONS = ("check", "gc", "health", "trust")
+
+
+def load(path: Path = CONFIG, only: tuple[str, ...] | None = None) -> Settings:
+    """Every section of the node's settings, checked; defaults where the file is silent.
+
+    ``only``: check and read these sections alone, defaults for the others -- for what
+    runs at boot (health must judge the boot whatever else the file gets wrong)."""
     src = Source(path, missing_ok=True)
-    Table(src, "", src.data, {f.name for f in fields(Settings)})  # unknown sections
-    return Settings(_check(src), _gc(src), _health(src), _trust(src))
+    if only is None:
+        Table(src, "", src.data, set(SECTIONS))  # unknown sections
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
+    return Settings(_check(src) if wanted("check") else CheckSettings(),
+                    _gc(src) if wanted("gc") else GcSettings(),
+                    _health(src) if wanted("health") else HealthSettings(),
+                    _trust(src) if wanted("trust") else TrustSettings())

@@ -49,6 +49,11 @@ class Source:
     def line_of(self, table: str, key: str | None = None) -> int:
         """Best-effort line of ``key`` in ``[table]`` (or of the table header)."""
         lines = self.text.splitlines()
+        if not table and key is not None:  # a top-level key, or a section of that name
+            header = re.compile(rf"^\s*\[\[?\s*[\"']?{re.escape(key)}[\"']?\s*[\].]")
+            for i, line in enumerate(lines):
+                if header.match(line):
+                    return i + 1
         start = 0
         for i, line in enumerate(lines):
             if re.match(rf"^\s*\[\s*{re.escape(table)}\s*\]", line):
@@ -77,6 +82,10 @@ class Table:
         self.data: dict[str, Any] = data
         for key in data:
             if key not in allowed:
+                if not name:  # the file's top level
+                    what = (f"unknown section [{key}]" if isinstance(data[key], dict)
+                            else f"unknown key '{key}'")
+                    src.fail(name, key, what, hint=f"known: {', '.join(sorted(allowed))}")
                 src.fail(
                     name, key, f"unknown key '{key}' in [{name}]",
                     hint=f"allowed keys: {', '.join(sorted(allowed))}",

@@ -42,6 +42,9 @@ from .image import squashfs
 from .node.selfcheck import FAIL_CODE, PASS_CODE
 from .run import run
 
+#: the kernel argument (or credential) that asks a boot for the self-check: the units
+#: in boot/systemd/ test for it (imgbase-selfcheck runs, health and the agent do not)
+SELFCHECK = "imgbase.selfcheck"
 QEMU = "qemu-system-x86_64"
 # paramiko logs every refused attempt while a guest boots; our errors say what matters
 logging.getLogger("paramiko").setLevel(logging.CRITICAL)
@@ -372,7 +375,7 @@ class Guest:
             cmdline = ["root=/dev/vda", "rootfstype=squashfs", "ro", "imgbase.live",
                        "console=ttyS0,115200", "panic=-1", *s.cmdline]
             if s.selfcheck:
-                cmdline.append("imgbase.node.selfcheck")
+                cmdline.append(SELFCHECK)
             argv += ["-kernel", str(kernel), "-initrd", str(initrd),
                      "-append", " ".join(cmdline)]
             drives.append(f"file={s.live},format=raw,readonly=on")
@@ -410,7 +413,7 @@ class Guest:
         if not s.selfcheck:
             creds.append(("ssh.authorized_keys.root", self._make_key()))
         elif s.disk:
-            creds.append(("imgbase.node.selfcheck", "1"))
+            creds.append((SELFCHECK, "1"))
         for name, value in creds:
             b64 = base64.b64encode(value.encode()).decode()
             argv += ["-smbios", f"type=11,value=io.systemd.credential.binary:{name}={b64}"]

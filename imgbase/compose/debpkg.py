@@ -27,8 +27,9 @@ BOOT_DIR = BOOT
 DEPENDS = [
     "python3 (>= 3.11)", "lvm2", "thin-provisioning-tools", "squashfs-tools", "rsync",
     "e2fsprogs", "gdisk", "initramfs-tools", "gpgv", "python3-requests", "python3-tomli-w",
+    "python3-dbus", "python3-libvirt",  # health and selfcheck speak to systemd and libvirt
 ]
-RECOMMENDS = ["python3-libvirt", "python3-dbus"]
+RECOMMENDS: list[str] = []
 
 MAINTAINER = "imgbase developers <imgbase@example.org>"
 COPYRIGHT = """\
@@ -140,7 +141,8 @@ def build_deb(outdir: Path, source_date_epoch: int) -> Path:
         f"Package: imgbase\nVersion: {version}\nArchitecture: all\n"
         f"Maintainer: {MAINTAINER}\n"
         f"Installed-Size: {size_kib}\nSection: admin\nPriority: optional\n"
-        f"Depends: {', '.join(DEPENDS)}\nRecommends: {', '.join(RECOMMENDS)}\n"
+        f"Depends: {', '.join(DEPENDS)}\n"
+        + (f"Recommends: {', '.join(RECOMMENDS)}\n" if RECOMMENDS else "") +
         "Description: image-based hypervisor node tooling\n"
         " Compose, install, update and roll back image-based hypervisor nodes on LVM\n"
         " thin pools; includes the imgbase-agent cluster agent.\n"

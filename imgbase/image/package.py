@@ -65,7 +65,10 @@ RPM_PATH = re.compile(r"[A-Za-z0-9._+/-]+")
 VERIFY = """import sys
 from pathlib import Path
 from imgbase.errors import ImgbaseError
-from imgbase.image.trust import verify_image
+try:
+    from imgbase.image.trust import verify_image
+except ImportError:  # a node whose imgbase predates imgbase.image
+    from imgbase.trust import verify_image
 try:
     verdict = verify_image(sys.argv[1], insecure=False, trusted=Path(sys.argv[2]))
 except ImgbaseError as exc:

@@ -125,7 +125,10 @@ def _word(src: Source, t: Table, key: str) -> str | None:
 
 
 def _strings(t: Table, key: str) -> tuple[str, ...]:
-    return t.strings(key, what="string")
+    values = t.get(key, list, [])
+    if not all(isinstance(v, str) for v in values):
+        t.src.fail(t.name, key, f"{key} must be a list of strings", hint=f'{key} = ["..."]')
+    return tuple(values)
 
 
 def _node_path(src: Source, t: Table, key: str) -> str | None:
@@ -146,7 +149,7 @@ def parse_site(text: str, path: Path) -> Site:
         t = Table(src, "cluster", src.data["cluster"], set(CLUSTER_KEYS))
         cluster = Join(_strings(t, "endpoints"), t.get("group", str, "default"),
                        ca=_node_path(src, t, "ca"), cert=_node_path(src, t, "cert"),
-                       key=_node_path(src, t, "key"), user=t.get("user", str),
+                       key=_node_path(src, t, "key"), user=t.get("user", str) or None,
                        password_file=_node_path(src, t, "password_file"),
                        insecure_http=t.get("insecure_http", bool, False))
         cluster.agent_toml(KICKSTART_COMMENT, str(path))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Settings
+from ..config import CONFIG, HealthSettings, load
 from ..errors import ImgbaseError
 from ..plan import execute, locked
 from ..progress import Progress
@@ -38,10 +38,10 @@ class Outcome:
         return bool(self.record["good"])
 
 
-def check(settings: Settings) -> Outcome:
+def check(settings: HealthSettings) -> Outcome:
     """Run the checks, record them, and write the verdict's grubenv (over the grubenv it
     was made from, under the lock)."""
-    results = health.run_checks(settings.health)
+    results = health.run_checks(settings)
     facts = NodeFacts.gather()
     boot_id = BOOT_ID.read_text().strip()
     rec = health.record(facts.booted, boot_id, results)
@@ -54,19 +54,21 @@ def check(settings: Settings) -> Outcome:
     return Outcome(facts.booted, rec, results, verdict.events, verdict.reboot, kept)
 
 
-def act(outcome: Outcome, settings: Settings, say: Callable[[str], None]) -> None:
-    """Reboot a failed trial, or collect old images after a good one ([gc]); ``say`` is
-    told first what is done. A failing gc is said, never turned into a red health result."""
+def act(outcome: Outcome, say: Callable[[str], None], config: Path = CONFIG) -> None:
+    """Reboot a failed trial, or collect old images after a good one ([gc] of config);
+    ``say`` is told first what is done. A failing gc -- a bad [gc] included -- is said,
+    never turned into a red health result."""
     if outcome.reboot:
         say("on trial and not healthy: rebooting to count the try down")
         systemd.reboot()
         return
     if not any(e["event"] == "marked-good" for e in outcome.events):
         return
-    if not settings.gc.after_good_boot:
-        return
     try:
-        plan = gc.plan_gc(NodeFacts.gather(), settings.gc.keep, health.read_history())
+        settings = load(config, only=("gc",)).gc
+        if not settings.after_good_boot:
+            return
+        plan = gc.plan_gc(NodeFacts.gather(), settings.keep, health.read_history())
         if plan.steps:
             with locked():
                 execute(plan, Progress())

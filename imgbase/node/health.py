@@ -117,20 +117,18 @@ def no_failed_units() -> tuple[bool, str]:
 
 def builtin_checks(config: HealthSettings) -> list[tuple[str, str, Callable[[], tuple[bool, str]]]]:
     """(name, tier, call) of the built-in checks."""
-    checks: list[tuple[str, str, Callable[[], tuple[bool, str]]]] = [
+    return [
         ("units", "required", lambda: units_not_failed(config.required_units)),
         ("libvirt", "required", libvirt_answers),
         ("failed-units", "wanted", no_failed_units),
     ]
-    if agent_configured():
-        checks.append(("agent-registered", "wanted", agent_registered))
-    return checks
 
 
-def agent_registered() -> tuple[bool, str]:
-    """``imgbase-agent registered``: the agent's own answer (its state file)."""
-    proc = subprocess.run(["imgbase-agent", "registered"], capture_output=True, text=True)
-    return proc.returncode == 0, _last_line(proc.stdout + "\n" + proc.stderr) or "no answer"
+def command_checks(root: Path = HEALTH_D) -> list[tuple[str, str, list[str]]]:
+    """(name, tier, argv) of the checks that are commands: the agent's own answer, and
+    the drop-ins of health.d."""
+    agent = [("agent-registered", "wanted", ["imgbase-agent", "registered"])]
+    return [*(agent if agent_configured() else []), *directory_checks(root)]
 
 
 def agent_configured(config: Path | None = None, cmdline: Path | None = None) -> bool:
@@ -157,7 +155,7 @@ def run_checks(config: HealthSettings, root: Path = HEALTH_D) -> list[CheckResul
     return [*(run_call(name, tier, call, config.timeout)
               for name, tier, call in builtin_checks(config)),
             *(run_command(name, tier, argv, config.timeout)
-              for name, tier, argv in directory_checks(root))]
+              for name, tier, argv in command_checks(root))]
 
 
 def verdict(results: list[CheckResult]) -> tuple[bool, str]:

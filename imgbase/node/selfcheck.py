@@ -79,7 +79,8 @@ def run_checks() -> list[CheckResult]:
         try:
             results.append(check())
         except Exception as exc:  # a check that crashes has failed, with its reason
-            results.append(CheckResult(check.__name__.removeprefix("check_"), False, repr(exc)))
+            detail = exc.oneline() if isinstance(exc, ImgbaseError) else repr(exc)
+            results.append(CheckResult(check.__name__.removeprefix("check_"), False, detail))
     return results
 
 

@@ -75,7 +75,7 @@ LAB = '[cluster]\ninsecure_http = true\nendpoints = ["http://a:1"]\n'
      "needs a migrate_hook"),
     ('[cluster]\nendpoint = ["https://a:1"]\n',
      "agent.toml:2: unknown key 'endpoint' in [cluster]"),
-    ('[clutser]\n', "agent.toml:1: unknown key 'clutser'"),
+    ('\n[clutser]\n', "agent.toml:2: unknown section [clutser]"),
     ('[cluster\n', "agent.toml:1: TOML syntax error"),
 ])
 def test_bad_configs_are_refused_with_one_line(tmp_path: Path, text: str, message: str) -> None:

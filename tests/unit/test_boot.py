@@ -236,3 +236,12 @@ def test_kargs_edits_one_layers_entry_through_the_gate() -> None:
         node_kargs.plan_kargs(f, "gone+1", append=["x=1"])
     with pytest.raises(InputError, match="/boot is not mounted"):
         node_kargs.current(replace(f, unmounted="/boot is not mounted (...)"), None)
+
+
+def test_health_reads_its_section_whatever_else_the_file_gets_wrong(tmp_path: Path) -> None:
+    """At boot, a bad [gc] or an unknown section must not keep health from its verdict."""
+    conf = tmp_path / "imgbase.toml"
+    conf.write_text("[storage]\nx = 1\n[gc]\nkeep = 0\n[health]\ntimeout = 7\n")
+    assert config.load(conf, only=("health",)).health.timeout == 7.0
+    with pytest.raises(InputError, match="imgbase.toml:1: unknown section"):
+        config.load(conf)  # an admin's imgbase check says what is wrong

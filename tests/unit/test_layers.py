@@ -159,3 +159,18 @@ def test_systemd_and_libvirt_are_spoken_to_not_scraped() -> None:
                     for path in (ROOT / "imgbase").rglob("*.py")
                     for tool in ('"systemctl"', '"virsh"') if tool in path.read_text()})
     assert users == ["imgbase/compose/postprocess.py"]
+
+
+def test_the_selfcheck_word_is_the_one_the_units_test_for() -> None:
+    """A module move once renamed the kernel argument with the module: the self-check never
+    ran, and health and the agent ran during it."""
+    from imgbase.vm import SELFCHECK
+
+    units = ROOT / "boot/systemd"
+    selfcheck = (units / "imgbase-selfcheck.service").read_text()
+    assert f"ConditionKernelCommandLine=|{SELFCHECK}\n" in selfcheck
+    assert f"ConditionPathExists=|/run/credentials/@system/{SELFCHECK}\n" in selfcheck
+    for unit in ("imgbase-health.service", "imgbase-agent.service"):
+        text = (units / unit).read_text()
+        assert f"ConditionKernelCommandLine=!{SELFCHECK}\n" in text
+        assert f"ConditionPathExists=!/run/credentials/@system/{SELFCHECK}\n" in text

@@ -219,7 +219,7 @@ def test_limits_come_from_the_config_then_the_command_line(tmp_path: Path) -> No
                        match=r"imgbase.toml:2: unknown key 'pool_data_mx' in \[check\]"):
         load(conf)
     conf.write_text("[chek]\npool_data_max = 60\n")
-    with pytest.raises(InputError, match=r"imgbase.toml:1: unknown key 'chek'"):
+    with pytest.raises(InputError, match=r"imgbase.toml:1: unknown section \[chek\]"):
         load(conf)
 
 
