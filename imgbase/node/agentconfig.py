@@ -91,6 +91,10 @@ class Join:
             die(f"{where}: [cluster] cert and key go together", hint="give both, or neither")
         if self.user is not None:
             check_name(self.user, "user", where)
+            if on_node and self.user == "root":
+                die(f"{where}: user root is the cluster admin's; a node logs in as its own "
+                    "etcd user", hint="imgbase fleet add-node NODE makes the node's user "
+                    "and password")
         if bool(self.user) != bool(self.password_file):
             die(f"{where}: [cluster] user and password_file go together",
                 hint="give both (imgbase fleet add-node makes them), or neither")

@@ -69,6 +69,8 @@ LAB = '[cluster]\ninsecure_http = true\nendpoints = ["http://a:1"]\n'
     (LAB + 'cert = "c.pem"\n'
      'key = "/k"\n', "is not an absolute path"),
     (LAB + 'cert = "/c"\n', "cert and key go together"),
+    ('[cluster]\nendpoints = ["https://a:1"]\nuser = "root"\npassword_file = "/p"\n',
+     "user root is the cluster admin's"),
     (LAB + '[agent]\nttl = 1\n', "is not 5 to 3600 seconds"),
     (LAB + '[agent]\ndomains = "kill"\n', "is not a policy"),
     (LAB + '[agent]\ndomains = "migrate"\n',
