@@ -3,8 +3,10 @@ through :func:`imgbase.image.kargs.edit` (the one gate), then written as a plan.
 
 from __future__ import annotations
 
+import shlex
+
 from ..bootloader import committed, entry, kernel_args, write_entry_steps
-from ..errors import die
+from ..errors import ImgbaseError, die
 from ..image import kargs
 from ..plan import Plan
 from .facts import NodeFacts
@@ -31,3 +33,20 @@ def plan_kargs(facts: NodeFacts, layer: str | None, *, append: list[str] | None 
     changed: dict[str, str | None] = {layer: entry(facts.boot, layer, lv.path, " ".join(new))}
     return Plan("kargs", tuple(committed(facts.boot, write_entry_steps(
         facts.boot, facts.entries, changed))))
+
+
+def model_args(facts: NodeFacts, layer: str | None) -> str:
+    """The kernel arguments a new layer takes over from layer's entry ("rw" when there is
+    none), refused -- with the way to repair it -- when one cannot go into an entry."""
+    text = facts.entries.get(layer or "")
+    if not text:
+        return "rw"
+    args = kernel_args(text)
+    for arg in args.split():
+        try:
+            kargs.check_arg(arg)
+        except ImgbaseError:
+            die(f"the boot entry of {layer} has the kernel argument {arg!r}, which cannot go "
+                "into a new entry", hint=f"remove it first: imgbase kargs --layer {layer} "
+                f"--delete {shlex.quote(arg)}")
+    return args

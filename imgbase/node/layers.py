@@ -34,6 +34,7 @@ from ..storage.layout import (
     rewrite_fstab,
 )
 from .facts import NodeFacts
+from .kargs import model_args
 
 
 def boot_files_step(mnt: Path, boot: Path, layer: str) -> Step:
@@ -101,8 +102,8 @@ def plan_layer_add(f: NodeFacts, base: str | None, fstab: str) -> Plan:
     new_fstab = rewrite_fstab(fstab, f"/dev/{vg}/{layer}", volumes)
     # carried over from the booted layer if it is of the same base, else from the default
     source = f.booted if base == f.booted_base else f.default
-    model = f.entries.get(source or "") or next(iter(f.entries.values()), "")
-    kargs = bootloader.kernel_args(model) if model else "rw"
+    model = source if source in f.entries else next(iter(f.entries), None)
+    kargs = model_args(f, model)
     new_entry = bootloader.entry(f.boot, layer, f"/dev/{vg}/{layer}", kargs)
     steps = [
         *layer_create_steps(vg, base, layer, mnt, new_fstab),

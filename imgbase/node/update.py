@@ -60,6 +60,7 @@ from ..storage.layout import (
 from ..storage.lvm import TAG_BASE
 from .boot import DEFAULT_TRIES
 from .facts import NodeFacts
+from .kargs import model_args
 from .layers import boot_files_step
 
 EXIT_UP_TO_DATE = 77
@@ -131,8 +132,8 @@ def plan_update(f: UpdateFacts) -> Plan:
                                     f"{mnt}/usr/share/factory/etc", f"{mnt}/etc"),
                       note="3-way: old factory, this layer's /etc, new factory"))
     steps += create[fstab_at:]
-    model = node.entries.get(node.booted or "") or node.entries.get(node.default or "") or ""
-    kargs = merge_kargs(bootloader.kernel_args(model) if model else "rw", f.image_kargs)
+    model = node.booted if node.booted in node.entries else node.default
+    kargs = merge_kargs(model_args(node, model), f.image_kargs)
     steps += [
         boot_files_step(mnt, node.boot, layer),
         *bootloader.write_entry_steps(node.boot, node.entries, {

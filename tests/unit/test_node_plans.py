@@ -251,3 +251,15 @@ def test_a_full_boot_is_refused_with_the_sizes(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"/boot is too full for another layer: \d+ MiB free"):
         layers.check_boot_space(tmp_path, "a+1")
     layers.check_boot_space(tmp_path, None)
+
+
+def test_a_bad_argument_in_the_model_entry_is_refused_with_its_repair() -> None:
+    """layer --add (and update) take the booted layer's arguments over: one a new entry
+    cannot hold is named, with the kargs --delete that repairs it."""
+    f = node()
+    booted = f"{NVR}+1"
+    bad = replace(f, entries={booted: f.entries[booted].replace("rw quiet", "rw quiet x}")})
+    with pytest.raises(InputError, match=r"the boot entry of .*\+1 has the kernel argument "
+                       r"'x}'") as e:
+        layers.plan_layer_add(bad, None, "LABEL=boot /boot ext4 defaults 0 2\n")
+    assert f"imgbase kargs --layer {booted} --delete 'x}}'" in (e.value.hint or "")
