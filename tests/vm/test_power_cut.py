@@ -127,11 +127,13 @@ def test_power_cuts_through_an_update_leave_a_node_that_boots_and_recovers(
 # -- a disk that fills up during an update -------------------------------------------------
 
 JOURNAL = "/var/lib/imgbase/journal.jsonl"
-# /boot filled to its last 8 to 12 MiB (the margin: fallocate's own extent blocks, which it
-# can need more of than 8 MiB -- the first campaign run saw ENOSPC from the fill itself): the
-# image's kernel (14 MiB) and initrd (17 MiB) no longer fit
-FILL_BOOT = ("for m in 8 10 12; do fallocate -l $(( $(stat -f -c '%f*%S' /boot) - m*1048576 ))"
-             " /boot/filler && break; rm -f /boot/filler; done; test -e /boot/filler")
+# /boot filled to its last 8 MiB, as root sees it: what any user may take (fallocate),
+# then root's reserved blocks (written until ext4 says ENOSPC: it also holds back clusters
+# for its metadata, up to 16 MiB, so no fixed margin below the free count fits), less 8 MiB.
+# The image's kernel (14 MiB) and initrd (17 MiB) no longer fit. All of it in /boot/filler/.
+FILL_BOOT = ("mkdir -p /boot/filler && fallocate -l $(( $(stat -f -c '%a*%S' /boot) )) "
+             "/boot/filler/a && { dd if=/dev/zero of=/boot/filler/b bs=1M status=none "
+             "2>/dev/null; truncate -s -8M /boot/filler/b; }")
 
 
 def update_filling(guest: Guest, step: str, fill: str) -> tuple[int, str]:
@@ -176,25 +178,25 @@ def assert_recovered(guest: Guest) -> None:
 
 def test_a_full_boot_fails_the_update_cleanly_and_recover_cleans_up(node: Guest) -> None:
     back_to_v1_only(node)
-    node.run("rm -f /boot/filler")
+    node.run("rm -rf /boot/filler")
     node.run(FILL_BOOT)  # full before: refused by the space check, nothing written
     refused = node.run(f"imgbase update {IMAGE}", check=False)
     assert refused.rc == 2 and "/boot is too full" in refused.stderr, refused
     assert node.run(f"test ! -e {JOURNAL} && lvs --noheadings -o lv_name | "
                     f"grep -c '{V2}' || true").stdout.strip() == "0"
-    node.run("rm /boot/filler")
+    node.run("rm -r /boot/filler")
     # full during: the copy of kernel and initrd runs out of space
     rc, log = update_filling(node, "base-sync", FILL_BOOT)
     assert_failed_cleanly(node, rc, log, "boot-files", "No space left on device")
     node.reboot()  # /boot still full
     mount_media(node)
     assert_recovered(node)
-    node.run("rm /boot/filler")
+    node.run("rm -r /boot/filler")
     recover_and_check(node)
 
 
 def test_a_full_pool_fails_the_update_cleanly_and_recover_cleans_up(node: Guest) -> None:
-    node.run("rm -f /boot/filler")  # whatever the /boot row left
+    node.run("rm -rf /boot/filler")  # whatever the /boot row left
     back_to_v1_only(node)
     st = status(node)
     vg, pool = st["vg"], st["pool"]
