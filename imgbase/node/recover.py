@@ -61,9 +61,11 @@ def plan_recover(f: NodeFacts, work_mounts: list[str], journal: list[dict[str, A
     for name in dangling:
         steps += bootloader.remove_entry_steps(f.boot, name, entries)
         entries.pop(name)
-    # a layer's kernel and initrd copied, its entry never written (cut in between)
+    # a layer's kernel and initrd copied, its entry never written (cut in between, or the
+    # copy failed on a full /boot): gone with the layer, or left by one already gone
     for name in boot_dirs:
-        if name not in entries and name not in layer_names and name not in keep:
+        if name not in entries and (name not in layer_names or name in doomed) \
+                and name not in keep:
             steps.append(Step(f"boot-files-{name}", ("rm", "-rf", "--one-file-system",
                                                      str(f.boot / name))))
 

@@ -138,6 +138,15 @@ def test_recover_removes_boot_files_of_a_layer_that_never_got_its_entry() -> Non
     assert plan.steps[0].argv[-1] == "/boot/n-2.0-1+1"
 
 
+def test_recover_removes_the_boot_files_of_a_layer_it_removes() -> None:
+    """An update that failed copying the kernel to a full /boot: the incomplete layer goes,
+    and so does its half-copied /boot directory (the power-cut campaign's full-/boot row)."""
+    new = f"{NVR}+2"
+    f = node(lv(new, origin=NVR, tags="imgbase:layer,imgbase:incomplete"))
+    plan = recover.plan_recover(f, [], [], boot_dirs=(f"{NVR}+1", new))
+    assert f"boot-files-{new}" in names(plan) and f"remove-{new}" in names(plan)
+
+
 def test_recover_on_a_clean_node_plans_nothing() -> None:
     assert recover.plan_recover(node(), [], []).steps == ()
 
