@@ -40,7 +40,9 @@ GIB = 1 << 30
 DEFAULT_CACHE = Path(os.environ.get("IMGBASE_CACHE", "/var/cache/imgbase"))
 WORK_MIN_FREE = 3 * GIB  # tree (~0.7 GiB), squashfs, apt downloads, headroom
 OUT_MIN_FREE = 1 * GIB
-ARTIFACTS = (".squashfs", ".manifest.json", ".sha256")
+# NVR.sha256, and the same line as NVR.squashfs.sha256: the sidecar imgbase sign, update,
+# install and fetch look for next to an image (IMAGE.sha256)
+ARTIFACTS = (".squashfs", ".manifest.json", ".sha256", ".squashfs.sha256")
 
 
 @dataclass(frozen=True)
@@ -280,6 +282,7 @@ def _finish(ctx: BuildContext, backend: ComposerBackend, tree: Path, staged: Pat
     }
     (staged / f"{nvr}.manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (staged / f"{nvr}.sha256").write_text(f"{digest}  {sq.name}\n")
+    (staged / f"{nvr}.squashfs.sha256").write_text(f"{digest}  {sq.name}\n")
 
 
 def explain_diff(a: Path, b: Path) -> list[str]:

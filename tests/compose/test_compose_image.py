@@ -108,6 +108,8 @@ def test_manifest(default_image) -> None:  # type: ignore[no-untyped-def]
     assert pkgs["lvm2"]["architecture"] == "amd64" and pkgs["imgbase"]["architecture"] == "all"
     assert manifest["tree"]["size"] > 400e6
     sha_line = sq.with_suffix(".sha256").read_text()
+    # the sidecar imgbase sign and update look for, next to the image: the same line
+    assert Path(f"{sq}.sha256").read_text() == sha_line
     assert sha_line == f"{default_image['sha256']}  {sq.name}\n"
     assert sq.with_name(sq.stem + ".compose.log").exists() or default_image["cached"]
 
