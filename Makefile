@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export IMGBASE_CACHE ?= /var/cache/imgbase
 APT_PACKAGES := mmdebstrap squashfs-tools qemu-system-x86 qemu-utils dpkg-dev e2fsprogs \
                 util-linux openssh-client gpg gpgv rpm etcd-server openssl socat rsync ruby dnf createrepo-c \
-                groff-base mkosi debian-archive-keyring grub-common lintian
+                groff-base mkosi debian-archive-keyring grub-common lintian ovmf
 IMAGE ?= images/node.toml
 OUT ?= out
 

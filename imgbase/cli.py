@@ -88,6 +88,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
         cmdline=tuple(args.append),
         selfcheck=args.selfcheck,
         trusted=tuple(Path(k) for k in args.trust),
+        firmware=args.firmware,
     )
     guest = Guest(spec)
     if args.selfcheck:
@@ -557,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, default=2048, metavar="MiB",
                    help="guest memory (default 2048)")
     p.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
+    p.add_argument("--firmware", choices=("bios", "uefi", "secureboot"), default="bios",
+                   help="bios (default; fastest), uefi (OVMF, q35) or secureboot (OVMF's "
+                   "Secure Boot code with Microsoft's keys, q35 with SMM); a --disk keeps its "
+                   "NVRAM next to it (DISK.FIRMWARE-vars.fd)")
     p.add_argument("--port", type=int, help="SSH port on 127.0.0.1 (default: a free one)")
     p.add_argument("--serial-log", metavar="FILE", help="keep the serial console here")
     p.add_argument("--append", action="append", default=[], metavar="KARG",

@@ -82,9 +82,59 @@ class VmSpec:
     # IMAGE.sha256 and .sig, when next to it, go to /run/imgbase/live/: what
     # `imgbase install` checks the running image against)
     trusted: tuple[Path, ...] = ()
+    # bios (SeaBIOS, pc) | uefi (OVMF, q35) | secureboot (OVMF's Secure Boot code, q35 with
+    # SMM, Microsoft's keys enrolled): see FIRMWARE
+    firmware: str = "bios"
 
 
 GUESTFWD_ADDR = "10.0.2.100"
+
+
+@dataclass(frozen=True)
+class Firmware:
+    """A firmware of Debian's ovmf package: its code (read-only) and the variables it
+    starts from (copied per disk: a machine's NVRAM)."""
+
+    code: Path
+    vars: Path
+    machine: str
+    secure: bool
+
+
+OVMF = Path("/usr/share/OVMF")
+FIRMWARE: dict[str, Firmware | None] = {
+    "bios": None,
+    "uefi": Firmware(OVMF / "OVMF_CODE_4M.fd", OVMF / "OVMF_VARS_4M.fd", "q35", False),
+    "secureboot": Firmware(OVMF / "OVMF_CODE_4M.secboot.fd", OVMF / "OVMF_VARS_4M.ms.fd",
+                           "q35,smm=on", True),
+}
+
+
+def firmware_argv(name: str, nvram: Path) -> list[str]:
+    """qemu's machine and flash for a firmware; nvram: this machine's copy of the vars
+    (made from the firmware's when it does not exist, then kept: NVRAM persists).
+
+    >>> firmware_argv("bios", Path("/x"))
+    []
+    >>> firmware_argv("secureboot", Path("/tmp/x.vars"))[:4]
+    ['-machine', 'q35,smm=on', '-global', 'driver=cfi.pflash01,property=secure,value=on']
+    """
+    fw = FIRMWARE[name]
+    if fw is None:
+        return []
+    return ["-machine", fw.machine,
+            *(["-global", "driver=cfi.pflash01,property=secure,value=on"] if fw.secure else []),
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={fw.code}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={nvram}"]
+
+
+def nvram_of(spec: VmSpec, rundir: Path) -> Path:
+    """Where a guest's NVRAM is kept: next to its disk (so it persists across boots of
+    that disk, as a server's does), else for this run only."""
+    if spec.disk is not None:
+        disk = spec.disk.resolve()
+        return disk.with_name(f"{disk.name}.{spec.firmware}-vars.fd")
+    return rundir / f"{spec.firmware}-vars.fd"
 
 
 @dataclass
@@ -369,6 +419,13 @@ class Guest:
                 "-chardev", f"file,id=serial0,path={self.serial_log},append=on",
                 "-serial", "chardev:serial0",
                 "-device", "isa-debug-exit,iobase=0x501,iosize=0x02"]
+        if FIRMWARE[s.firmware] is not None:
+            nvram = nvram_of(s, self.rundir)
+            if not nvram.exists():
+                fw = FIRMWARE[s.firmware]
+                assert fw is not None
+                shutil.copyfile(fw.vars, nvram)
+            argv += firmware_argv(s.firmware, nvram)
         drives: list[str] = []
         if s.live:
             kernel, initrd = extract_boot_files(s.live, self.rundir)
@@ -494,6 +551,15 @@ def preflight(spec: VmSpec) -> None:
     if spec.guestfwd and shutil.which("socat") is None:
         die("socat is not installed (qemu runs one per forwarded guest connection)",
             hint="apt-get install socat (or make setup)")
+    if spec.firmware not in FIRMWARE:
+        die(f"firmware {spec.firmware!r} is not one of {', '.join(FIRMWARE)}",
+            hint="--firmware bios (the default), uefi or secureboot")
+    fw = FIRMWARE[spec.firmware]
+    if fw is not None:
+        for path in (fw.code, fw.vars):
+            if not path.is_file():
+                die(f"{path} is missing: --firmware {spec.firmware} needs Debian's OVMF",
+                    hint="apt-get install ovmf (or make setup)")
     if spec.port is not None and not port_is_free(spec.port):
         die(f"port {spec.port} on 127.0.0.1 is busy", hint="omit --port to pick a free one")
 

@@ -11,7 +11,7 @@ _shtab_imgbase_subparsers=(compose diff vm install layout kickstart base layer c
 
 _shtab_imgbase_compose_option_strings=(-h --help -o --output --backend --list-backends --cache --rebuild --image-version --release --json)
 _shtab_imgbase_diff_option_strings=(-h --help --json)
-_shtab_imgbase_vm_option_strings=(-h --help --live --disk --write --blank --attach --memory --cpus --port --serial-log --append --trust --timeout --run --selfcheck)
+_shtab_imgbase_vm_option_strings=(-h --help --live --disk --write --blank --attach --memory --cpus --firmware --port --serial-log --append --trust --timeout --run --selfcheck)
 _shtab_imgbase_install_option_strings=(-h --help --disk --volumes --pool-size --vg --wipe --menu-timeout --join --group --ca --cert --key --sha256 --insecure --etcd-user --etcd-password-file --insecure-http --dry-run --json)
 _shtab_imgbase_layout_option_strings=(-h --help --init --from --nvr --karg --dry-run --json)
 _shtab_imgbase_kickstart_list_option_strings=(-h --help)
@@ -46,6 +46,7 @@ _shtab_imgbase_option_strings=(-h --help --version --debug)
 
 
 
+_shtab_imgbase_vm___firmware_choices=(bios uefi secureboot)
 _shtab_imgbase_install___volumes_choices=(minimal nist)
 _shtab_imgbase_kickstart_pos_0_choices=(list render)
 _shtab_imgbase_package___format_choices=(deb rpm)
