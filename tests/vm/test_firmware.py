@@ -14,19 +14,15 @@ from tests.conftest import imgbase_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
-SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d0-aae0-0a1c2b5d5e3a"
-
-
 def test_uefi_and_secure_boot_boot_the_image(node_image: Path, tmp_path: Path) -> None:
     with Guest(VmSpec(live=node_image, firmware="uefi"), tmp_path / "uefi") as guest:
         assert guest.run("cat /sys/firmware/efi/fw_platform_size").stdout.strip() == "64"
-        state = guest.run(f"od -An -t u1 {SECURE_BOOT_VAR} 2>/dev/null | awk '{{print $NF}}'")
-        assert state.stdout.strip() in ("", "0")  # UEFI without Secure Boot
+        assert "secureboot: Secure boot disabled" in guest.run("dmesg").stdout
         assert (tmp_path / "uefi/uefi-vars.fd").is_file()  # a live guest's NVRAM: its run's
     with Guest(VmSpec(live=node_image, firmware="secureboot"), tmp_path / "sb") as guest:
-        state = guest.run(f"od -An -t u1 {SECURE_BOOT_VAR} | awk '{{print $NF}}'")
-        assert state.stdout.strip() == "1"  # enforced: the kernel booted is signed
-        assert "Secure boot enabled" in guest.run("dmesg").stdout
+        # enforced by the firmware: the kernel it booted is signed (the kernel says so; the
+        # live image does not mount efivarfs to read the SecureBoot variable)
+        assert "secureboot: Secure boot enabled" in guest.run("dmesg").stdout
 
 
 def test_a_disks_nvram_is_kept_next_to_it(tmp_path: Path) -> None:
