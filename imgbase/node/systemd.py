@@ -103,25 +103,22 @@ def failed_units() -> list[str]:
     return sorted(str(u[0]) for u in _manager().ListUnitsFiltered(["failed"]))
 
 
-def reboot() -> None:
-    """Ask logind for a reboot (it runs the shutdown: units stop, domains get their turn)."""
+def _logind(method: str, what: str) -> None:
     import dbus
 
     manager = dbus.Interface(_bus().get_object(LOGIND, LOGIND_PATH), f"{LOGIND}.Manager")
     try:
-        manager.Reboot(False)
+        getattr(manager, method)(False)
     except dbus.DBusException as exc:
-        raise ImgbaseError(f"logind refused the reboot: {exc}",
+        raise ImgbaseError(f"logind refused the {what}: {exc}",
                            hint="is systemd-logind running?") from exc
+
+
+def reboot() -> None:
+    """Ask logind for a reboot (it runs the shutdown: units stop, domains get their turn)."""
+    _logind("Reboot", "reboot")
 
 
 def power_off() -> None:
     """Ask logind to power the machine off."""
-    import dbus
-
-    manager = dbus.Interface(_bus().get_object(LOGIND, LOGIND_PATH), f"{LOGIND}.Manager")
-    try:
-        manager.PowerOff(False)
-    except dbus.DBusException as exc:
-        raise ImgbaseError(f"logind refused the power-off: {exc}",
-                           hint="is systemd-logind running?") from exc
+    _logind("PowerOff", "power-off")
