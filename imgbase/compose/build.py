@@ -242,6 +242,11 @@ def _finish(ctx: BuildContext, backend: ComposerBackend, tree: Path, staged: Pat
                 postprocess.run_hooks(tree, layer, image, ctx.env)
                 postprocess.apply_services(tree, layer)
                 info["detail"] = f"{n} files, {len(layer.hooks)} hooks"
+        if image.kernel_modules_exclude:
+            with progress.step("kernel-modules") as info:
+                gone = postprocess.drop_kernel_modules(tree, image.kernel_modules_exclude)
+                info["detail"] = (f"{gone / 1e6:.0f} MB left out: "
+                                  + ", ".join(image.kernel_modules_exclude))
         with progress.step("boot-check") as info:
             kernels: list[str] = []
             if image.bootable:
@@ -274,7 +279,7 @@ def _finish(ctx: BuildContext, backend: ComposerBackend, tree: Path, staged: Pat
         "backend": backend.name,
         "kernels": kernels,
         "layers": [{"name": layer.name, "digest": layer.digest(),
-                    "packages": list(layer.packages)} for layer in image.layers],
+                    "packages": list(layer.all_packages)} for layer in image.layers],
         "packages": [asdict(p) for p in packages],
         "tree": {"size": size, "entries": entries},
         "squashfs": {"file": sq.name, "size": sq.stat().st_size, "sha256": digest,

@@ -24,7 +24,7 @@ import imgbase
 from .. import intree
 from ..errors import ImgbaseError
 from ..image.spec import ImageSpec, LayerSpec
-from .chroot import chroot_run
+from .chroot import chroot_run, remove_tree
 
 IMAGE_JSON = "usr/lib/imgbase/image.json"
 FACTORY_ETC = "usr/share/factory/etc"
@@ -249,6 +249,28 @@ def clamp_mtimes(tree: Path, epoch: int) -> int:
     if os.lstat(tree).st_mtime > epoch:
         os.utime(tree, (epoch, epoch))
     return changed
+
+
+def drop_kernel_modules(tree: Path, excluded: tuple[str, ...]) -> int:
+    """Remove the excluded module directories of every kernel in the tree, then rebuild
+    its module index (depmod, inside the tree); returns the bytes removed. Each directory
+    is found inside the kernel's own module tree, never through a symlink out of it."""
+    removed = 0
+    modules = _dir_in(tree, "usr/lib/modules")
+    for kdir in sorted(modules.iterdir()) if modules else []:
+        if not kdir.is_dir() or kdir.is_symlink():
+            continue
+        base = kdir / "kernel"
+        for rel in excluded:
+            target = _dir_in(base, rel) if base.is_dir() else None
+            if target is None or not target.is_dir() or target == base.resolve():
+                continue
+            removed += sum(p.lstat().st_size for p in target.rglob("*")
+                           if p.is_file() and not p.is_symlink())
+            remove_tree(target)
+        if excluded:
+            chroot_run(tree, ["depmod", kdir.name])
+    return removed
 
 
 def check_boot_files(tree: Path, live: bool) -> list[str]:

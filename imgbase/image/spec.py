@@ -32,6 +32,10 @@ REPO_URL_RE = re.compile(r"^(?:https?|ftp|file)://\S+$")
 MIRROR_RE = re.compile(r"(?:https?|file)://[^\s\[\]\"'`#]+")
 #: suite, distribution, architecture: one plain word (bookworm, 40, amd64, x86_64)
 WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+#: a Debian kernel flavour: linux-image-<flavour> (amd64: the generic, signed kernel)
+KERNEL_FLAVOUR_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+#: a directory of the kernel's modules, relative to /usr/lib/modules/<version>/kernel
+MODULE_DIR_RE = re.compile(r"[a-z0-9_][a-z0-9_.-]*(?:/[a-z0-9_][a-z0-9_.-]*)*")
 COMPRESSIONS = {"zstd": range(1, 23), "xz": range(0, 1), "gzip": range(1, 10), "lz4": range(0, 1)}
 
 
@@ -55,6 +59,15 @@ class LayerSpec:
     kernel_args: tuple[str, ...] = ()
     hooks: tuple[Path, ...] = ()
     files: Path | None = None
+    #: the kernel flavour this layer brings (Debian: package linux-image-<kernel>)
+    kernel: str | None = None
+    #: module directories (under .../kernel/) a node never loads, left out of the image
+    kernel_modules_exclude: tuple[str, ...] = ()
+
+    @property
+    def all_packages(self) -> tuple[str, ...]:
+        """packages, and the kernel package first when the layer sets a kernel."""
+        return ((f"linux-image-{self.kernel}",) if self.kernel else ()) + self.packages
 
     def digest(self) -> str:
         """sha256 over everything this layer feeds into a build."""
@@ -92,7 +105,8 @@ def load_layer(path: Path) -> LayerSpec:
     if "layer" not in src.data:
         die(f"{path}:1: a layer file needs a [layer] table", hint="see docs/layers.md")
     t = Table(src, "layer", src.data["layer"],
-               {"name", "description", "packages", "imgbase_package", "kernel_args", "hooks"})
+               {"name", "description", "packages", "imgbase_package", "kernel_args", "hooks",
+                "kernel", "kernel_modules_exclude"})
     name = t.get("name", str, required=True)
     if not LAYER_NAME_RE.fullmatch(name):
         src.fail("layer", "name", f"layer name {name!r} must be lower-case letters, digits, '-'")
@@ -119,17 +133,31 @@ def load_layer(path: Path) -> LayerSpec:
             check_arg(karg)  # the one gate of imgbase kargs, update and the entry writers
         except ImgbaseError as exc:
             src.fail("layer", "kernel_args", exc.message, hint=exc.hint)
+    kernel = t.get("kernel", str, None)
+    if kernel is not None and not KERNEL_FLAVOUR_RE.fullmatch(kernel):
+        src.fail("layer", "kernel", f"kernel flavour {kernel!r} is not one plain word",
+                 hint='a Debian kernel flavour: "amd64" (generic, signed), "cloud-amd64"')
+    packages = t.strings("packages", PACKAGE_RE)
+    if kernel is not None and (listed := [p for p in packages if p.startswith("linux-image-")]):
+        src.fail("layer", "packages", f"the layer sets kernel = {kernel!r} and also lists "
+                 f"{listed[0]}", hint="name the kernel once: the kernel setting")
+    exclude = t.strings("kernel_modules_exclude", MODULE_DIR_RE, "module directory",
+                        hint='directories under the kernel\'s modules, e.g. "sound"')
+    if any(".." in e.split("/") for e in exclude):
+        src.fail("layer", "kernel_modules_exclude", "a module directory cannot contain '..'")
     files = _files(src, layer_dir)
     return LayerSpec(
         name=name,
         path=path.resolve(),
         description=t.get("description", str, ""),
-        packages=t.strings("packages", PACKAGE_RE),
+        packages=packages,
         imgbase_package=t.get("imgbase_package", bool, False),
         services=services,
         kernel_args=kargs,
         hooks=hooks,
         files=files,
+        kernel=kernel,
+        kernel_modules_exclude=exclude,
     )
 
 
@@ -206,15 +234,20 @@ class ImageSpec:
         """All packages of all layers, in layer order, without repeats."""
         seen: dict[str, None] = {}
         for layer in self.layers:
-            seen.update(dict.fromkeys(layer.packages))
+            seen.update(dict.fromkeys(layer.all_packages))
         return tuple(seen)
 
     def layer_of_package(self, package: str) -> LayerSpec | None:
-        return next((lay for lay in self.layers if package in lay.packages), None)
+        return next((lay for lay in self.layers if package in lay.all_packages), None)
 
     @property
     def kernel_args(self) -> tuple[str, ...]:
         return tuple(a for layer in self.layers for a in layer.kernel_args)
+
+    @property
+    def kernel_modules_exclude(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(e for layer in self.layers
+                                   for e in layer.kernel_modules_exclude))
 
 
 def load_image(path: Path, layer_dir: Path | None = None,
@@ -250,6 +283,14 @@ def load_image(path: Path, layer_dir: Path | None = None,
         layers.append(load_layer(lpath))
     if not layers:
         src.fail("image", "layers", "an image needs at least one layer")
+    kernels = [lay for lay in layers if lay.kernel]
+    if len(kernels) > 1:
+        src.fail("image", "layers", f"layers {kernels[0].name!r} and {kernels[1].name!r} both "
+                 "set a kernel", hint="one layer of an image sets kernel = ...")
+    distro = _word(src, t, "distro", "debian")
+    if kernels and distro != "debian":
+        src.fail("image", "layers", f"layer {kernels[0].name!r} sets a Debian kernel flavour "
+                 f"in a {distro} image", hint="list the distribution's kernel package instead")
     compression = t.get("compression", str, "zstd")
     if compression not in COMPRESSIONS:
         src.fail("image", "compression", f"compression {compression!r} is not one of "
@@ -274,7 +315,7 @@ def load_image(path: Path, layer_dir: Path | None = None,
         name=name,
         version=version,
         release=release,
-        distro=_word(src, t, "distro", "debian"),
+        distro=distro,
         suite=_word(src, t, "suite", "bookworm"),
         architecture=_word(src, t, "architecture", "amd64"),
         mirror=_mirror(src, t, "mirror", "http://deb.debian.org/debian"),

@@ -27,7 +27,8 @@ def host(image_tree: Path):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("package", [
     "libvirt-daemon-system", "qemu-system-x86", "lvm2", "thin-provisioning-tools", "grub-pc",
-    "imgbase", "openssh-server", "linux-image-cloud-amd64",
+    "imgbase", "openssh-server", "linux-image-amd64", "shim-signed", "grub-efi-amd64-signed",
+    "efibootmgr", "mokutil", "dosfstools",
 ])
 def test_packages_installed(host, package: str) -> None:  # type: ignore[no-untyped-def]
     assert host.package(package).is_installed
@@ -36,6 +37,31 @@ def test_packages_installed(host, package: str) -> None:  # type: ignore[no-unty
 def test_imgbase_inside_equals_composing_one(host) -> None:  # type: ignore[no-untyped-def]
     assert host.check_output("imgbase --version") == f"imgbase {imgbase.__version__}"
     assert host.package("imgbase").version == imgbase.__version__
+
+
+def test_the_kernel_is_the_signed_generic_one_without_what_a_hypervisor_never_loads(
+        host, image_tree: Path) -> None:  # type: ignore[no-untyped-def]
+    import struct
+
+    [kernel] = (image_tree / "boot").glob("vmlinuz-*-amd64")
+    assert "cloud" not in kernel.name
+    data = kernel.read_bytes()
+    pe = struct.unpack_from("<I", data, 0x3C)[0]
+    offset, size = struct.unpack_from("<II", data, pe + 24 + 112 + 4 * 8)
+    assert offset and size > 1000  # an Authenticode signature (Secure Boot)
+    for rel in ("usr/lib/shim/shimx64.efi.signed",
+                "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"):
+        assert (image_tree / rel).is_file(), rel
+    kver = kernel.name.removeprefix("vmlinuz-")
+    modules = image_tree / "usr/lib/modules" / kver
+    assert not (modules / "kernel/sound").exists()
+    assert not (modules / "kernel/drivers/net/wireless").exists()
+    assert (modules / "kernel/drivers/net/ethernet/intel").is_dir()  # server NICs stay
+    assert (modules / "kernel/drivers/scsi/megaraid").is_dir()  # and RAID controllers
+    dep = (modules / "modules.dep").read_text()
+    assert "kernel/sound/" not in dep and "kernel/drivers/md/dm-thin-pool.ko" in dep
+    # the module index was rebuilt: what is left resolves
+    assert host.run(f"modprobe -S {kver} --show-depends dm-thin-pool").rc == 0
 
 
 def test_node_identity_is_not_baked(host) -> None:  # type: ignore[no-untyped-def]

@@ -93,7 +93,7 @@ def test_image_json_carries_the_nvr(tmp_path: Path, root_dir: Path) -> None:
     postprocess.write_image_json(tree, image, "abc")
     info = json.loads((tree / postprocess.IMAGE_JSON).read_text())
     assert info["nvr"] == str(image.nvr) and info["inputs_digest"] == "abc"
-    assert info["kernel_args"] == ["console=ttyS0,115200"]
+    assert info["kernel_args"] == ["console=tty0", "console=ttyS0,115200"]
 
 
 def test_the_copied_deb_goes_but_packaged_dirs_stay(tmp_path: Path) -> None:

@@ -286,3 +286,38 @@ def test_the_package_tree_key_follows_packages_and_sources_not_layer_files(
                     replace(v1, suite="trixie")):
         assert tree_digest(changed, "mmdebstrap") != tree_digest(v1, "mmdebstrap")
     assert tree_digest(v1, "dnf") != tree_digest(v1, "mmdebstrap")
+
+
+def test_kernel_flavour_is_a_layer_setting(tmp_path: Path, root_dir: Path) -> None:
+    img = load_image(write(tmp_path, layer=LAYER.replace("[layer]", '[layer]\nkernel = "amd64"')))
+    assert img.layers[0].kernel == "amd64" and img.packages[0] == "linux-image-amd64"
+    default = load_image(root_dir / "images/node.toml")
+    assert "linux-image-amd64" in default.packages  # the generic kernel, signed
+    assert not any(p.startswith("linux-image-cloud") for p in default.packages)
+
+
+@pytest.mark.parametrize("layer, message", [
+    ('[layer]\nname = "base"\nkernel = "amd64; rm"\n',
+     "base.toml:3: kernel flavour 'amd64; rm' is not"),
+    ('[layer]\nname = "base"\nkernel = "amd64"\npackages = ["linux-image-rt-amd64"]\n',
+     "base.toml:4: the layer sets kernel = 'amd64' and also lists linux-image-rt-amd64"),
+])
+def test_bad_kernel_setting(tmp_path: Path, layer: str, message: str) -> None:
+    assert message in error_of(write(tmp_path, layer=layer))
+
+
+def test_two_layers_with_a_kernel_are_refused(tmp_path: Path) -> None:
+    img = write(tmp_path, image=IMAGE.replace('["base"]', '["base", "other"]'),
+                layer=LAYER.replace("[layer]", '[layer]\nkernel = "amd64"'))
+    (tmp_path / "layers/other.toml").write_text('[layer]\nname = "other"\nkernel = "cloud-amd64"\n')
+    assert "layers 'base' and 'other' both set a kernel" in error_of(img)
+
+
+def test_kernel_modules_exclude(tmp_path: Path) -> None:
+    img = load_image(write(tmp_path, layer=LAYER + 'kernel_modules_exclude = ["sound", '
+                           '"drivers/media"]\n'))
+    assert img.kernel_modules_exclude == ("sound", "drivers/media")
+    for bad in ('"../etc"', '"/lib"', '"sound; rm"', '"drivers/../../x"'):
+        text = LAYER + f"kernel_modules_exclude = [{bad}]\n"
+        (tmp_path / "layers/base.toml").write_text(text)
+        assert "base.toml:4: " in error_of(tmp_path / "images/node.toml"), bad
