@@ -40,8 +40,8 @@ IMAGE = ROOT / "images/node.toml"
 NVR, V2 = "imgbase-node-1.0-1", "imgbase-node-1.1-1"
 
 
-def compose(out: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "imgbase", "compose", str(IMAGE), "-o", str(out)],
+def compose(out: Path, image: Path = IMAGE) -> Path:
+    subprocess.run([sys.executable, "-m", "imgbase", "compose", str(image), "-o", str(out)],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return out / f"{NVR}.squashfs"
 

@@ -101,7 +101,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
         finally:
             guest.kill()
         print("\n".join(lines))
-        verdict = selfcheck_result(status)
+        verdict = selfcheck_result(status, lines)
         if verdict is None:
             print(f"imgbase: error: the guest ended (qemu status {status}) without a "
                   "self-check result (hint: keep the console with --serial-log FILE)",
@@ -159,10 +159,15 @@ def cmd_install(args: argparse.Namespace) -> int:
     trust.check_insecure(args.insecure)
     if args.image is not None and not Path(args.image).is_file():
         die(f"{args.image}: no such image", hint="give the .squashfs made by imgbase compose")
+    network = None
+    if args.network is not None:
+        from .config import load_network
+
+        network = load_network(Path(args.network))  # checked before anything else
     facts, image = install.gather_facts(
         args.disk, lambda: install.verify(args.image, insecure=args.insecure, sums=args.sha256),
         volumes=args.volumes, pool_size=args.pool_size, wipe=args.wipe, vg=args.vg, join=join,
-        menu_timeout=args.menu_timeout)
+        menu_timeout=args.menu_timeout, network=network)
     try:
         return _apply(install.plan_install(facts), args, journal=install.JOURNAL)
     finally:
@@ -254,7 +259,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     facts = NodeFacts.gather()
     plan = recover.plan_recover(facts, recover.work_mounts(), journal,
                                 boot_dirs=recover.layer_dirs(facts.boot),
-                                history=read_history())
+                                history=read_history(), esp_stale=recover.esp_stale(facts))
     if not args.json:
         print(f"interrupted: {what}" if what else "no interrupted operation in the journal")
     return _apply(plan, args, journal=None)
@@ -325,6 +330,18 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     return _apply(rollback.plan_rollback(NodeFacts.gather(), read_history(), args.to,
                                          now=time.time()), args)
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    from .node import reset
+    from .node.facts import NodeFacts
+    from .node.layers import check_boot_space
+
+    facts = NodeFacts.gather()
+    check_boot_space(facts.boot, facts.booted)
+    fstab = Path("/etc/fstab").read_text()
+    carry = reset.carried(Path("/"), args.keep_etc, args.factory)
+    return _apply(reset.plan_reset(reset.ResetFacts(facts, fstab, carry), args.tries), args)
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
@@ -612,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the file holding that user's password (with --join)")
     p.add_argument("--insecure-http", action="store_true",
                    help="allow http:// endpoints and no etcd user (with --join; a lab only)")
+    p.add_argument("--network", metavar="FILE",
+                   help="a TOML file whose [network] declares the node's bridges, bonds, "
+                   "VLANs and addresses (default: bridge br0 over the primary NIC, DHCP)")
     _plan_args(p)
     p.set_defaults(func=cmd_install)
 
@@ -751,6 +771,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the layer to roll back to (default: the last good one)")
     _plan_args(p)
     p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("reset", help="a fresh layer of the booted base, the node's identity "
+                       "kept", description="Make a new layer of the booted base with the "
+                       "image's factory /etc plus what makes the node this node (machine-id, "
+                       "hostname, SSH host keys and root's keys, network, cluster join, "
+                       "trusted keys), and make it the default on trial. /var is untouched; "
+                       "the old layer stays until gc.")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--keep-etc", action="store_true",
+                     help="carry all of /etc, not only the node's identity")
+    how.add_argument("--factory", action="store_true",
+                     help="carry nothing: the node forgets its identity, network and cluster")
+    p.add_argument("--tries", type=int, default=3, metavar="N",
+                   help="boots the new layer gets to come up healthy (1-9, default 3)")
+    _plan_args(p)
+    p.set_defaults(func=cmd_reset)
 
     for verb in ("pin", "unpin"):
         p = sub.add_parser(verb, help=f"{verb} a base: gc never removes a pinned base")

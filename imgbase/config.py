@@ -15,6 +15,8 @@ an error with file:line, and nothing is done::
     required_units = ["local-fs.target", "systemd-journald.service", "libvirtd.service"]
     [trust]                       # may --insecure accept an unsigned image here?
     allow_insecure = false
+    [network.bridges.br0]         # the node's network (imgbase.netconf); none: br0 by DHCP
+    ports = ["primary"]
 
 >>> load(Path("/nonexistent/imgbase.toml")).gc
 GcSettings(keep=2, after_good_boot=True)
@@ -22,10 +24,12 @@ GcSettings(keep=2, after_good_boot=True)
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from . import netconf
 from .tomlconf import Source, Table
 
 CONFIG = Path("/etc/imgbase/imgbase.toml")
@@ -62,6 +66,7 @@ class Settings:
     gc: GcSettings = field(default_factory=GcSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     trust: TrustSettings = field(default_factory=TrustSettings)
+    network: netconf.Network | None = None  # None: not declared (install: netconf.DEFAULT)
 
 
 def _table(src: Source, name: str, cls: type) -> Table | None:
@@ -130,7 +135,26 @@ def _trust(src: Source) -> TrustSettings:
     return TrustSettings(value)
 
 
-SECTIONS = ("check", "gc", "health", "trust")
+def _network(src: Source) -> netconf.Network | None:
+    if "network" not in src.data:
+        return None
+
+    def fail(key: tuple[str, ...], message: str, hint: str | None) -> None:
+        whole = ".".join(key)
+        if re.search(rf"^\s*\[\s*{re.escape(whole)}\s*\]", src.text, re.M):
+            src.fail(whole, None, message, hint)
+        src.fail(".".join(key[:-1]), key[-1], message, hint)
+
+    return netconf.parse_or_die(src.data["network"], fail)
+
+
+def load_network(path: Path) -> netconf.Network:
+    """The [network] of a file (``install --network``), checked; DEFAULT when it has none."""
+    src = Source(path, missing_hint="give the TOML file with the node's [network]")
+    return _network(src) or netconf.DEFAULT
+
+
+SECTIONS = ("check", "gc", "health", "trust", "network")
 
 
 def load(path: Path = CONFIG, only: tuple[str, ...] | None = None) -> Settings:
@@ -148,4 +172,5 @@ def load(path: Path = CONFIG, only: tuple[str, ...] | None = None) -> Settings:
     return Settings(_check(src) if wanted("check") else CheckSettings(),
                     _gc(src) if wanted("gc") else GcSettings(),
                     _health(src) if wanted("health") else HealthSettings(),
-                    _trust(src) if wanted("trust") else TrustSettings())
+                    _trust(src) if wanted("trust") else TrustSettings(),
+                    _network(src) if wanted("network") else None)

@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -487,12 +488,28 @@ class Guest:
         return self.key.with_suffix(".pub").read_text()
 
 
-def selfcheck_result(exit_status: int) -> bool | None:
-    """qemu's exit status after a self-check boot: True pass, False fail, None no result."""
+RESULT_LINE = "IMGBASE-SELFCHECK-RESULT "
+
+
+def selfcheck_result(exit_status: int, lines: Sequence[str] = ()) -> bool | None:
+    """The verdict of a self-check boot: True pass, False fail, None no result.
+
+    qemu's exit status carries it (isa-debug-exit). Under Secure Boot the kernel is locked
+    down and refuses the guest the port (ioperm), so the guest powers off cleanly (status
+    0) after its result line on the console: only then is that line the verdict.
+
+    >>> selfcheck_result((PASS_CODE << 1) | 1), selfcheck_result(0, [RESULT_LINE + "fail"])
+    (True, False)
+    >>> print(selfcheck_result(0), selfcheck_result(1, [RESULT_LINE + "pass"]))
+    None None
+    """
     if exit_status == (PASS_CODE << 1) | 1:
         return True
     if exit_status == (FAIL_CODE << 1) | 1:
         return False
+    results = [line.removeprefix(RESULT_LINE) for line in lines if line.startswith(RESULT_LINE)]
+    if exit_status == 0 and results and results[-1] in ("pass", "fail"):
+        return results[-1] == "pass"
     return None
 
 

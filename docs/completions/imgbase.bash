@@ -7,12 +7,12 @@
 
 _shtab_imgbase_kickstart_subparsers=(list render)
 _shtab_imgbase_fleet_subparsers=(set-image status pause resume release init-auth add-node)
-_shtab_imgbase_subparsers=(compose diff vm install layout kickstart base layer check recover boot kargs health rollback pin unpin gc update package sign verify status fleet w)
+_shtab_imgbase_subparsers=(compose diff vm install layout kickstart base layer check recover boot kargs health rollback reset pin unpin gc update package sign verify status fleet w)
 
 _shtab_imgbase_compose_option_strings=(-h --help -o --output --backend --list-backends --cache --rebuild --image-version --release --json)
 _shtab_imgbase_diff_option_strings=(-h --help --json)
 _shtab_imgbase_vm_option_strings=(-h --help --live --disk --write --blank --attach --memory --cpus --firmware --port --serial-log --append --trust --timeout --run --selfcheck)
-_shtab_imgbase_install_option_strings=(-h --help --disk --volumes --pool-size --vg --wipe --menu-timeout --join --group --ca --cert --key --sha256 --insecure --etcd-user --etcd-password-file --insecure-http --dry-run --json)
+_shtab_imgbase_install_option_strings=(-h --help --disk --volumes --pool-size --vg --wipe --menu-timeout --join --group --ca --cert --key --sha256 --insecure --etcd-user --etcd-password-file --insecure-http --network --dry-run --json)
 _shtab_imgbase_layout_option_strings=(-h --help --init --from --nvr --karg --dry-run --json)
 _shtab_imgbase_kickstart_list_option_strings=(-h --help)
 _shtab_imgbase_kickstart_render_option_strings=(-h --help --image --url --site --nist --endpoint --group --karg --ssh-key --image-spec --repo -o --output)
@@ -25,6 +25,7 @@ _shtab_imgbase_boot_option_strings=(-h --help --next --set-default --menu-timeou
 _shtab_imgbase_kargs_option_strings=(-h --help --layer --list --append --delete --replace --dry-run --json)
 _shtab_imgbase_health_option_strings=(-h --help --json --act)
 _shtab_imgbase_rollback_option_strings=(-h --help --to --dry-run --json)
+_shtab_imgbase_reset_option_strings=(-h --help --keep-etc --factory --tries --dry-run --json)
 _shtab_imgbase_pin_option_strings=(-h --help --dry-run --json)
 _shtab_imgbase_unpin_option_strings=(-h --help --dry-run --json)
 _shtab_imgbase_gc_option_strings=(-h --help --keep --dry-run --json)
@@ -51,7 +52,7 @@ _shtab_imgbase_install___volumes_choices=(minimal nist)
 _shtab_imgbase_kickstart_pos_0_choices=(list render)
 _shtab_imgbase_package___format_choices=(deb rpm)
 _shtab_imgbase_fleet_pos_0_choices=(set-image status pause resume release init-auth add-node)
-_shtab_imgbase_pos_0_choices=(compose diff vm install layout kickstart base layer check recover boot kargs health rollback pin unpin gc update package sign verify status fleet w)
+_shtab_imgbase_pos_0_choices=(compose diff vm install layout kickstart base layer check recover boot kargs health rollback reset pin unpin gc update package sign verify status fleet w)
 
 _shtab_imgbase_compose__h_nargs=0
 _shtab_imgbase_compose___help_nargs=0
@@ -123,6 +124,12 @@ _shtab_imgbase_rollback__h_nargs=0
 _shtab_imgbase_rollback___help_nargs=0
 _shtab_imgbase_rollback___dry_run_nargs=0
 _shtab_imgbase_rollback___json_nargs=0
+_shtab_imgbase_reset__h_nargs=0
+_shtab_imgbase_reset___help_nargs=0
+_shtab_imgbase_reset___keep_etc_nargs=0
+_shtab_imgbase_reset___factory_nargs=0
+_shtab_imgbase_reset___dry_run_nargs=0
+_shtab_imgbase_reset___json_nargs=0
 _shtab_imgbase_pin__h_nargs=0
 _shtab_imgbase_pin___help_nargs=0
 _shtab_imgbase_pin___dry_run_nargs=0

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..bootloader import ENTRIES, uses_bls
+from ..bootloader import ENTRIES, efi, uses_bls
 from ..bootloader.grub import unrecognised
 from ..config import CheckSettings
 from ..errors import ImgbaseError
@@ -41,6 +41,18 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class EspFacts:
+    """The EFI system partition of a node that has one (fstab mounts /boot/efi, or the
+    node was booted by UEFI)."""
+
+    why: str  # why the node needs one
+    mounted: bool
+    stale: tuple[str, ...] = ()  # ESP files missing or not the booted image's
+    bad_stubs: tuple[str, ...] = ()  # grub.cfg stubs that do not find this /boot
+    pending: bool = False  # the default layer is not the booted one: its chain may differ
+
+
+@dataclass(frozen=True)
 class CheckFacts:
     tagged_vgs: tuple[str, ...]
     layout: NodeLayout | None
@@ -53,6 +65,7 @@ class CheckFacts:
     autoextend: tuple[int, int] | None = None  # (threshold, percent) of the pool's profile
     monitored: bool = False  # dmeventd watches the pool
     limits: CheckSettings = CheckSettings()
+    esp: EspFacts | None = None  # None: a BIOS-only node
 
 
 @dataclass(frozen=True)
@@ -214,6 +227,24 @@ def check_boot_entries(f: CheckFacts) -> Result:
 
 
 @check
+def check_esp(f: CheckFacts) -> Result:
+    e = f.esp
+    if e is None:
+        return Result("esp", True, "no ESP: booted by BIOS, and fstab mounts no /boot/efi")
+    if not e.mounted:
+        return Result("esp", False, f"{efi.MOUNTPOINT} is not mounted ({e.why})",
+                      f"mount {efi.MOUNTPOINT}; imgbase recover then rewrites its boot files")
+    problems = [f"{rel} does not find this /boot" for rel in e.bad_stubs]
+    if e.stale and not e.pending:
+        problems.append(f"{', '.join(e.stale)}: missing or not the booted image's")
+    good = ("shim, signed grub and the removable-media path are the booted image's"
+            if not e.stale else "the ESP holds the boot chain of the default layer, which "
+            "is not the booted one")
+    return _result("esp", problems, good,
+                   "imgbase recover writes the booted image's shim and grub to the ESP")
+
+
+@check
 def check_booted(f: CheckFacts) -> Result:
     if f.booted is None:
         return Result("booted", False, "/ is not an imgbase layer",
@@ -289,7 +320,27 @@ def gather(limits: CheckSettings, boot: Path = Path("/boot")) -> CheckFacts:
     return CheckFacts(tagged_vgs=tagged, layout=layout, entries=node.entries, boot_files=files,
                       entries_junk=junk,
                       booted=node.booted, mounts=_mounts(), lv_devices=devices,
-                      autoextend=autoextend, monitored=monitored, limits=limits)
+                      autoextend=autoextend, monitored=monitored, limits=limits,
+                      esp=esp_facts(node, boot))
+
+
+def esp_facts(node: Any, boot: Path, root: Path = Path("/")) -> EspFacts | None:
+    """node: NodeFacts. The ESP as the booted image would write it, or None (BIOS only)."""
+    fstab = root / "etc/fstab"
+    in_fstab = fstab.is_file() and any(
+        len(w := line.split()) > 1 and not w[0].startswith("#") and w[1] == efi.MOUNTPOINT
+        for line in fstab.read_text(errors="replace").splitlines())
+    uefi = Path("/sys/firmware/efi").is_dir()
+    if not (in_fstab or uefi):
+        return None
+    why = "fstab mounts it" if in_fstab else "the node was booted by UEFI"
+    if node.esp_boot_uuid is None:
+        return EspFacts(why, mounted=False)
+    esp = boot / "efi"
+    want = efi.stub_cfg(node.esp_boot_uuid)
+    bad = tuple(rel for rel in efi.STUBS if efi.read_text(esp / rel) != want)
+    return EspFacts(why, True, tuple(efi.stale(esp, root)), bad,
+                    pending=node.default is not None and node.default != node.booted)
 
 
 def report(results: list[Result]) -> dict[str, Any]:

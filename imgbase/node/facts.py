@@ -46,6 +46,9 @@ class NodeFacts:
     boot: Path = BOOT
     unmounted: str | None = None  # /boot should be a mount of its own and is not: why
     menu_problem: str | None = None  # why the menu may not be what GRUB reads (None: it is)
+    #: /boot's filesystem UUID when an ESP is mounted at /boot/efi (the ESP's grub.cfg
+    #: finds /boot by it); None: no ESP mounted, nothing on an ESP is written
+    esp_boot_uuid: str | None = None
 
     @classmethod
     def gather(cls, boot: Path = BOOT, layout: NodeLayout | None = None,
@@ -57,8 +60,11 @@ class NodeFacts:
         entries, problem = bootloader.read_menu(boot)
         unmounted = boot_unmounted(fstab.read_text() if fstab.is_file() else "", boot,
                                    os.path.ismount(boot))
+        esp_uuid = None
+        if os.path.ismount(boot / "efi") and os.path.ismount(boot):
+            esp_uuid = run(["findmnt", "-n", "-o", "UUID", str(boot)]).stdout.strip() or None
         return cls(layout, booted, bootloader.read_grubenv(boot / "grub/grubenv"),
-                   entries, boot, unmounted, problem)
+                   entries, boot, unmounted, problem, esp_uuid)
 
     def need_boot(self) -> None:
         """Refuse (a verb that writes /boot) when /boot is not mounted: the write would land

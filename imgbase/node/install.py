@@ -4,8 +4,11 @@ Plan, then apply: ``gather_facts`` checks the disk and image (refusing before
 anything is written), ``plan_install`` is pure (facts in, steps out) and is what
 ``--dry-run`` prints and ``--json`` emits; ``plan.execute`` runs it.
 
-Disk layout (GPT): 1 BIOS boot (1 MiB), 2 reserved for an ESP (256 MiB, left
-unformatted for grub-efi), 3 /boot (ext4, 1 GiB), 4 LVM PV. The volume group
+Disk layout (GPT): 1 BIOS boot (1 MiB, grub-pc's core), 2 the EFI system partition
+(FAT32, 256 MiB, at /boot/efi: shim -> signed grub, see :mod:`imgbase.bootloader.efi`),
+3 /boot (ext4, 1 GiB: the one menu, kernels), 4 LVM PV. One disk boots under BIOS, UEFI
+and UEFI with Secure Boot; an NVRAM entry is added when EFI variables are writable. The
+volume group
 (tag imgbase:vg) holds a thin pool (imgbase:pool), the image's base LV
 (<nvr>, read-only, activation skipped, imgbase:base), its first layer
 (<nvr>+1, writable thin snapshot, imgbase:layer) and the volumes
@@ -25,14 +28,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import stat
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import bootloader
-from ..bootloader import grub
+from .. import bootloader, netconf
+from ..bootloader import efi, grub
 from ..errors import die
 from ..image import squashfs
 from ..image.kargs import for_new_node
@@ -83,6 +88,11 @@ class InstallFacts:
     join: JoinConfig | None = None  # the agent's cluster, written into the first layer
     menu_timeout: int | None = None  # GRUB's menu wait in seconds; None: grub.cfg's 2
     key: str | None = None  # the image's signing key: tagged on the base
+    boot_uuid: str = "00000000-0000-4000-8000-000000000000"  # /boot's ext4 UUID (mkfs -U)
+    esp_id: str = "00000000"  # the ESP's FAT volume id (mkfs.vfat -i)
+    efi_vars: bool = False  # EFI variables are writable here: add an NVRAM boot entry
+    network: netconf.Network = netconf.DEFAULT
+    primary_mac: str | None = None  # the NIC the installer reached the network through
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,84 @@ def join_steps(join: JoinConfig, root: Path) -> list[Step]:
     return steps
 
 
+LIBVIRT_NETWORKS = "etc/libvirt/qemu/networks"
+
+
+def libvirt_bridge_network(bridge: str) -> str:
+    """libvirt's network ``default`` as the host bridge: new domains (virt-install, Cockpit)
+    get a tap on it, on the LAN, instead of NAT behind virbr0.
+
+    >>> print(libvirt_bridge_network("br0"), end="")
+    <network><name>default</name><forward mode="bridge" /><bridge name="br0" /></network>
+    """
+    import xml.etree.ElementTree as ET
+
+    net = ET.Element("network")
+    ET.SubElement(net, "name").text = "default"
+    ET.SubElement(net, "forward", mode="bridge")
+    ET.SubElement(net, "bridge", name=bridge)
+    return ET.tostring(net, encoding="unicode") + "\n"
+
+
+def network_steps(net: netconf.Network, primary_mac: str | None, root: Path) -> list[Step]:
+    """The node's network into the first layer's /etc/systemd/network (the /etc merge
+    carries it across updates), and libvirt's default network onto its first bridge
+    (the one with the primary NIC when there is one)."""
+    steps = [Step(f"network-{name}", write=(f"{root}/{netconf.NETWORK_DIR}/{name}", text))
+             for name, text in netconf.render(net, primary_mac).items()]
+    if net.bridges:
+        bridge = next((b.name for b in net.bridges if netconf.PRIMARY in b.ports),
+                      net.bridges[0].name)
+        xml = f"{root}/{LIBVIRT_NETWORKS}/default.xml"
+        steps += [Step("libvirt-network", write=(xml, libvirt_bridge_network(bridge))),
+                  Step("libvirt-network-autostart",
+                       ("ln", "-sfn", f"/{LIBVIRT_NETWORKS}/default.xml",
+                        f"{root}/{LIBVIRT_NETWORKS}/autostart/default.xml"))]
+    return steps
+
+
+def nics() -> dict[str, str]:
+    """The machine's physical NICs: name -> permanent MAC address."""
+    out = {}
+    for dev in sorted(Path("/sys/class/net").iterdir()):
+        if not (dev / "device").exists():
+            continue  # lo, bridges, bonds, taps
+        info = json.loads(run(["ip", "-j", "-d", "link", "show", "dev", dev.name]).stdout)[0]
+        out[dev.name] = str(info.get("permaddr") or info.get("address", "")).lower()
+    return out
+
+
+def primary_nic(found: dict[str, str]) -> str | None:
+    """The NIC of the default route, else the first NIC."""
+    routes = json.loads(run(["ip", "-j", "route", "show", "default"]).stdout or "[]")
+    for r in routes:
+        if r.get("dev") in found:
+            return str(r["dev"])
+    return next(iter(found), None)
+
+
+def check_network(net: netconf.Network, found: dict[str, str]) -> str | None:
+    """Every NIC the network names is here; returns the primary NIC's MAC (None: the
+    network does not use it)."""
+    macs = set(found.values())
+    virtual = net.virtual
+    named = [p for d in net.masters for p in d.ports] + [v.link for v in net.vlans]
+    for port in named:
+        if port in virtual or port == netconf.PRIMARY:
+            continue
+        if port.startswith("mac:") and port[4:] not in macs or \
+                not port.startswith("mac:") and port not in found:
+            die(f"the network names NIC {port}, and this machine has no such NIC",
+                hint=f"NICs here: {', '.join(f'{n} ({m})' for n, m in found.items()) or 'none'}")
+    if not net.uses_primary:
+        return None
+    primary = primary_nic(found)
+    if primary is None:
+        die("the network bridges the primary NIC, and this machine has no NIC",
+            hint="give --network a file naming the node's NICs")
+    return found[primary]
+
+
 def partition(disk: str, n: int) -> str:
     """Path of partition n of disk.
 
@@ -151,7 +239,8 @@ def plan_install(f: InstallFacts) -> Plan:
     """Every step of an install, in order; pure."""
     nvr = str(Nvr.parse(f.nvr))
     layer = str(Layer(Nvr.parse(nvr), 1))
-    vg, boot_part, pv = f.vg, partition(f.disk, 3), partition(f.disk, 4)
+    vg, esp_part, boot_part, pv = (f.vg, partition(f.disk, 2), partition(f.disk, 3),
+                                   partition(f.disk, 4))
     base_mnt, root_mnt, boot_mnt = WORK / "base", WORK / "root", WORK / "boot"
     pool = ["-L", f.pool_size] if f.pool_size else ["-l", "90%FREE"]
     steps = [
@@ -162,7 +251,9 @@ def plan_install(f: InstallFacts) -> Plan:
                            "-n2:0:+256M", "-t2:EF00", "-c2:esp", "-n3:0:+1G", "-t3:8300",
                            "-c3:boot", "-n4:0:0", "-t4:8E00", "-c4:imgbase", f.disk)),
         Step("settle", ("udevadm", "settle")),
-        Step("mkfs-boot", ("mkfs.ext4", "-q", "-F", "-L", "boot", boot_part)),
+        Step("mkfs-esp", ("mkfs.vfat", "-F", "32", "-n", "ESP", "-i", f.esp_id, esp_part)),
+        Step("mkfs-boot", ("mkfs.ext4", "-q", "-F", "-L", "boot", "-U", f.boot_uuid,
+                           boot_part)),
         Step("pv", ("pvcreate", "-ff", "-y", pv)),
         Step("vg", ("vgcreate", "-y", "--addtag", TAG_VG, vg, pv)),
         Step("pool", ("lvcreate", "-y", "--type", "thin-pool", *pool, "--addtag", TAG_POOL,
@@ -171,7 +262,8 @@ def plan_install(f: InstallFacts) -> Plan:
                   f.key),
     ]
     volumes = [(mp, f"/dev/{vg}/{lv}") for mp, lv, _ in VOLUME_PROFILES[f.volumes]]
-    fstab = rewrite_fstab("LABEL=boot /boot ext4 defaults 0 2\n", f"/dev/{vg}/{layer}", volumes)
+    fstab = rewrite_fstab(f"LABEL=boot /boot ext4 defaults 0 2\n{efi.fstab_line(f.esp_id)}\n",
+                          f"/dev/{vg}/{layer}", volumes)
     steps += layer_create_steps(vg, nvr, layer, root_mnt, fstab)
     # the anti-rollback record starts with this image (in the layer's /var, which the
     # /var volume is filled from next)
@@ -191,8 +283,14 @@ def plan_install(f: InstallFacts) -> Plan:
                                     root_mnt / f"boot/initrd.img-{f.kernel}", {}),
         bootloader.set_default_step(boot_mnt, layer, {} if f.menu_timeout is None
                                     else grub.menu_timeout_env(f.menu_timeout)),
+        Step("mount-esp", ("sh", "-c", 'mkdir -p "$2" && mount "$1" "$2"', "mount", esp_part,
+                           str(boot_mnt / "efi"))),
+        *efi.sync_steps(boot_mnt / "efi", root_mnt, f.boot_uuid),
+        Step("umount-esp", ("umount", str(boot_mnt / "efi"))),
+        *([efi.boot_entry_step(f.disk, 2)] if f.efi_vars else []),
         Step("umount-boot", ("umount", str(boot_mnt))),
         *(join_steps(f.join, root_mnt) if f.join else []),
+        *network_steps(f.network, f.primary_mac, root_mnt),
         *layer_finish_steps(vg, layer, root_mnt),
         Step("deactivate", ("vgchange", "-an", vg)),
     ]
@@ -240,11 +338,13 @@ def verify(image: str | None, *, insecure: bool, sums: str | None = None) -> Ver
 def gather_facts(disk: str, verify_image: Callable[[], Verified], *, volumes: str,
                  pool_size: str | None, wipe: bool, vg: str = "imgbase",
                  join: JoinConfig | None = None, menu_timeout: int | None = None,
-                 ) -> tuple[InstallFacts, Verified]:
+                 network: netconf.Network | None = None) -> tuple[InstallFacts, Verified]:
     """verify_image: called once the disk passed its checks; returns the Verified image
     (whose copy the caller discards when the install is done)."""
     if menu_timeout is not None:
         grub.menu_timeout_env(menu_timeout)  # checked before anything else
+    network = network or netconf.DEFAULT
+    primary_mac = check_network(network, nics())
     try:
         mode = os.stat(disk).st_mode
     except FileNotFoundError:
@@ -278,13 +378,16 @@ def gather_facts(disk: str, verify_image: Callable[[], Verified], *, volumes: st
     image = verify_image()
     try:
         kernel = image_kernel(str(image.path))
+        efi_files(str(image.path))
     except BaseException:
         image.discard()
         raise
     return InstallFacts(disk=disk, disk_size=size, image=str(image.path), nvr=image.nvr,
                         kernel=kernel, kernel_args=image.kernel_args, vg=vg,
                         volumes=volumes, pool_size=pool_size, wipe_vgs=on_disk, join=join,
-                        menu_timeout=menu_timeout, key=image.key), image
+                        menu_timeout=menu_timeout, key=image.key, boot_uuid=str(uuid.uuid4()),
+                        esp_id=secrets.token_hex(4).upper(), efi_vars=efi_vars_writable(),
+                        network=network, primary_mac=primary_mac), image
 
 
 def _walk(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -293,6 +396,23 @@ def _walk(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(d)
         out += _walk(d.get("children", []))
     return out
+
+
+def efi_vars_writable() -> bool:
+    """EFI variables can take a boot entry: booted by UEFI, efivarfs mounted read-write."""
+    vars_dir = "/sys/firmware/efi/efivars"
+    return os.path.ismount(vars_dir) and os.access(vars_dir, os.W_OK)
+
+
+def efi_files(image: str) -> None:
+    """Refuse an image that lacks the UEFI boot chain (before anything is written)."""
+    names = set(squashfs.names(image, "usr/lib/shim")) | set(
+        squashfs.names(image, "usr/lib/grub/x86_64-efi-signed"))
+    missing = [rel for rel in efi.SOURCES.values() if f"/{rel}" not in names]
+    if missing:
+        die(f"{image} has no /{missing[0]}: a node must boot under UEFI and Secure Boot",
+            hint="compose the image with the base layer's shim-signed and "
+            "grub-efi-amd64-signed")
 
 
 def image_kernel(image: str) -> str:

@@ -7,7 +7,9 @@ operation short (a crash, a kill, power loss), the leftovers are visible.
 * LVs tagged ``imgbase:incomplete`` (a base, layer or volume being made);
 * layers with no boot entry (made, but never given one);
 * boot entries with no layer, and their files in /boot;
-* LVs tagged ``imgbase:retired`` (anaconda's root after layout --init) once unused.
+* LVs tagged ``imgbase:retired`` (anaconda's root after layout --init) once unused;
+* an ESP whose shim, grub or grub.cfg stubs are missing or not the booted image's (when
+  the booted layer is the default), rewritten from the booted image file by file.
 
 What :mod:`imgbase.node.keep` keeps -- the booted, default, next-boot, fallback, staged and
 last good layers and their bases, the pinned bases -- is never touched, whatever its
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import bootloader
+from ..bootloader import efi
 from ..errors import ImgbaseError
 from ..plan import JOURNAL, Plan, Step
 from ..storage.layout import TAG_INCOMPLETE, TAG_RETIRED, WORK
@@ -38,9 +41,11 @@ from .keep import keep_set
 
 def plan_recover(f: NodeFacts, work_mounts: list[str], journal: list[dict[str, Any]],
                  journal_path: Path = JOURNAL, boot_dirs: tuple[str, ...] = (),
-                 history: list[dict[str, Any]] | None = None) -> Plan:
+                 history: list[dict[str, Any]] | None = None,
+                 esp_stale: tuple[str, ...] | None = None) -> Plan:
     """boot_dirs: the layer-named directories in /boot (kernel and initrd of a layer);
-    history: the health history (the last good layer is kept)."""
+    history: the health history (the last good layer is kept); esp_stale: the ESP's files
+    to rewrite from the booted image (:func:`esp_stale`), None: the ESP is as it should be."""
     layout = f.layout
     keep = keep_set(f, history or []).names
     steps: list[Step] = [Step(f"umount-{Path(m).name}", ("umount", "-l", m))
@@ -80,6 +85,8 @@ def plan_recover(f: NodeFacts, work_mounts: list[str], journal: list[dict[str, A
     if undo_base:
         steps.append(Step(f"remove-{undo_base}", ("lvremove", "-y", f"{layout.vg}/{undo_base}")))
     steps += finish
+    if esp_stale is not None and f.esp_boot_uuid:
+        steps += efi.sync_steps(f.boot / "efi", Path("/"), f.esp_boot_uuid, list(esp_stale))
     steps = bootloader.committed(f.boot, steps)
     if journal:
         steps.append(Step("clear-journal", ("rm", "-f", str(journal_path))))
@@ -117,6 +124,14 @@ def finish_update_steps(f: NodeFacts, journal: list[dict[str, Any]], doomed: lis
             for s in plan.steps if s.write]  # (the commit of /boot comes with the plan's)
 
 
+
+
+def esp_stale(f: NodeFacts) -> tuple[str, ...] | None:
+    """The ESP files to rewrite from the booted image: only when the booted layer is the
+    default (else the ESP may rightly hold the chain of the layer booted next)."""
+    if f.esp_boot_uuid is None or f.booted is None or f.default != f.booted:
+        return None
+    return efi.repair(f.boot / "efi", Path("/"), f.esp_boot_uuid)
 
 
 def work_mounts() -> list[str]:

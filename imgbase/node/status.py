@@ -1,4 +1,4 @@
-"""`imgbase status`: the node's bases, layers, pool and volumes.
+"""`imgbase status`: the node's bases, layers, pool, volumes and network.
 
 ``status --json`` is the machine interface (schema: docs/status.schema.json,
 ``schema_version`` bumps on incompatible change); the text form is for people.
@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .. import bootloader
+from ..run import run
 from ..storage.layout import TAG_INCOMPLETE, TAG_RETIRED, mountpoint_of
 from .facts import NodeFacts
 
@@ -33,8 +35,43 @@ def signed_by(tags: frozenset[str]) -> str | None:
     return next((t.removeprefix(KEY_TAG) for t in sorted(tags) if t.startswith(KEY_TAG)), None)
 
 
+def network(links: list[dict[str, Any]]) -> dict[str, Any]:
+    """The node's interfaces (from ``ip -j -d addr``) and its bridges with their ports.
+
+    >>> n = network([{"ifname": "lo", "link_type": "loopback"},
+    ...     {"ifname": "ens3", "link_type": "ether", "address": "52:54:00:12:34:56",
+    ...      "operstate": "UP", "master": "br0", "addr_info": []},
+    ...     {"ifname": "br0", "link_type": "ether", "address": "aa:bb:cc:dd:ee:ff",
+    ...      "operstate": "UP", "linkinfo": {"info_kind": "bridge"},
+    ...      "addr_info": [{"local": "10.0.2.15", "prefixlen": 24, "scope": "global"},
+    ...                    {"local": "fe80::1", "prefixlen": 64, "scope": "link"}]}])
+    >>> n["bridges"]
+    [{'name': 'br0', 'ports': ['ens3'], 'addresses': ['10.0.2.15/24']}]
+    >>> [(i["name"], i["kind"], i["master"]) for i in n["interfaces"]]
+    [('ens3', 'ether', 'br0'), ('br0', 'bridge', None)]
+    """
+    interfaces = [{
+        "name": link["ifname"],
+        "kind": (link.get("linkinfo") or {}).get("info_kind") or link.get("link_type"),
+        "mac": link.get("address"), "state": link.get("operstate"),
+        "master": link.get("master"),
+        "addresses": [f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", [])
+                      if a.get("scope") == "global"],
+    } for link in links if link.get("link_type") != "loopback"]
+    bridges = [{"name": i["name"], "ports": [p["name"] for p in interfaces
+                                             if p["master"] == i["name"]],
+                "addresses": i["addresses"]} for i in interfaces if i["kind"] == "bridge"]
+    return {"interfaces": interfaces, "bridges": bridges}
+
+
+def _links() -> list[dict[str, Any]]:
+    links: list[dict[str, Any]] = json.loads(run(["ip", "-j", "-d", "addr", "show"]).stdout)
+    return links
+
+
 def collect(facts: NodeFacts | None = None,
-            history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            history: list[dict[str, Any]] | None = None,
+            links: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     from .health import read_history
 
     f = facts or NodeFacts.gather()
@@ -76,6 +113,7 @@ def collect(facts: NodeFacts | None = None,
         "abandoned": [{k: h.get(k) for k in ("time", "layer", "reason")}
                       for h in history if h.get("event") == "abandoned"],
         "vg_free": layout.vg_free,
+        "network": network(_links() if links is None else links),
     }
 
 
@@ -102,6 +140,9 @@ def render(status: dict[str, Any]) -> str:
     for vol in status["volumes"]:
         lines.append(f"volume {vol['name']} on {vol['mountpoint']}: "
                      f"{vol['size'] / (1 << 30):.1f} GiB, {vol['data_percent']}% used")
+    for bridge in status["network"]["bridges"]:
+        lines.append(f"bridge {bridge['name']}: {', '.join(bridge['addresses']) or 'no address'}"
+                     f"; ports {', '.join(bridge['ports']) or 'none'}")
     for event in status["abandoned"][-3:]:
         lines.append(f"abandoned {event['layer']}: {event['reason']}")
     for key, what in (("incomplete", "left by an interrupted operation"),

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import bootloader
-from ..bootloader import grubenv
+from ..bootloader import efi, grubenv
 from ..errors import ImgbaseError, die
 from ..image import fetch, squashfs
 from ..image.naming import Layer, Nvr
@@ -136,6 +136,10 @@ def plan_update(f: UpdateFacts) -> Plan:
     kargs = merge_kargs(model_args(node, model), f.image_kargs)
     steps += [
         boot_files_step(mnt, node.boot, layer),
+        # the new image's shim and grub on the ESP: only the files that differ, each
+        # written new and renamed over the old
+        *(efi.sync_steps(node.boot / "efi", mnt, node.esp_boot_uuid)
+          if node.esp_boot_uuid else []),
         *bootloader.write_entry_steps(node.boot, node.entries, {
             layer: bootloader.entry(node.boot, layer, f"/dev/{vg}/{layer}", kargs)}),
         *layer_finish_steps(vg, layer, mnt),

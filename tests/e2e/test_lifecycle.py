@@ -211,6 +211,9 @@ def stop(guest: Guest, layer: str, var_marker: str) -> dict[str, Any]:
     assert "<host>" in caps and "x86_64" in caps
     check = json.loads(host.check_output("imgbase check --json"))
     assert check["ok"], [c for c in check["checks"] if not c["ok"]]
+    # the VMs' bridge, written at install, carried by every update and rollback
+    assert [(b["name"], bool(b["addresses"]), len(b["ports"]))
+            for b in st["network"]["bridges"]] == [("br0", True, 1)], st["network"]
     return st
 
 

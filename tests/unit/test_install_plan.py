@@ -14,7 +14,7 @@ from tests.conftest import imgbase_cli
 
 FACTS = InstallFacts(disk="/dev/vdb", disk_size=20 << 30, image="/dev/vda",
                      nvr="imgbase-node-1.0-1", kernel="6.1.0-56-cloud-amd64",
-                     kernel_args=("console=ttyS0,115200",))
+                     kernel_args=("console=ttyS0,115200",), primary_mac="52:54:00:12:34:56")
 
 
 def step(plan: Plan, name: str) -> Step:

@@ -24,6 +24,12 @@ GOOD = {
     "volumes": [{"name": "var", "mountpoint": "/var", "size": 1, "data_percent": None}],
     "incomplete": [], "retired": [], "fallback_layer": None,
     "abandoned": [{"time": 1, "layer": "n-1-2+1", "reason": "unhealthy: units: x"}],
+    "network": {"interfaces": [
+        {"name": "ens3", "kind": "ether", "mac": "52:54:00:12:34:56", "state": "UP",
+         "master": "br0", "addresses": []},
+        {"name": "br0", "kind": "bridge", "mac": "aa:bb:cc:dd:ee:ff", "state": "UP",
+         "master": None, "addresses": ["10.0.2.15/24"]}],
+        "bridges": [{"name": "br0", "ports": ["ens3"], "addresses": ["10.0.2.15/24"]}]},
 }
 
 
@@ -34,6 +40,9 @@ def test_schema_accepts_a_status() -> None:
 @pytest.mark.parametrize("broken", [
     {**GOOD, "schema_version": 2},
     {**GOOD, "extra": 1},
+    {k: v for k, v in GOOD.items() if k != "network"},
+    {**GOOD, "network": {"interfaces": [], "bridges": [{"name": "br0", "ports": "ens3",
+                                                       "addresses": []}]}},
     {k: v for k, v in GOOD.items() if k != "booted_layer"},
     {**GOOD, "layers": [{**GOOD["layers"][0], "name": "no-index"}]},  # type: ignore[dict-item]
     {**GOOD, "bases": [{k: v for k, v in GOOD["bases"][0].items()  # type: ignore[attr-defined]

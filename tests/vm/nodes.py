@@ -22,12 +22,13 @@ def same_device(host: Any, a: str, b: str) -> bool:
 
 
 def module_node(request: pytest.FixtureRequest, disk: Path, rundir: Path,
-                attach: tuple[Path, ...] = (), guestfwd: tuple[tuple[int, int], ...] = ()
-                ) -> Iterator[Guest]:
+                attach: tuple[Path, ...] = (), guestfwd: tuple[tuple[int, int], ...] = (),
+                firmware: str = "bios") -> Iterator[Guest]:
     """A guest booted from an installed disk (through an overlay) for a module's tests."""
     guests: list[Guest] = []
     request.module._imgbase_guests = guests
-    guest = Guest(VmSpec(disk=disk, attach=attach, guestfwd=guestfwd), rundir=rundir)
+    guest = Guest(VmSpec(disk=disk, attach=attach, guestfwd=guestfwd, firmware=firmware),
+                  rundir=rundir)
     guests.append(guest)
     guest.start()
     guest.wait_ssh()

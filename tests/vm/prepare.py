@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imgbase.image import package, trust
-from imgbase.vm import Guest, VmSpec
+from imgbase.vm import Guest, VmSpec, nvram_of
 from tests.images import derive, signing_key, stop_agent
 from tests.vm.nodes import V3
 
@@ -159,7 +159,10 @@ def build_installed_disks(node_image: Path, work: Path) -> dict[str, Path]:
     # vdb, vdc, vdd, vde
     attach = (disks["minimal"], disks["nist"], work / "small.qcow2", disks["anaconda"])
     live, key = signed_live_image(node_image, work / "signed")
-    with Guest(VmSpec(live=live, attach=attach, trusted=(key,)),
+    # the installer runs under UEFI with Secure Boot (a server's firmware, EFI variables
+    # writable): each install adds its NVRAM boot entry, and the nist disk is later booted
+    # with this machine's NVRAM (tests/vm/test_uefi.py)
+    with Guest(VmSpec(live=live, attach=attach, trusted=(key,), firmware="secureboot"),
                rundir=work / "installer") as guest:
         not_yet = guest.run("imgbase status --json", check=False)
         assert not_yet.rc == 2 and "this machine is not an imgbase node" in not_yet.stderr
@@ -181,7 +184,14 @@ def build_installed_disks(node_image: Path, work: Path) -> dict[str, Path]:
         guest.run("imgbase install --disk /dev/vdc --wipe --volumes nist --vg node2",
                   timeout=1200)
         assert guest.run("vgs stale", check=False).rc != 0
+        entries = guest.run("efibootmgr").stdout
+        assert entries.count(" imgbase") == 2, entries  # one per install, the last first
+        # (before the anaconda-like chroot: its `umount -R` of the bound /sys propagates,
+        # and takes efivarfs away from this live system)
         adopt_like_anaconda(guest, "/dev/vde", kickstart_post(node_image, work))
+    # the NVRAM of the machine that installed the disk goes with it, as in a server
+    shutil.copyfile(work / "installer" / "secureboot-vars.fd",
+                    nvram_of(VmSpec(disk=disks["nist"], firmware="secureboot"), work))
     return disks
 
 

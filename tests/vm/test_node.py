@@ -13,7 +13,11 @@ attached as /dev/vdb: refusals that change nothing, v1 -> v2 (a delta base, veri
 for byte), then v3 over it through the apt-installed update package; the node boots v3
 with /etc edits, a user, a disabled service and kargs carried over, and garbage
 collection keeps the two images found healthy (rollbacks, through reboots: tests/e2e).
+Then its root is broken and `imgbase reset` gives it a fresh layer, still the same node.
 Last, the power goes, and the node's record leaves the cluster with its lease.
+
+The node boots under UEFI with Secure Boot throughout (a layer whose kernel lost its
+signature is refused by GRUB through shim, and the node falls back by itself).
 """
 
 from __future__ import annotations
@@ -46,9 +50,12 @@ ENTRIES = "/boot/grub/imgbase-entries.cfg"
 def node(request: pytest.FixtureRequest, installed_disks: dict[str, Path], media: Path,
          etcd: EtcdCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     fwd = ((2379, etcd.members[0].client_port),)
+    # UEFI with Secure Boot, Microsoft's keys enrolled, as a server ships: every boot of
+    # this module's life goes shim -> signed grub -> signed kernel (BIOS: test_install,
+    # tests/e2e; the NVRAM entry and the removable path: test_uefi)
     for guest in module_node(request, installed_disks["minimal"],
                              tmp_path_factory.mktemp("life") / "run", attach=(media,),
-                             guestfwd=fwd):
+                             guestfwd=fwd, firmware="secureboot"):
         mount_media(guest)
         yield guest
 
@@ -136,6 +143,10 @@ BREAKS = [
      f"lvchange --addtag imgbase:layer imgbase/{LAYER}", {"layers", "boot-entries"}),
     ("incomplete", "lvchange --addtag imgbase:incomplete imgbase/var",
      "lvchange --deltag imgbase:incomplete imgbase/var", set()),
+    ("esp", "umount /boot/efi", "mount /boot/efi", set()),
+    # a shim that is not the image's, a stub that finds no /boot: imgbase recover mends both
+    ("esp", "echo junk > /boot/efi/EFI/BOOT/BOOTX64.EFI && "
+     "echo 'search --label x' > /boot/efi/EFI/debian/grub.cfg", "imgbase recover", set()),
 ]
 
 
@@ -188,6 +199,33 @@ def test_installed_disk_boots_from_its_layer(node: Guest) -> None:
 def test_node_passes_every_check(node: Guest) -> None:
     failed = {k: v for k, v in check(node).items() if not v["ok"]}
     assert not failed
+
+
+def test_the_primary_nic_is_bridged_for_the_vms(node: Guest) -> None:
+    """br0 holds the node's address over the NIC the installer used; libvirt's default
+    network is that bridge, so a domain defined with the default interface is on the LAN."""
+    net = status(node)["network"]
+    [br0] = [b for b in net["bridges"] if b["name"] == "br0"]
+    nic = next(i for i in net["interfaces"] if i["master"] == "br0")
+    assert br0["addresses"] == ["10.0.2.15/24"] and br0["ports"] == [nic["name"]], net
+    assert not nic["addresses"]  # the address moved to the bridge
+    bridge_mac = next(i["mac"] for i in net["interfaces"] if i["name"] == "br0")
+    assert bridge_mac == nic["mac"]  # DHCP reservations keep working
+    assert node.run("virsh -q net-list --name").stdout.split() == ["default"]
+    xml = node.run("virsh net-dumpxml default").stdout
+    assert "<bridge name='br0'/>" in xml and "<forward mode='bridge'/>" in xml
+    node.run("virsh -q define /dev/stdin <<'EOF'\n"
+             "<domain type='qemu'><name>onlan</name><memory unit='MiB'>32</memory>"
+             "<os><type arch='x86_64'>hvm</type></os>"
+             "<devices><interface type='network'><source network='default'/></interface>"
+             "</devices></domain>\nEOF")
+    try:
+        node.run("virsh -q start onlan")
+        ports = json.loads(node.run("ip -j link show master br0").stdout)
+        tap = [p["ifname"] for p in ports if p["ifname"] != nic["name"]]
+        assert len(tap) == 1 and tap[0].startswith("vnet"), ports
+    finally:
+        node.run("virsh -q destroy onlan; virsh -q undefine onlan", check=False)
 
 
 @pytest.mark.parametrize(("name", "breaks", "mends", "also"), BREAKS,
@@ -337,7 +375,7 @@ def test_with_boot_unmounted_or_a_broken_menu_nothing_is_removed_or_written(node
         node.run(f"imgbase boot --set-default {B}")
         env = node.run("grub-editenv /boot/grub/grubenv list").stdout
         assert f"saved_entry={B}" in env
-        node.run("umount /boot")
+        node.run("umount /boot/efi /boot")  # the ESP is mounted on /boot
         try:
             root_boot = node.run("find /boot -xdev -printf '%p %s %T@\\n' | sort").stdout
             for command in ("imgbase recover --dry-run", "imgbase gc --dry-run", "imgbase recover",
@@ -349,7 +387,7 @@ def test_with_boot_unmounted_or_a_broken_menu_nothing_is_removed_or_written(node
             # nothing went into the root's own /boot, which GRUB never reads
             assert node.run("find /boot -xdev -printf '%p %s %T@\\n' | sort").stdout == root_boot
         finally:
-            node.run("mount /boot")
+            node.run("mount /boot && mount /boot/efi")
         assert node.run("grub-editenv /boot/grub/grubenv list").stdout == env
         node.run(f"cp {ENTRIES} /root/entries.cfg && echo 'menuentry broken {{' >> {ENTRIES}")
         try:
@@ -361,6 +399,7 @@ def test_with_boot_unmounted_or_a_broken_menu_nothing_is_removed_or_written(node
         assert [la["name"] for la in status(node)["layers"]] == [A, B]
     finally:  # as the next test expects, whatever failed above
         node.run("mountpoint -q /boot || mount /boot")
+        node.run("mountpoint -q /boot/efi || mount /boot/efi")
         node.run(f"imgbase boot --set-default {A} --no-trial")
 
 
@@ -417,6 +456,36 @@ def test_an_unhealthy_layer_is_abandoned(node: Guest) -> None:
     assert [a["layer"] for a in st["abandoned"]] == [B]
     assert "the test says no" in st["abandoned"][0]["reason"]
     assert layer(st, B)["last_health"]["good"] is False
+
+
+# a signed kernel made unsigned: the PE security directory cleared, the certificates cut off
+UNSIGN = """import struct, sys
+path = sys.argv[1]
+data = bytearray(open(path, "rb").read())
+pe = struct.unpack_from("<I", data, 0x3c)[0]
+dirs = pe + 24 + (112 if struct.unpack_from("<H", data, pe + 24)[0] == 0x20b else 96)
+offset, size = struct.unpack_from("<II", data, dirs + 4 * 8)
+assert offset and size, "the kernel is not signed"
+struct.pack_into("<II", data, dirs + 4 * 8, 0, 0)
+open(path, "wb").write(data[:offset])
+"""
+
+
+def test_under_secure_boot_an_unsigned_kernel_falls_back(node: Guest) -> None:
+    """GRUB (through shim) refuses a layer whose kernel lost its signature; the node boots
+    its fallback by itself and abandons the layer."""
+    assert node.run("mokutil --sb-state").stdout.strip() == "SecureBoot enabled"
+    node.run(f"python3 - /boot/{B}/vmlinuz <<'EOF'\n{UNSIGN}EOF")
+    node.run(f"imgbase boot --set-default {B} --tries 1")
+    log_at = len(node.serial_log.read_bytes())
+    node.run("systemd-run --on-active=1 --no-block systemctl reboot")
+    time.sleep(10)
+    wait_back_on(node, A)
+    since = node.serial_log.read_bytes()[log_at:].decode(errors="replace")
+    assert "bad shim signature" in since
+    assert since.count("Linux version ") == 1  # B's kernel never ran; A booted
+    st = status(node)
+    assert st["default_layer"] == A and st["abandoned"][-1]["layer"] == B
 
 
 def test_a_full_boot_is_refused_before_anything_changes(node: Guest) -> None:
@@ -536,6 +605,7 @@ def test_update_package_then_gc_keeps_two_images(node: Guest) -> None:
                     check=False).stdout.strip() == "disabled"
     assert "imgbase.test=carried" in node.run("cat /proc/cmdline").stdout.split()
     st = status(node)
+    assert [b["addresses"] for b in st["network"]["bridges"]] == [["10.0.2.15/24"]]  # br0
     assert st["fallback_layer"] is None and layer(st, f"{V3}+1")["last_health"]["good"]
     # kept: v3 and v1, the images last found healthy; v2 never booted and is collected
     assert [b["name"] for b in st["bases"]] == [NVR, V3]
@@ -544,6 +614,39 @@ def test_update_package_then_gc_keeps_two_images(node: Guest) -> None:
     assert [h["removed"] for h in history if h.get("event") == "gc"][-1] == [V2]
     assert node.run(f"test -e /boot/{V2}+1", check=False).rc == 1
     check_ok(node)
+
+
+def test_reset_boots_a_fresh_layer_healthy_with_the_nodes_identity(
+        node: Guest, etcd: EtcdCluster) -> None:
+    """A root broken three ways (an fstab line that would stop the boot, an /etc edit, a
+    file of /usr gone): `imgbase reset` gives a fresh layer of the same base that boots
+    healthy, is still this node (machine-id, SSH host key, network, cluster join), and
+    /var is as it was."""
+    old = status(node)["booted_layer"]
+    new = f"{old.rsplit('+', 1)[0]}+2"
+    identity = "cat /etc/machine-id /etc/ssh/ssh_host_ed25519_key.pub /etc/imgbase/agent.toml"
+    before = node.run(identity).stdout
+    node.run("echo '/dev/imgbase/nonexistent /srv ext4 defaults 0 2' >> /etc/fstab && "
+             "echo broken >> /etc/motd && rm /usr/bin/less && "
+             "echo kept > /var/lib/reset-marker")
+    plan = json.loads(node.run("imgbase reset --dry-run --json").stdout)
+    assert plan["operation"] == "reset" and "carry" in [s["name"] for s in plan["steps"]]
+    node.run("imgbase reset")
+    st = status(node)
+    assert (st["default_layer"], st["fallback_layer"]) == (new, old)
+    node.reboot()
+    wait_back_on(node, new)  # healthy: the trial ended, no fallback left
+    assert node.run("systemctl is-system-running --wait", check=False).stdout.strip() == \
+        "running"
+    assert node.run(identity).stdout == before
+    assert "/srv" not in node.run("cat /etc/fstab").stdout
+    assert "broken" not in node.run("cat /etc/motd").stdout
+    assert node.run("test -x /usr/bin/less", check=False).rc == 0
+    assert node.run("cat /var/lib/reset-marker").stdout.strip() == "kept"
+    assert [b["addresses"] for b in status(node)["network"]["bridges"]] == [["10.0.2.15/24"]]
+    node_record(etcd, new, timeout=90)  # the same node, joined again from the new layer
+    check_ok(node)
+    assert old in [la["name"] for la in status(node)["layers"]]  # kept until gc
 
 
 def test_a_node_that_loses_power_leaves_the_cluster_when_its_lease_expires(

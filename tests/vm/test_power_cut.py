@@ -92,7 +92,9 @@ def test_power_cuts_through_an_update_leave_a_node_that_boots_and_recovers(
         node: Guest) -> None:
     steps = update_steps(node)
     assert steps[-2:] == ["boot-default", "boot-commit"] and len(steps) >= 16
-    points = [f"after:{s}" for s in steps[:-1]]
+    # (the ESP's steps change nothing here, v2's shim and grub being v1's: they are cut
+    # where they write, in test_power_cut_esp)
+    points = [f"after:{s}" for s in steps[:-1] if not s.startswith("esp-")]
     points += [f"during:{s}:{t}" for s, t in DURING if s in steps]
     points.append(f"after:{steps[-1]}")  # last: the node then boots the new layer
     assert len(points) >= 20
