@@ -159,11 +159,12 @@ def cmd_install(args: argparse.Namespace) -> int:
     trust.check_insecure(args.insecure)
     if args.image is not None and not Path(args.image).is_file():
         die(f"{args.image}: no such image", hint="give the .squashfs made by imgbase compose")
-    network = None
-    if args.network is not None:
-        from .config import load_network
+    from . import config
 
-        network = load_network(Path(args.network))  # checked before anything else
+    # checked before anything else: --network FILE, else the [network] of this machine's
+    # imgbase.toml (the live environment's), else the default (br0 over the primary NIC)
+    network = (config.load_network(Path(args.network)) if args.network is not None
+               else config.load(only=("network",)).network)
     facts, image = install.gather_facts(
         args.disk, lambda: install.verify(args.image, insecure=args.insecure, sums=args.sha256),
         volumes=args.volumes, pool_size=args.pool_size, wipe=args.wipe, vg=args.vg, join=join,
@@ -631,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow http:// endpoints and no etcd user (with --join; a lab only)")
     p.add_argument("--network", metavar="FILE",
                    help="a TOML file whose [network] declares the node's bridges, bonds, "
-                   "VLANs and addresses (default: bridge br0 over the primary NIC, DHCP)")
+                   "VLANs and addresses (default: the [network] of /etc/imgbase/imgbase.toml "
+                   "here, else bridge br0 over the primary NIC, DHCP)")
     _plan_args(p)
     p.set_defaults(func=cmd_install)
 

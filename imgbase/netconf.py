@@ -31,7 +31,7 @@ networkd's fixed ``Key=value`` form; nothing else of the input reaches a file.
 >>> net = parse({"bridges": {"br0": {"ports": ["primary"]}}})
 >>> files = render(net, primary_mac="52:54:00:12:34:56")
 >>> sorted(files)
-['10-imgbase-br0.netdev', '10-imgbase-port-primary.network', '30-imgbase-br0.network']
+['10-imgbase-br0.netdev', '10-imgbase-port-primary.network', '11-imgbase-br0.network']
 >>> print(files["10-imgbase-port-primary.network"], end="")
 # written by imgbase from the node's [network]
 [Match]
@@ -165,7 +165,17 @@ def _strings(data: dict[str, Any], name: str, key: tuple[str, ...]) -> tuple[str
     return tuple(value)
 
 
+#: what an address may hold: ipaddress takes an IPv6 scope ("fe80::1%eth0"), and a scope
+#: holds anything, newlines included
+ADDRESS_CHARS = re.compile(r"[0-9A-Fa-f:./]+")
+#: every value written into a networkd file is one of these (a last guard after the checks)
+VALUE_RE = re.compile(r"[0-9A-Za-z:./_-]+")
+
+
 def _ip(text: str, key: tuple[str, ...], what: str) -> str:
+    if not ADDRESS_CHARS.fullmatch(text):
+        _fail(key, f"{what} {text!r} is not an IP address",
+              hint="digits, hex, '.', ':' (no scope: a zone such as %eth0 is not taken)")
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
@@ -175,6 +185,9 @@ def _ip(text: str, key: tuple[str, ...], what: str) -> str:
 
 def _interface(text: str, key: tuple[str, ...]) -> str:
     """An address with its prefix, as a host on a network: 192.0.2.10/24."""
+    if not ADDRESS_CHARS.fullmatch(text):
+        _fail(key, f"address {text!r} is not an address with a valid prefix",
+              hint="e.g. 192.0.2.10/24 (no scope: a zone such as %eth0 is not taken)")
     if "/" not in text:
         _fail(key, f"address {text!r} has no prefix length", hint="e.g. 192.0.2.10/24")
     try:
@@ -215,6 +228,8 @@ def _l3(data: dict[str, Any], key: tuple[str, ...]) -> L3:
             _fail((*key, "routes"), "a route needs to = NETWORK and via = ADDRESS",
                   hint='routes = [{ to = "10.0.0.0/8", via = "192.0.2.254" }]')
         try:
+            if not ADDRESS_CHARS.fullmatch(to):
+                raise ValueError(to)
             net = str(ipaddress.ip_network(to))
         except ValueError:
             _fail((*key, "routes"), f"route to {to!r} is not a network",
@@ -325,9 +340,11 @@ def _consistent(net: Network) -> None:
         _fail(("network", "vlans"), f"VLAN id {dup[1]} is declared twice on {dup[0]}")
     addresses: dict[str, str] = {}
     for name, d in net.virtual.items():
-        if d.l3.addresses and (master := net.master_of(name)):
-            _fail(("network", "bonds" if isinstance(d, Bond) else "vlans", name, "addresses"),
-                  f"{name} is a port of {master}: its address goes on {master}")
+        if d.l3 != L3() and (master := net.master_of(name)):
+            _fail(("network", "bonds" if isinstance(d, Bond) else "vlans", name),
+                  f"{name} is a port of {master}: its addresses, gateway, routes, DNS and "
+                  f"MTU go on {master}", hint=f"move them to [network.bridges.{master}] or "
+                  f"[network.bonds.{master}]")
         for a in d.l3.addresses:
             ip = str(ipaddress.ip_interface(a).ip)
             if ip in addresses:
@@ -339,6 +356,9 @@ def _consistent(net: Network) -> None:
 # -- rendering ------------------------------------------------------------------------
 
 def _unit(sections: list[tuple[str, list[tuple[str, str]]]]) -> str:
+    bad = [v for _, pairs in sections for _, v in pairs if not VALUE_RE.fullmatch(v)]
+    if bad:  # unreachable through parse(): a value its checks let through is a bug
+        raise AssertionError(f"refusing to write {bad[0]!r} into a networkd file")
     out = [HEADER.rstrip("\n")]
     for title, pairs in sections:
         if out[-1] != HEADER.rstrip("\n"):
@@ -371,8 +391,27 @@ def _l3_sections(d: Bridge | Bond | Vlan, net: Network, vlans: list[str]
     if d.l3.mtu:
         sections.append(("Link", [("MTUBytes", str(d.l3.mtu))]))
     sections.append(("Network", network or [("LinkLocalAddressing", "no")]))
+    if d.l3.dhcp:
+        # by MAC address, not networkd's DUID: DHCP reservations made for the NIC's MAC
+        # (which the bridge takes) keep working
+        sections.append(("DHCPv4", [("ClientIdentifier", "mac")]))
     sections += [("Route", [("Destination", r.to), ("Gateway", r.via)]) for r in d.l3.routes]
     return sections
+
+
+def mtu_of(net: Network, name: str) -> int | None:
+    """A device's MTU: its own, else its master's (a bridge's MTU is capped by its ports',
+    so the ports take the bridge's)."""
+    d = net.virtual.get(name)
+    if d is not None and d.l3.mtu:
+        return d.l3.mtu
+    master = net.master_of(name)
+    return mtu_of(net, master) if master else None
+
+
+def _link(net: Network, name: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    mtu = mtu_of(net, name)
+    return [("Link", [("MTUBytes", str(mtu))])] if mtu else []
 
 
 def _file_name(port: str) -> str:
@@ -380,8 +419,9 @@ def _file_name(port: str) -> str:
 
 
 def render(net: Network, primary_mac: str | None = None) -> dict[str, str]:
-    """File name -> text, for /etc/systemd/network/. ``10-`` sorts them before the
-    image's catch-all DHCP file, and networkd takes the first .network that matches."""
+    """File name -> text, for /etc/systemd/network/. ``10-`` and ``11-`` sort them before
+    the image's catch-all DHCP file (``20-dhcp.network``, ``Name=en* eth*``): networkd
+    takes the first .network that matches, and a VLAN named eno1.100 must get ours."""
     files: dict[str, str] = {}
     for b in net.bridges:
         # the bridge takes its first NIC's address, as the NIC had it: DHCP reservations
@@ -410,7 +450,7 @@ def render(net: Network, primary_mac: str | None = None) -> dict[str, str]:
             if port in virtual:
                 continue
             files[f"10-imgbase-port-{_file_name(port)}.network"] = _unit([
-                ("Match", _match(port, primary_mac)),
+                ("Match", _match(port, primary_mac)), *_link(net, master.name),
                 ("Network", [(kind, master.name), *[("VLAN", v) for v in vlans_on.get(port, [])]])])
     # NICs that only carry VLANs
     for link, names in vlans_on.items():
@@ -423,11 +463,11 @@ def render(net: Network, primary_mac: str | None = None) -> dict[str, str]:
         vlans = vlans_on.get(name, [])
         if over is not None:
             how = "Bridge" if any(b.name == over for b in net.bridges) else "Bond"
-            files[f"30-imgbase-{name}.network"] = _unit([
-                ("Match", [("Name", name)]),
+            files[f"11-imgbase-{name}.network"] = _unit([
+                ("Match", [("Name", name)]), *_link(net, name),
                 ("Network", [(how, over), *[("VLAN", v) for v in vlans]])])
         else:
-            files[f"30-imgbase-{name}.network"] = _unit(_l3_sections(d, net, vlans))
+            files[f"11-imgbase-{name}.network"] = _unit(_l3_sections(d, net, vlans))
     return files
 
 

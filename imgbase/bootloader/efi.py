@@ -90,6 +90,15 @@ def missing_sources(tree: Path) -> list[str]:
     return [rel for rel in SOURCES.values() if not (tree / rel).is_file()]
 
 
+def image_has_chain(image: str) -> bool:
+    """The (verified) image's squashfs carries shim and the signed grub."""
+    from ..image import squashfs
+
+    names = set(squashfs.names(image, "usr/lib/shim")) | set(
+        squashfs.names(image, "usr/lib/grub/x86_64-efi-signed"))
+    return all(f"/{rel}" in names for rel in SOURCES.values())
+
+
 def read_text(path: Path) -> str | None:
     try:
         return path.read_text()
@@ -110,22 +119,59 @@ def stale(esp: Path, tree: Path) -> list[str]:
             if digest(esp / rel) != digest(tree / SOURCES[src])]
 
 
+#: what imgbase last wrote to the ESP: "# <nvr>" then sha256sum lines of FILES, written
+#: after the files (so a record names only a chain that is whole)
+RECORD = f"{VENDOR}/imgbase-chain"
+WRITE_RECORD = ('d="$1"; nvr="$2"; shift 2; cd "$d" && { printf "# %s\\n" "$nvr" && '
+                'sha256sum -- "$@"; } > "$0.new" && sync "$0.new" && mv -f "$0.new" "$0" '
+                '&& sync -f .')
+
+
+def read_record(esp: Path) -> tuple[str | None, dict[str, str]]:
+    """The image the ESP's chain came from, and the digest of each file as written."""
+    text = read_text(esp / RECORD) or ""
+    lines = text.splitlines()
+    nvr = lines[0][2:] if lines and lines[0].startswith("# ") else None
+    digests = {}
+    for line in lines[1:]:
+        parts = line.split(maxsplit=1)
+        if len(parts) == 2 and parts[1] in FILES:
+            digests[parts[1]] = parts[0]
+    return nvr, digests
+
+
+def ours(esp: Path) -> bool:
+    """An ESP imgbase wrote (its record or one of its grub.cfg stubs is there); another
+    system's ESP is never written."""
+    return (esp / RECORD).is_file() or any(
+        (read_text(esp / rel) or "").startswith("# imgbase:") for rel in STUBS)
+
+
+def damaged(esp: Path) -> list[str]:
+    """ESP files missing, or not what the record says was written (a torn or foreign write)."""
+    _, recorded = read_record(esp)
+    return [rel for rel in FILES if digest(esp / rel) is None
+            or digest(esp / rel) != recorded.get(rel)]
+
+
 def repair(esp: Path, tree: Path, boot_uuid: str) -> tuple[str, ...] | None:
-    """What a sync from `tree` would rewrite on the ESP: the stale files (the stubs are
-    always rewritten), or None when nothing differs or the tree has no chain to copy."""
+    """What recover rewrites from `tree` (the booted image): the damaged files and the
+    stubs, or None when nothing is wrong or the tree has no chain to copy. A whole chain
+    that another (newer) image wrote is never replaced: that would be a downgrade, which
+    Secure Boot's SBAT may then refuse."""
     if missing_sources(tree):
         return None
-    files = tuple(stale(esp, tree))
+    files = tuple(damaged(esp))
     want = stub_cfg(boot_uuid)
     if not files and all(read_text(esp / rel) == want for rel in STUBS):
         return None
     return files
 
 
-def sync_steps(esp: Path, tree: Path, boot_uuid: str, files: list[str] | None = None
-               ) -> list[Step]:
-    """Steps that make the ESP boot the chain of `tree`: each file of `files` (default all)
-    replaced atomically, then the grub.cfg stubs, then a sync of the filesystem."""
+def sync_steps(esp: Path, tree: Path, boot_uuid: str, nvr: str,
+               files: list[str] | None = None) -> list[Step]:
+    """Steps that make the ESP boot the chain of `tree` (image nvr): each file of `files`
+    (default all) replaced atomically, the grub.cfg stubs, the record, a sync."""
     stubs = stub_cfg(boot_uuid)
     steps = [Step("esp-dirs", ("mkdir", "-p", str(esp / VENDOR), str(esp / REMOVABLE)))]
     for rel in (FILES if files is None else files):
@@ -134,11 +180,23 @@ def sync_steps(esp: Path, tree: Path, boot_uuid: str, files: list[str] | None = 
                            str(esp / rel))))
     steps += [Step(f"esp-{rel.lower().replace('/', '-')}", write=(str(esp / rel), stubs))
               for rel in STUBS]
-    steps.append(Step("esp-sync", ("sync", "-f", str(esp))))
+    steps.append(Step("esp-record", ("sh", "-c", WRITE_RECORD, RECORD, str(esp), nvr,
+                                     *FILES)))
     return steps
+
+
+# the old entries labelled imgbase go (a reinstall must not pile them up), then a new one
+# first in BootOrder; a firmware that refuses leaves a warning, not a failed install: the
+# removable-media path boots the disk anyway
+BOOT_ENTRY = (
+    'efibootmgr | sed -n "s/^Boot\\([0-9A-Fa-f]\\{4\\}\\)\\* $3\\([[:space:]].*\\)\\?$/\\1/p" | '
+    'while read -r n; do efibootmgr -q -b "$n" -B; done; '
+    'efibootmgr -q --create --disk "$1" --part "$2" --label "$3" --loader "$4" || '
+    'echo "imgbase: warning: no NVRAM boot entry (efibootmgr failed); the disk boots by '
+    'the removable-media path" >&2')
 
 
 def boot_entry_step(disk: str, part: int) -> Step:
     """An NVRAM boot entry for the shim on the ESP, put first in BootOrder."""
-    return Step("efi-boot-entry", ("efibootmgr", "--quiet", "--create", "--disk", disk,
-                                   "--part", str(part), "--label", LABEL, "--loader", LOADER))
+    return Step("efi-boot-entry", ("sh", "-c", BOOT_ENTRY, "efi-boot-entry", disk, str(part),
+                                   LABEL, LOADER))

@@ -29,6 +29,9 @@ from . import grubenv
 
 GRUB_DIR = "grub"
 ENTRIES = "imgbase-entries.cfg"
+#: GRUB 2.06's ``fallback`` takes a menu position, not an entry's id: this file, written
+#: with the entries, maps grubenv's imgbase_fallback (an id) to its position
+FALLBACK = "imgbase-fallback.cfg"
 GRUBENV = "grubenv"
 ENTRY_RE = re.compile(r"^menuentry [^\n]*--id '([^']+)' \{\n.*?^\}\n", re.M | re.S)
 # an entry exactly as :func:`entry` writes it: three lines, words GRUB reads literally
@@ -72,7 +75,9 @@ def grub_cfg(default: str, boot_uuid: str | None = None) -> str:
     The default is grubenv's ``saved_entry``. A one-time ``next_entry`` wins and is
     cleared. Otherwise, while ``imgbase_tries`` is set the default layer is on trial:
     each boot counts it down, and at 0 GRUB boots ``imgbase_fallback`` instead (also
-    GRUB's own fallback if the default entry cannot even be loaded). The menu waits 2 s,
+    GRUB's own fallback if the default entry cannot even be loaded -- a kernel that is
+    missing, or that Secure Boot refuses -- through the position :data:`FALLBACK` sets).
+    The menu waits 2 s,
     or ``imgbase_timeout`` seconds (``imgbase boot --menu-timeout``).
 
     >>> cfg = grub_cfg("n-1-1+1")
@@ -97,6 +102,7 @@ def grub_cfg(default: str, boot_uuid: str | None = None) -> str:
         + _countdown() +
         "fi\n"
         f"source /{GRUB_DIR}/{ENTRIES}\n"
+        f"if [ -f /{GRUB_DIR}/{FALLBACK} ]; then source /{GRUB_DIR}/{FALLBACK}; fi\n"
     )
 
 
@@ -141,6 +147,23 @@ def parse_entries(text: str) -> dict[str, str]:
 def render_entries(entries: dict[str, str]) -> str:
     """All entries, newest layer first."""
     return "".join(entries[k] for k in sorted(entries, key=layer_key, reverse=True))
+
+
+def render_fallback(entries: dict[str, str]) -> str:
+    """The menu position of each entry, for GRUB's ``fallback`` (in render_entries' order;
+    the names are layer names, checked when their entries were).
+
+    >>> print(render_fallback({"n-1-1+1": "", "n-1-1+2": ""}), end="")
+    # imgbase: GRUB's fallback is a menu position; imgbase_fallback names a layer
+    if [ "${imgbase_fallback}" = 'n-1-1+2' ]; then set fallback=0; fi
+    if [ "${imgbase_fallback}" = 'n-1-1+1' ]; then set fallback=1; fi
+    """
+    lines = ["# imgbase: GRUB's fallback is a menu position; imgbase_fallback names a layer\n"]
+    for i, name in enumerate(sorted(entries, key=layer_key, reverse=True)):
+        if not name or UNSAFE.search(name):
+            die(f"layer name {name!r} cannot go into the boot menu", hint="a layer is <nvr>+<n>")
+        lines.append(f"if [ \"${{imgbase_fallback}}\" = '{name}' ]; then set fallback={i}; fi\n")
+    return "".join(lines)
 
 
 def unrecognised(text: str) -> str:
@@ -206,7 +229,9 @@ def write_steps(boot: Path, current: dict[str, str], changes: dict[str, str | No
             hint=f"imgbase kargs --layer {name} --delete ARG (or layer --remove {name}) "
                  "first")
     return [Step("boot-entries", write=(str(boot / GRUB_DIR / ENTRIES),
-                                        render_entries(entries)))]
+                                        render_entries(entries))),
+            Step("boot-fallback", write=(str(boot / GRUB_DIR / FALLBACK),
+                                         render_fallback(entries)))]
 
 
 def read_grubenv(path: Path) -> dict[str, str]:

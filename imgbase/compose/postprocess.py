@@ -258,12 +258,16 @@ def drop_kernel_modules(tree: Path, excluded: tuple[str, ...]) -> int:
     removed = 0
     modules = _dir_in(tree, "usr/lib/modules")
     for kdir in sorted(modules.iterdir()) if modules else []:
-        if not kdir.is_dir() or kdir.is_symlink():
-            continue
         base = kdir / "kernel"
+        if kdir.is_symlink() or not kdir.is_dir() or base.is_symlink() or not base.is_dir():
+            continue
+        inside = base.resolve()
         for rel in excluded:
-            target = _dir_in(base, rel) if base.is_dir() else None
-            if target is None or not target.is_dir() or target == base.resolve():
+            # resolved as a chroot of the tree would, and then it must still be a directory
+            # below this kernel's own module tree (no link leads out of it)
+            target = _dir_in(tree, f"{kdir.relative_to(tree)}/kernel/{rel}")
+            if target is None or not target.is_dir() or target.is_symlink() \
+                    or not target.is_relative_to(inside) or target == inside:
                 continue
             removed += sum(p.lstat().st_size for p in target.rglob("*")
                            if p.is_file() and not p.is_symlink())

@@ -287,6 +287,12 @@ def load_image(path: Path, layer_dir: Path | None = None,
     if len(kernels) > 1:
         src.fail("image", "layers", f"layers {kernels[0].name!r} and {kernels[1].name!r} both "
                  "set a kernel", hint="one layer of an image sets kernel = ...")
+    listed = [(lay.name, p) for lay in layers for p in lay.packages
+              if p.startswith("linux-image-")]
+    if kernels and listed:
+        src.fail("image", "layers", f"layer {kernels[0].name!r} sets kernel = "
+                 f"{kernels[0].kernel!r} and layer {listed[0][0]!r} lists {listed[0][1]}: "
+                 "two kernels", hint="name the kernel once: the kernel setting")
     distro = _word(src, t, "distro", "debian")
     if kernels and distro != "debian":
         src.fail("image", "layers", f"layer {kernels[0].name!r} sets a Debian kernel flavour "

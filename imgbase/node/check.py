@@ -47,9 +47,12 @@ class EspFacts:
 
     why: str  # why the node needs one
     mounted: bool
-    stale: tuple[str, ...] = ()  # ESP files missing or not the booted image's
+    ours: bool = True  # imgbase wrote it (else another system's: left alone, not judged)
+    damaged: tuple[str, ...] = ()  # chain files missing or not as the record says
     bad_stubs: tuple[str, ...] = ()  # grub.cfg stubs that do not find this /boot
-    pending: bool = False  # the default layer is not the booted one: its chain may differ
+    chain_of: str | None = None  # the image the record says the chain came from
+    booted_base: str | None = None
+    differs: tuple[str, ...] = ()  # files that are not the booted image's
 
 
 @dataclass(frozen=True)
@@ -233,15 +236,22 @@ def check_esp(f: CheckFacts) -> Result:
         return Result("esp", True, "no ESP: booted by BIOS, and fstab mounts no /boot/efi")
     if not e.mounted:
         return Result("esp", False, f"{efi.MOUNTPOINT} is not mounted ({e.why})",
-                      f"mount {efi.MOUNTPOINT}; imgbase recover then rewrites its boot files")
+                      f"mount {efi.MOUNTPOINT}; imgbase recover then mends its boot files")
+    if not e.ours:
+        return Result("esp", True, f"{efi.MOUNTPOINT} holds another system's boot chain "
+                      "(not imgbase's: left as it is)")
     problems = [f"{rel} does not find this /boot" for rel in e.bad_stubs]
-    if e.stale and not e.pending:
-        problems.append(f"{', '.join(e.stale)}: missing or not the booted image's")
-    good = ("shim, signed grub and the removable-media path are the booted image's"
-            if not e.stale else "the ESP holds the boot chain of the default layer, which "
-            "is not the booted one")
+    if e.damaged:
+        problems.append(f"{', '.join(e.damaged)}: missing or not as imgbase wrote it")
+    elif e.chain_of == e.booted_base and e.differs:
+        problems.append(f"{', '.join(e.differs)}: not the booted image's")
+    if e.chain_of is None or e.chain_of == e.booted_base:
+        good = "shim, signed grub and the removable path are the booted image's, whole"
+    else:  # a newer image's chain after a fallback or rollback: never downgraded
+        good = (f"the boot chain of {e.chain_of}, whole (the booted image is {e.booted_base};"
+                " a chain is never replaced by an older one)")
     return _result("esp", problems, good,
-                   "imgbase recover writes the booted image's shim and grub to the ESP")
+                   "imgbase recover rewrites them from the booted image")
 
 
 @check
@@ -325,7 +335,7 @@ def gather(limits: CheckSettings, boot: Path = Path("/boot")) -> CheckFacts:
 
 
 def esp_facts(node: Any, boot: Path, root: Path = Path("/")) -> EspFacts | None:
-    """node: NodeFacts. The ESP as the booted image would write it, or None (BIOS only)."""
+    """node: NodeFacts. The ESP as check sees it, or None (a BIOS-only node)."""
     fstab = root / "etc/fstab"
     in_fstab = fstab.is_file() and any(
         len(w := line.split()) > 1 and not w[0].startswith("#") and w[1] == efi.MOUNTPOINT
@@ -334,13 +344,19 @@ def esp_facts(node: Any, boot: Path, root: Path = Path("/")) -> EspFacts | None:
     if not (in_fstab or uefi):
         return None
     why = "fstab mounts it" if in_fstab else "the node was booted by UEFI"
-    if node.esp_boot_uuid is None:
-        return EspFacts(why, mounted=False)
     esp = boot / "efi"
-    want = efi.stub_cfg(node.esp_boot_uuid)
-    bad = tuple(rel for rel in efi.STUBS if efi.read_text(esp / rel) != want)
-    return EspFacts(why, True, tuple(efi.stale(esp, root)), bad,
-                    pending=node.default is not None and node.default != node.booted)
+    if not (os.path.ismount(esp) and os.path.ismount(boot)):
+        return EspFacts(why, mounted=False)
+    if node.esp_boot_uuid is None:  # mounted, and not imgbase's
+        return EspFacts(why, True, ours=False)
+    try:
+        want = efi.stub_cfg(node.esp_boot_uuid)
+    except ImgbaseError:  # a /boot UUID no stub can hold: every stub is wrong
+        want = None
+    bad = tuple(rel for rel in efi.STUBS if want is None or efi.read_text(esp / rel) != want)
+    chain_of, _ = efi.read_record(esp)
+    return EspFacts(why, True, True, tuple(efi.damaged(esp)), bad, chain_of,
+                    node.booted_base, tuple(efi.stale(esp, root)))
 
 
 def report(results: list[Result]) -> dict[str, Any]:

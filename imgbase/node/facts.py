@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import bootloader
+from ..bootloader import efi
 from ..errors import die
 from ..run import run
 from ..storage.layout import NodeLayout
@@ -46,8 +47,8 @@ class NodeFacts:
     boot: Path = BOOT
     unmounted: str | None = None  # /boot should be a mount of its own and is not: why
     menu_problem: str | None = None  # why the menu may not be what GRUB reads (None: it is)
-    #: /boot's filesystem UUID when an ESP is mounted at /boot/efi (the ESP's grub.cfg
-    #: finds /boot by it); None: no ESP mounted, nothing on an ESP is written
+    #: /boot's filesystem UUID when imgbase's ESP is mounted at /boot/efi (its grub.cfg
+    #: finds /boot by it); None: no ESP, or another system's: nothing on it is written
     esp_boot_uuid: str | None = None
 
     @classmethod
@@ -61,7 +62,7 @@ class NodeFacts:
         unmounted = boot_unmounted(fstab.read_text() if fstab.is_file() else "", boot,
                                    os.path.ismount(boot))
         esp_uuid = None
-        if os.path.ismount(boot / "efi") and os.path.ismount(boot):
+        if os.path.ismount(boot / "efi") and os.path.ismount(boot) and efi.ours(boot / "efi"):
             esp_uuid = run(["findmnt", "-n", "-o", "UUID", str(boot)]).stdout.strip() or None
         return cls(layout, booted, bootloader.read_grubenv(boot / "grub/grubenv"),
                    entries, boot, unmounted, problem, esp_uuid)

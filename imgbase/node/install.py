@@ -179,7 +179,8 @@ def network_steps(net: netconf.Network, primary_mac: str | None, root: Path) -> 
         xml = f"{root}/{LIBVIRT_NETWORKS}/default.xml"
         steps += [Step("libvirt-network", write=(xml, libvirt_bridge_network(bridge))),
                   Step("libvirt-network-autostart",
-                       ("ln", "-sfn", f"/{LIBVIRT_NETWORKS}/default.xml",
+                       ("sh", "-c", 'mkdir -p "${2%/*}" && ln -sfn "$1" "$2"', "autostart",
+                        f"/{LIBVIRT_NETWORKS}/default.xml",
                         f"{root}/{LIBVIRT_NETWORKS}/autostart/default.xml"))]
     return steps
 
@@ -217,13 +218,22 @@ def check_network(net: netconf.Network, found: dict[str, str]) -> str | None:
                 not port.startswith("mac:") and port not in found:
             die(f"the network names NIC {port}, and this machine has no such NIC",
                 hint=f"NICs here: {', '.join(f'{n} ({m})' for n, m in found.items()) or 'none'}")
-    if not net.uses_primary:
-        return None
-    primary = primary_nic(found)
-    if primary is None:
+    primary = primary_nic(found) if net.uses_primary else None
+    if net.uses_primary and primary is None:
         die("the network bridges the primary NIC, and this machine has no NIC",
             hint="give --network a file naming the node's NICs")
-    return found[primary]
+    # one NIC, one master: "primary", mac:... and its name may all be the same NIC
+    by_mac: dict[str, str] = {}
+    for port in named:
+        if port in virtual:
+            continue
+        mac = (found[primary] if port == netconf.PRIMARY and primary else
+               port[4:] if port.startswith("mac:") else found.get(port, port))
+        if mac in by_mac and by_mac[mac] != port:
+            die(f"the network names one NIC twice: {by_mac[mac]} and {port} are both {mac}",
+                hint="name each NIC once")
+        by_mac[mac] = port
+    return found[primary] if primary else None
 
 
 def partition(disk: str, n: int) -> str:
@@ -277,7 +287,8 @@ def plan_install(f: InstallFacts) -> Plan:
                             str(boot_mnt))),
         Step("grub-install", ("grub-install", f"--target={f.grub_target}",
                               f"--boot-directory={boot_mnt}", f.disk)),
-        Step("grub-cfg", write=(f"{boot_mnt}/grub/grub.cfg", bootloader.grub_cfg(layer))),
+        Step("grub-cfg", write=(f"{boot_mnt}/grub/grub.cfg",
+                                bootloader.grub_cfg(layer, f.boot_uuid))),
         *bootloader.add_entry_steps(boot_mnt, layer, f"/dev/{vg}/{layer}", kargs,
                                     root_mnt / f"boot/vmlinuz-{f.kernel}",
                                     root_mnt / f"boot/initrd.img-{f.kernel}", {}),
@@ -285,14 +296,14 @@ def plan_install(f: InstallFacts) -> Plan:
                                     else grub.menu_timeout_env(f.menu_timeout)),
         Step("mount-esp", ("sh", "-c", 'mkdir -p "$2" && mount "$1" "$2"', "mount", esp_part,
                            str(boot_mnt / "efi"))),
-        *efi.sync_steps(boot_mnt / "efi", root_mnt, f.boot_uuid),
+        *efi.sync_steps(boot_mnt / "efi", root_mnt, f.boot_uuid, nvr),
         Step("umount-esp", ("umount", str(boot_mnt / "efi"))),
-        *([efi.boot_entry_step(f.disk, 2)] if f.efi_vars else []),
         Step("umount-boot", ("umount", str(boot_mnt))),
         *(join_steps(f.join, root_mnt) if f.join else []),
         *network_steps(f.network, f.primary_mac, root_mnt),
         *layer_finish_steps(vg, layer, root_mnt),
         Step("deactivate", ("vgchange", "-an", vg)),
+        *([efi.boot_entry_step(f.disk, 2)] if f.efi_vars else []),
     ]
     return Plan("install", tuple(steps),
                 failure_hint="the disk is not bootable; run the install again with --wipe")
@@ -406,13 +417,10 @@ def efi_vars_writable() -> bool:
 
 def efi_files(image: str) -> None:
     """Refuse an image that lacks the UEFI boot chain (before anything is written)."""
-    names = set(squashfs.names(image, "usr/lib/shim")) | set(
-        squashfs.names(image, "usr/lib/grub/x86_64-efi-signed"))
-    missing = [rel for rel in efi.SOURCES.values() if f"/{rel}" not in names]
-    if missing:
-        die(f"{image} has no /{missing[0]}: a node must boot under UEFI and Secure Boot",
-            hint="compose the image with the base layer's shim-signed and "
-            "grub-efi-amd64-signed")
+    if not efi.image_has_chain(image):
+        die(f"{image} has no UEFI boot chain (/usr/lib/shim, the signed grub): a node must "
+            "boot under UEFI and Secure Boot", hint="compose the image with the base "
+            "layer's shim-signed and grub-efi-amd64-signed")
 
 
 def image_kernel(image: str) -> str:

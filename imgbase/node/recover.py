@@ -8,8 +8,9 @@ operation short (a crash, a kill, power loss), the leftovers are visible.
 * layers with no boot entry (made, but never given one);
 * boot entries with no layer, and their files in /boot;
 * LVs tagged ``imgbase:retired`` (anaconda's root after layout --init) once unused;
-* an ESP whose shim, grub or grub.cfg stubs are missing or not the booted image's (when
-  the booted layer is the default), rewritten from the booted image file by file.
+* on imgbase's ESP, shim and grub files that are missing or torn (not what its record says
+  was written) and grub.cfg stubs that do not find /boot, rewritten from the booted image;
+  a whole chain a newer image wrote is left (a downgrade Secure Boot's SBAT may refuse).
 
 What :mod:`imgbase.node.keep` keeps -- the booted, default, next-boot, fallback, staged and
 last good layers and their bases, the pinned bases -- is never touched, whatever its
@@ -85,8 +86,9 @@ def plan_recover(f: NodeFacts, work_mounts: list[str], journal: list[dict[str, A
     if undo_base:
         steps.append(Step(f"remove-{undo_base}", ("lvremove", "-y", f"{layout.vg}/{undo_base}")))
     steps += finish
-    if esp_stale is not None and f.esp_boot_uuid:
-        steps += efi.sync_steps(f.boot / "efi", Path("/"), f.esp_boot_uuid, list(esp_stale))
+    if esp_stale is not None and f.esp_boot_uuid and f.booted_base:
+        steps += efi.sync_steps(f.boot / "efi", Path("/"), f.esp_boot_uuid, f.booted_base,
+                                list(esp_stale))
     steps = bootloader.committed(f.boot, steps)
     if journal:
         steps.append(Step("clear-journal", ("rm", "-f", str(journal_path))))
@@ -127,9 +129,9 @@ def finish_update_steps(f: NodeFacts, journal: list[dict[str, Any]], doomed: lis
 
 
 def esp_stale(f: NodeFacts) -> tuple[str, ...] | None:
-    """The ESP files to rewrite from the booted image: only when the booted layer is the
-    default (else the ESP may rightly hold the chain of the layer booted next)."""
-    if f.esp_boot_uuid is None or f.booted is None or f.default != f.booted:
+    """The ESP files to rewrite from the booted image (:func:`imgbase.bootloader.efi.repair`:
+    missing or torn files and the stubs, never a whole chain another image wrote)."""
+    if f.esp_boot_uuid is None or f.booted is None:
         return None
     return efi.repair(f.boot / "efi", Path("/"), f.esp_boot_uuid)
 

@@ -5,9 +5,11 @@ the root since the image was installed is left behind (a package half-removed, a
 /usr deleted, an /etc edit that stops the boot), and ``/var`` is untouched (a volume of
 its own). Its /etc is the image's factory /etc, except what makes the node *this* node,
 which is carried from the running layer (:data:`IDENTITY`): machine-id, hostname and
-hosts, SSH host keys and root's authorized keys, the network (systemd-networkd files and
-libvirt's default network), and /etc/imgbase (the cluster join, its TLS files, the trusted
-image keys, imgbase.toml). ``--keep-etc`` carries the whole /etc instead (when what broke
+hosts, SSH host keys and root's authorized keys, the network (systemd-networkd files),
+libvirt's configuration (the VMs defined on the node, their networks, storage pools and
+secrets: a hypervisor must not forget its VMs), and /etc/imgbase (the cluster join, its TLS
+files, the trusted image keys, imgbase.toml). Local users and passwords go back to the
+image's. ``--keep-etc`` carries the whole /etc instead (when what broke
 is outside it); ``--factory`` carries nothing (the node forgets who it is: it joins no
 cluster, trusts no key, and gets new SSH host keys at boot).
 
@@ -42,7 +44,7 @@ from .layers import boot_files_step
 #: what makes a node this node, relative to / (a glob in the last part)
 IDENTITY = (
     "etc/machine-id", "etc/hostname", "etc/hosts", "etc/ssh/ssh_host_*",
-    "etc/systemd/network", "etc/libvirt/qemu/networks", "etc/imgbase", "root/.ssh",
+    "etc/systemd/network", "etc/libvirt", "etc/imgbase", "root/.ssh",
 )
 
 

@@ -86,6 +86,7 @@ class UpdateFacts:
     key: str | None = None  # the image's signing key: tagged on the new base
     accepted: tuple[tuple[str, str], ...] = ()  # the anti-rollback record, raised at the end
     need: int = 0  # bytes the new base writes into the pool (estimate)
+    esp_chain: bool = True  # the image has shim and signed grub for the ESP
 
 
 def merge_kargs(carried: str, image_args: tuple[str, ...]) -> str:
@@ -136,10 +137,12 @@ def plan_update(f: UpdateFacts) -> Plan:
     kargs = merge_kargs(model_args(node, model), f.image_kargs)
     steps += [
         boot_files_step(mnt, node.boot, layer),
-        # the new image's shim and grub on the ESP: only the files that differ, each
-        # written new and renamed over the old
-        *(efi.sync_steps(node.boot / "efi", mnt, node.esp_boot_uuid)
-          if node.esp_boot_uuid else []),
+        # the new image's shim and grub on imgbase's ESP (an image without them leaves it):
+        # only the files that differ, each written new and renamed over the old. Before the
+        # trial, also when staged: the chain is Debian's signed binaries, and GRUB's
+        # fallback starts the older layers' kernels from the newer grub
+        *(efi.sync_steps(node.boot / "efi", mnt, node.esp_boot_uuid, nvr)
+          if node.esp_boot_uuid and f.esp_chain else []),
         *bootloader.write_entry_steps(node.boot, node.entries, {
             layer: bootloader.entry(node.boot, layer, f"/dev/{vg}/{layer}", kargs)}),
         *layer_finish_steps(vg, layer, mnt),
@@ -265,7 +268,8 @@ def gather_facts(image: Verified, *, allow_downgrade: bool, tries: int,
                        origin=str(origin) if origin else None,
                        fstab=Path("/etc/fstab").read_text(), tries=tries,
                        verdict=image.verdict, stage_only=stage_only, key=image.key,
-                       accepted=tuple(sorted(accepted.items())), need=need)
+                       accepted=tuple(sorted(accepted.items())), need=need,
+                       esp_chain=efi.image_has_chain(path))
 
 
 # -- the "what will change" report (--check) ---------------------------------------------

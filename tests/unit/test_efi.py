@@ -44,8 +44,9 @@ def test_install_formats_the_esp_and_copies_the_chain_from_the_layer() -> None:
     copies = [s for s in plan.steps if s.argv[:3] == ("sh", "-c", efi.REPLACE)]
     assert {s.argv[-1].split("/efi/", 1)[1] for s in copies} == set(efi.FILES)
     assert all(s.argv[-2].startswith("/run/imgbase/install/root/usr/lib/") for s in copies)
-    assert names.index("mount-esp") < names.index("esp-sync") < names.index("umount-esp") \
+    assert names.index("mount-esp") < names.index("esp-record") < names.index("umount-esp") \
         < names.index("umount-boot")
+    assert by["esp-record"].argv[5] == "imgbase-node-1.0-1"  # the record names the image
     _, fstab = by["layer-fstab"].write  # type: ignore[misc]
     assert "UUID=0A1B-2C3D /boot/efi vfat umask=0077,nofail 0 1" in fstab
     _, stub = by["esp-efi-boot-grub.cfg"].write  # type: ignore[misc]
@@ -53,6 +54,7 @@ def test_install_formats_the_esp_and_copies_the_chain_from_the_layer() -> None:
     assert "efi-boot-entry" not in names  # EFI variables not writable here
     entry = {s.name: s for s in plan_install(replace(facts, efi_vars=True)).steps}
     assert entry["efi-boot-entry"].argv[-1] == "\\EFI\\debian\\shimx64.efi"
+    assert list(entry)[-1] == "efi-boot-entry"  # last: a firmware that refuses fails nothing
 
 
 def test_grub_before_shim_in_each_directory() -> None:
@@ -65,9 +67,12 @@ def test_grub_before_shim_in_each_directory() -> None:
 def test_sync_writes_the_chain_then_only_what_differs(tmp_path: Path) -> None:
     tree, esp = tree_with_chain(tmp_path / "tree"), tmp_path / "esp"
     esp.mkdir()
+    assert not efi.ours(esp)  # an empty (or another system's) ESP is never written
     assert efi.repair(esp, tree, UUID) == tuple(efi.FILES)
-    run_steps(efi.sync_steps(esp, tree, UUID), tmp_path)
-    assert efi.stale(esp, tree) == [] and efi.repair(esp, tree, UUID) is None
+    run_steps(efi.sync_steps(esp, tree, UUID, "n-1.0-1"), tmp_path)
+    assert efi.ours(esp) and efi.stale(esp, tree) == [] and efi.damaged(esp) == []
+    assert efi.repair(esp, tree, UUID) is None
+    assert efi.read_record(esp)[0] == "n-1.0-1"
     assert (esp / "EFI/BOOT/BOOTX64.EFI").read_bytes() == (tree / efi.SOURCES["shim"]).read_bytes()
     assert (esp / "EFI/debian/grub.cfg").read_text() == efi.stub_cfg(UUID)
     assert not list(esp.rglob("*.new"))
@@ -76,9 +81,20 @@ def test_sync_writes_the_chain_then_only_what_differs(tmp_path: Path) -> None:
     (tree / efi.SOURCES["grub"]).write_bytes(b"grub v2\n")
     stale = efi.stale(esp, tree)
     assert stale == ["EFI/debian/grubx64.efi", "EFI/BOOT/grubx64.efi"]
-    run_steps(efi.sync_steps(esp, tree, UUID), tmp_path)
+    # the ESP holds a whole chain of another image: recover would not downgrade it
+    assert efi.repair(esp, tree, UUID) is None
+    run_steps(efi.sync_steps(esp, tree, UUID, "n-2.0-1"), tmp_path)
     assert (esp / "EFI/BOOT/grubx64.efi").read_bytes() == b"grub v2\n"
     assert (esp / "EFI/debian/shimx64.efi").stat().st_mtime_ns == before
+    assert efi.read_record(esp)[0] == "n-2.0-1" and efi.damaged(esp) == []
+    # torn or lost files are what recover mends, and a stub that finds no /boot
+    (esp / "EFI/BOOT/BOOTX64.EFI").write_bytes(b"half a shim")
+    (esp / "EFI/debian/mmx64.efi").unlink()
+    assert efi.damaged(esp) == ["EFI/debian/mmx64.efi", "EFI/BOOT/BOOTX64.EFI"]
+    assert efi.repair(esp, tree, UUID) == ("EFI/debian/mmx64.efi", "EFI/BOOT/BOOTX64.EFI")
+    run_steps(efi.sync_steps(esp, tree, UUID, "n-2.0-1",
+                             list(efi.repair(esp, tree, UUID) or ())), tmp_path)
+    assert efi.damaged(esp) == [] and efi.stale(esp, tree) == []
     (esp / "EFI/BOOT/grub.cfg").write_text("search --label x\n")
     assert efi.repair(esp, tree, UUID) == ()  # no file, but a stub to rewrite
 
@@ -115,10 +131,36 @@ def test_check_esp() -> None:
     base = CheckFacts(tagged_vgs=("vg",), layout=None)
     assert check_esp(base).ok
     assert not check_esp(replace(base, esp=EspFacts("fstab mounts it", False))).ok
-    assert check_esp(replace(base, esp=EspFacts("x", True))).ok
-    stale = EspFacts("x", True, stale=("EFI/BOOT/BOOTX64.EFI",))
-    result = check_esp(replace(base, esp=stale))
+    mine = EspFacts("x", True, chain_of="n-1", booted_base="n-1")
+    assert check_esp(replace(base, esp=mine)).ok
+    assert check_esp(replace(base, esp=EspFacts("x", True, ours=False))).ok  # not judged
+    torn = replace(mine, damaged=("EFI/BOOT/BOOTX64.EFI",))
+    result = check_esp(replace(base, esp=torn))
     assert not result.ok and "EFI/BOOT/BOOTX64.EFI" in result.detail
     assert "imgbase recover" in result.hint
-    assert check_esp(replace(base, esp=replace(stale, pending=True))).ok
-    assert not check_esp(replace(base, esp=EspFacts("x", True, bad_stubs=efi.STUBS))).ok
+    # whole, but not the booted image's although the record says it is
+    assert not check_esp(replace(base, esp=replace(mine, differs=("EFI/BOOT/grubx64.efi",)))).ok
+    # whole, a newer image's (after a fallback): fine, never downgraded
+    newer = replace(mine, chain_of="n-2", differs=("EFI/BOOT/grubx64.efi",))
+    assert check_esp(replace(base, esp=newer)).ok and "n-2" in check_esp(
+        replace(base, esp=newer)).detail
+    assert not check_esp(replace(base, esp=replace(mine, bad_stubs=efi.STUBS))).ok
+
+
+def test_the_boot_entry_replaces_old_imgbase_entries_and_never_fails_the_install(
+        tmp_path: Path) -> None:
+    fake = tmp_path / "efibootmgr"
+    log = tmp_path / "log"
+    fake.write_text("#!/bin/sh\nif [ $# -eq 0 ]; then printf 'BootCurrent: 0001\\n"
+                    "Boot0000* UiApp\\nBoot0001* imgbase\\tHD(2,GPT,x)\\nBoot0003* imgbase\\n"
+                    "Boot0004* imgbase-other\\n'; exit 0; fi\n"
+                    f"echo \"$*\" >> {log}\n[ \"$1 $2\" != '-q --create' ] || exit ${{FAIL:-0}}\n")
+    fake.chmod(0o755)
+    argv = efi.boot_entry_step("/dev/vdb", 2).argv
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    subprocess.run(argv, env=env, check=True)
+    assert log.read_text().splitlines() == [
+        "-q -b 0001 -B", "-q -b 0003 -B",
+        "-q --create --disk /dev/vdb --part 2 --label imgbase --loader \\EFI\\debian\\shimx64.efi"]
+    failed = subprocess.run(argv, env={**env, "FAIL": "1"}, capture_output=True, text=True)
+    assert failed.returncode == 0 and "warning: no NVRAM boot entry" in failed.stderr

@@ -125,7 +125,7 @@ def test_a_broken_entry_is_never_written_again_and_deleting_its_argument_repairs
     assert exc.value.hint == (f"imgbase kargs --layer {A} --delete ARG (or layer --remove {A}) "
                               "first")
     args = kargs.edit(grub.kernel_args(broken).split(), delete=["x'y"])
-    step, = grub.write_steps(boot, current, {A: grub.entry(A, f"/dev/vg/{A}", " ".join(args))})
+    step, _ = grub.write_steps(boot, current, {A: grub.entry(A, f"/dev/vg/{A}", " ".join(args))})
     assert step.write is not None and grub.parse_entries(step.write[1])[A] == grub.entry(
         A, f"/dev/vg/{A}", "rw")
     with pytest.raises(InputError, match="cannot go into a boot entry"):
@@ -140,11 +140,28 @@ def test_two_broken_entries_are_repaired_one_at_a_time() -> None:
     broken = {n: grub.entry(n, f"/dev/vg/{n}", "rw").replace(" rw\n", " rw x}\n")
               for n in (A, B)}
     fixed = grub.entry(A, f"/dev/vg/{A}", "rw")
-    step, = grub.write_steps(boot, broken, {A: fixed})  # kargs --layer A --delete 'x}'
+    step, _ = grub.write_steps(boot, broken, {A: fixed})  # kargs --layer A --delete 'x}'
     assert step.write is not None
-    step, = grub.write_steps(boot, broken, {A: None})  # layer --remove A
+    step, _ = grub.write_steps(boot, broken, {A: None})  # layer --remove A
     assert step.write is not None and A not in grub.parse_entries(step.write[1])
     with pytest.raises(InputError, match="would break the menu"):
         grub.write_steps(boot, broken, {"c+1": grub.entry("c+1", "/dev/vg/c+1", "rw")})
     with pytest.raises(InputError, match="would break the menu"):
         grub.write_steps(boot, {A: fixed, B: broken[B]}, {A: broken[A]})
+
+
+def test_the_fallback_position_follows_the_entries(tmp_path: Path) -> None:
+    """GRUB 2.06 takes `fallback` as a menu position only: the file written with the
+    entries turns grubenv's imgbase_fallback (a layer) into its position, and grub.cfg
+    sources it after the entries."""
+    names = ["n-1-1+1", "n-1-1+2", "n-1-2+1"]
+    steps = grub.write_steps(tmp_path, {}, {n: grub.entry(n, f"/dev/vg/{n}", "rw")
+                                            for n in names})
+    (_, entries), (path, fallback) = (s.write for s in steps)  # type: ignore[misc]
+    assert path.endswith("/grub/imgbase-fallback.cfg")
+    order = list(grub.parse_entries(entries))
+    for name in names:
+        assert f"= '{name}' ]; then set fallback={order.index(name)}; fi" in fallback
+    cfg = grub.grub_cfg(names[0])
+    assert cfg.index("source /grub/imgbase-entries.cfg") < cfg.index(
+        "source /grub/imgbase-fallback.cfg")

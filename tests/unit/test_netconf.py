@@ -55,21 +55,25 @@ def test_full_network_renders_what_it_says(tmp_path: Path) -> None:
     assert eno1["Match"]["Name"] == "eno1" and eno1["Network"]["Bond"] == "bond0"
     mac = ini(files["10-imgbase-port-mac525400aabbcc.network"])
     assert mac["Match"]["PermanentMACAddress"] == "52:54:00:aa:bb:cc"
-    bond = files["30-imgbase-bond0.network"]
+    bond = files["11-imgbase-bond0.network"]
     assert "Bridge=br0" in bond and "VLAN=vlan100" in bond
-    br0 = files["30-imgbase-br0.network"]
+    br0 = files["11-imgbase-br0.network"]
     assert "Address=192.0.2.10/24\nAddress=2001:db8::10/64\nGateway=192.0.2.1\n" in br0
     assert "DNS=192.0.2.53" in br0 and "DHCP" not in br0 and "MTUBytes=9000" in br0
     assert "[Route]\nDestination=10.0.0.0/8\nGateway=192.0.2.254" in br0
-    assert "Bridge=br100" in files["30-imgbase-vlan100.network"]
-    assert "DHCP=yes" in files["30-imgbase-br100.network"]
+    assert "Bridge=br100" in files["11-imgbase-vlan100.network"]
+    # the bridge's MTU on everything under it: the bond and its NICs
+    for name in ("11-imgbase-bond0.network", "10-imgbase-port-eno1.network"):
+        assert ini(files[name])["Link"]["MTUBytes"] == "9000", name
+    assert ini(files["11-imgbase-br100.network"])["DHCPv4"]["ClientIdentifier"] == "mac"
+    assert "DHCP=yes" in files["11-imgbase-br100.network"]
 
 
 def test_default_is_br0_over_the_primary_nic_by_dhcp(tmp_path: Path) -> None:
     assert load(tmp_path, "# nothing\n") == netconf.DEFAULT
     files = netconf.render(netconf.DEFAULT, MAC)
     assert ini(files["10-imgbase-port-primary.network"])["Match"]["PermanentMACAddress"] == MAC
-    assert ini(files["30-imgbase-br0.network"])["Network"]["DHCP"] == "yes"
+    assert ini(files["11-imgbase-br0.network"])["Network"]["DHCP"] == "yes"
     assert ini(files["10-imgbase-br0.netdev"])["NetDev"]["MACAddress"] == MAC  # the NIC's
     # sorted before the image's catch-all DHCP file: networkd takes the first match
     assert all(name < "20-dhcp.network" for name in files if name.endswith(".network")
@@ -104,6 +108,12 @@ def test_default_is_br0_over_the_primary_nic_by_dhcp(tmp_path: Path) -> None:
      "address 192.0.2.10 is on both br0 and br1"),
     ('[network.bridges.br0]\nports = ["mac:zz"]\n', 2, "is not a MAC address"),
     ('[network]\ndns = ["8.8.8.8; rm"]\n', 2, "is not an IP address"),
+    # ipaddress takes an IPv6 zone, and a zone holds anything, newlines included
+    ('[network]\ndns = ["fe80::1%x\\n[Route]\\nGateway=6.6.6.6"]\n', 2, "is not an IP address"),
+    ('[network.bridges.br0]\nports = ["eno1"]\naddresses = ["fe80::1%x\\nDNS=1.1.1.1/64"]\n',
+     3, "not an address with a valid prefix"),
+    ('[network.bridges.br0]\nports = ["b"]\n[network.bonds.b]\nports = ["eno1"]\nmtu = 9000\n',
+     3, "b is a port of br0: its addresses, gateway, routes, DNS and MTU go on br0"),
     ('[network.bridges.br0]\nports = ["eno1"]\nmtu = 100000\n', 3, "mtu 100000 is out of range"),
 ])
 def test_bad_network_names_file_and_line(tmp_path: Path, text: str, where: int,
@@ -125,6 +135,10 @@ def test_a_bridge_over_a_missing_nic_is_refused() -> None:
     with pytest.raises(InputError, match="names NIC eno9, and this machine has no such NIC"):
         check_network(net, {"ens3": MAC})
     assert check_network(net, {"eno9": MAC}) is None  # no primary NIC used
+    twice = netconf.parse({"bridges": {"br0": {"ports": ["eno9"]},
+                                       "br1": {"ports": [f"mac:{MAC}"]}}})
+    with pytest.raises(InputError, match="names one NIC twice: eno9 and mac:52:54"):
+        check_network(twice, {"eno9": MAC})
     with pytest.raises(InputError, match="no such NIC"):
         check_network(netconf.parse({"bridges": {"br0": {"ports": ["mac:52:54:00:00:00:01"]}}}),
                       {"ens3": MAC})

@@ -83,8 +83,8 @@ def test_base_remove_drops_entries_then_layers_then_the_base() -> None:
     layer = lv("m-2.0-1+1", origin="m-2.0-1", tags="imgbase:layer")
     plan = layers.plan_base_remove(node(other, layer, entries=(f"{NVR}+1", "m-2.0-1+1")),
                                   "m-2.0-1")
-    assert names(plan) == ["boot-entries", "boot-files", "remove-m-2.0-1+1", "remove-base",
-                           "boot-commit"]
+    assert names(plan) == ["boot-entries", "boot-fallback", "boot-files", "remove-m-2.0-1+1",
+                           "remove-base", "boot-commit"]
     with pytest.raises(InputError, match=f"cannot remove base {NVR}: layer {NVR}\\+1 is booted"):
         layers.plan_base_remove(node(), NVR)
 

@@ -164,3 +164,27 @@ def test_scrub_does_not_follow_the_trees_symlinks_out(tmp_path: Path) -> None:
     assert (host / "hostname").read_text() == "buildhost\n"
     assert (tree / "etc/hostname").read_text() == "localhost\n"
     assert not (tree / "etc/hostname").is_symlink()
+
+
+def test_dropped_kernel_modules_stay_inside_the_kernels_tree(tmp_path: Path,
+                                                             monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A module directory that is a link out of the tree, or a kernel/ that is one, is
+    never followed: only the kernel's own directories go."""
+    from imgbase.compose import postprocess as pp
+
+    tree, host = tmp_path / "tree", tmp_path / "host"
+    (host / "sound").mkdir(parents=True)
+    (host / "sound/keep.ko").write_text("host file")
+    k1 = tree / "usr/lib/modules/6.1-a/kernel"
+    (k1 / "sound").mkdir(parents=True)
+    (k1 / "sound/x.ko").write_text("x")
+    (k1 / "drivers").mkdir()
+    (k1 / "drivers/media").symlink_to(host / "sound")  # a link out: left alone
+    (tree / "usr/lib/modules/6.1-b").mkdir()
+    (tree / "usr/lib/modules/6.1-b/kernel").symlink_to(host)  # kernel/ itself a link out
+    depmod: list[str] = []
+    monkeypatch.setattr(pp, "chroot_run", lambda t, argv: depmod.append(argv[-1]) or "")
+    gone = pp.drop_kernel_modules(tree, ("sound", "drivers/media"))
+    assert gone == 1 and not (k1 / "sound").exists()
+    assert (host / "sound/keep.ko").read_text() == "host file"
+    assert depmod == ["6.1-a"]

@@ -311,6 +311,9 @@ def test_two_layers_with_a_kernel_are_refused(tmp_path: Path) -> None:
                 layer=LAYER.replace("[layer]", '[layer]\nkernel = "amd64"'))
     (tmp_path / "layers/other.toml").write_text('[layer]\nname = "other"\nkernel = "cloud-amd64"\n')
     assert "layers 'base' and 'other' both set a kernel" in error_of(img)
+    (tmp_path / "layers/other.toml").write_text('[layer]\nname = "other"\n'
+                                                'packages = ["linux-image-cloud-amd64"]\n')
+    assert "and layer 'other' lists linux-image-cloud-amd64: two kernels" in error_of(img)
 
 
 def test_kernel_modules_exclude(tmp_path: Path) -> None:

@@ -28,8 +28,8 @@ from imgbase.vm import Guest
 from tests.images import derive, signing_key, stop_agent
 from tests.vm.nodes import MEDIA, NVR, V2, module_node, mount_media
 from tests.vm.test_power_cut import (
-    A,
     IMAGE,
+    A,
     back_to_v1_only,
     cut,
     recover_and_check,
