@@ -13,7 +13,8 @@ image's. ``--keep-etc`` carries the whole /etc instead (when what broke
 is outside it); ``--factory`` carries nothing (the node forgets who it is: it joins no
 cluster, trusts no key, and gets new SSH host keys at boot).
 
-The fstab is written from the volume tags, as for every layer. The new layer becomes the
+The fstab is written from the volume tags, as for every layer, with the /boot and /boot/efi
+lines of the running one and nothing else of it. The new layer becomes the
 default on trial, with the booted layer as the fallback: a reset that does not come up
 healthy goes back by itself. The old layer stays until gc or ``layer --remove``.
 """
@@ -48,10 +49,26 @@ IDENTITY = (
 )
 
 
+BOOT_MOUNTS = ("/boot", "/boot/efi")
+
+
+def boot_lines(fstab: str) -> str:
+    """The /boot and /boot/efi lines of an fstab: all a new layer keeps of the running one
+    (a line an admin added, perhaps the one that stops the boot, stays behind).
+
+    >>> boot_lines("/dev/vg/a+1 / ext4 defaults 0 1\\nLABEL=boot /boot ext4 defaults 0 2\\n"
+    ...            "/dev/vg/gone /srv ext4 defaults 0 2\\n")
+    'LABEL=boot /boot ext4 defaults 0 2\\n'
+    """
+    return "".join(f"{line}\n" for line in fstab.splitlines()
+                   if len(w := line.split()) > 1 and not w[0].startswith("#")
+                   and w[1] in BOOT_MOUNTS)
+
+
 @dataclass(frozen=True)
 class ResetFacts:
     node: NodeFacts
-    fstab: str  # the running /etc/fstab: its /boot and /boot/efi lines are kept
+    fstab: str  # the running /etc/fstab: only its /boot and /boot/efi lines are kept
     carry: tuple[str, ...]  # paths relative to / that exist and go to the new layer
 
 
@@ -90,7 +107,8 @@ def plan_reset(f: ResetFacts, tries: int = DEFAULT_TRIES) -> Plan:
     vg, mnt = layout.vg, WORK / "reset"
     volumes = [(mp, lv.path) for lv in layout.volumes if (mp := mountpoint_of(lv))]
     create = layer_create_steps(vg, base, layer, mnt,
-                                rewrite_fstab(f.fstab, f"/dev/{vg}/{layer}", volumes))
+                                rewrite_fstab(boot_lines(f.fstab), f"/dev/{vg}/{layer}",
+                                              volumes))
     fstab_at = [s.name for s in create].index("layer-fstab")
     steps = create[:fstab_at]
     if f.carry:

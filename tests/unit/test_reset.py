@@ -13,7 +13,8 @@ from imgbase.errors import InputError
 from imgbase.node import reset
 from tests.unit.test_node_plans import NVR, names, node
 
-FSTAB = "LABEL=boot /boot ext4 defaults 0 2\nUUID=0A1B-2C3D /boot/efi vfat umask=0077 0 1\n"
+FSTAB = ("LABEL=boot /boot ext4 defaults 0 2\nUUID=0A1B-2C3D /boot/efi vfat umask=0077 0 1\n"
+         "/dev/vg/gone /srv ext4 defaults 0 2\n")  # an admin's line that stops the boot
 
 
 def facts(carry: tuple[str, ...] = ("etc/hostname",)) -> reset.ResetFacts:
@@ -34,6 +35,7 @@ def test_a_new_layer_of_the_booted_base_with_the_identity_then_its_fstab() -> No
     _, fstab = steps["layer-fstab"].write  # type: ignore[misc]
     assert fstab.splitlines()[0] == f"/dev/vg/{NVR}+2 / ext4 defaults,discard 0 1"
     assert "/boot/efi vfat" in fstab and "/dev/vg/var /var" in fstab
+    assert "/srv" not in fstab  # nothing else of the running fstab
     _, env = steps["boot-default"].write  # type: ignore[misc]
     parsed = grubenv.parse(env)
     assert (parsed["saved_entry"], parsed["imgbase_tries"], parsed["imgbase_fallback"]) == (
