@@ -40,6 +40,18 @@ def _need_layer(f: NodeFacts, layer: str) -> None:
         die(f"layer {layer} has no boot entry", hint="imgbase recover, then layer --add")
 
 
+def trial_env(env: dict[str, str], layer: str, tries: int, fallback: str) -> dict[str, str]:
+    """grubenv with layer the default on trial (tries boots, then fallback); a pending
+    next boot and an older trial dropped, the other variables kept.
+
+    >>> trial_env({"next_entry": "a+1", "imgbase_timeout": "0"}, "b+1", 3, "a+1")
+    {'imgbase_timeout': '0', 'saved_entry': 'b+1', 'imgbase_tries': '3', 'imgbase_fallback': 'a+1'}
+    """
+    kept = {k: v for k, v in env.items() if k not in TRIAL_KEYS and k != "next_entry"}
+    return {**kept, "saved_entry": layer, "imgbase_tries": str(tries),
+            "imgbase_fallback": fallback}
+
+
 def plan_next(f: NodeFacts, layer: str) -> Plan:
     """Boot layer once, at the next boot; the default stays."""
     _need_layer(f, layer)

@@ -37,7 +37,7 @@ from ..storage.layout import (
     mountpoint_of,
     rewrite_fstab,
 )
-from .boot import DEFAULT_TRIES, TRIAL_KEYS
+from .boot import DEFAULT_TRIES, trial_env
 from .facts import NodeFacts
 from .kargs import model_args
 from .layers import boot_files_step
@@ -125,8 +125,7 @@ def plan_reset(f: ResetFacts, tries: int = DEFAULT_TRIES) -> Plan:
             layer: bootloader.entry(node.boot, layer, f"/dev/{vg}/{layer}", kargs)}),
         *layer_finish_steps(vg, layer, mnt),
     ]
-    env = {k: v for k, v in node.env.items() if k not in TRIAL_KEYS and k != "next_entry"}
-    env.update(saved_entry=layer, imgbase_tries=str(tries), imgbase_fallback=node.booted)
+    env = trial_env(node.env, layer, tries, node.booted)
     steps.append(Step("boot-default", write=(str(node.boot / "grub/grubenv"),
                                              grubenv.render(env)),
                       note="on trial: a reset that does not boot healthy goes back"))

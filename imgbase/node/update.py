@@ -58,7 +58,7 @@ from ..storage.layout import (
     rewrite_fstab,
 )
 from ..storage.lvm import TAG_BASE
-from .boot import DEFAULT_TRIES
+from .boot import DEFAULT_TRIES, trial_env
 from .facts import NodeFacts
 from .kargs import model_args
 from .layers import boot_files_step
@@ -149,10 +149,7 @@ def plan_update(f: UpdateFacts) -> Plan:
         accepted_step(dict(f.accepted), Nvr.parse(nvr)),
     ]
     if not f.stage_only:
-        env = {k: v for k, v in node.env.items()
-               if k not in ("imgbase_tries", "imgbase_fallback", "next_entry")}
-        env.update(saved_entry=layer, imgbase_tries=str(f.tries),
-                   imgbase_fallback=node.booted or node.default or "")
+        env = trial_env(node.env, layer, f.tries, node.booted or node.default or "")
         steps.append(Step("boot-default", write=(str(node.boot / "grub/grubenv"),
                                                  grubenv.render(env)),
                           note="the last step: from here the next boot tries the new layer"))
