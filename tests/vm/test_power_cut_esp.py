@@ -1,8 +1,9 @@
 """Power cuts while `imgbase update` writes the ESP: the firmware always finds a whole shim
 and a whole grub, and the node boots by itself (UEFI, the removable-media path).
 
-v2 here carries a shim and a grub that differ from v1's (the signed files with bytes
-appended: plain UEFI loads them as it loads the originals), so the update replaces four
+v2 here carries a shim and a grub that differ from v1's (the signed files with another PE
+CheckSum field: Authenticode leaves that field out of the hash, so shim and the firmware load
+them as they load the originals, and their sha256 differs), so the update replaces four
 files on the ESP (EFI/debian and EFI/BOOT, grub before shim), each written to NAME.new,
 synced, and renamed over NAME. The power is cut after each of those steps and in the
 middle of the two first copies; after each cut the node boots on its own, every file of the
@@ -43,10 +44,20 @@ CHANGED = ("shim", "grub")  # mok stays as it is
 DURING = [("esp-efi-debian-grubx64.efi", 0.1), ("esp-efi-boot-bootx64.efi", 0.05)]
 
 
+def other_checksum(data: bytes) -> bytes:
+    """The PE with its optional header's CheckSum changed (bytes appended would be refused by
+    shim: "Malformed binary after Attribute Certificate Table")."""
+    pe = int.from_bytes(data[0x3C:0x40], "little")
+    assert data[pe:pe + 4] == b"PE\0\0", "not a PE image"
+    at = pe + 4 + 20 + 64  # signature, COFF header, then CheckSum in the optional header
+    old = int.from_bytes(data[at:at + 4], "little")
+    return data[:at] + (old ^ 0x5A5A5A5A).to_bytes(4, "little") + data[at + 4:]
+
+
 def other_chain(tree: Path) -> None:
     for name in CHANGED:
         path = tree / efi.SOURCES[name]
-        path.write_bytes(path.read_bytes() + b"\0" * 4096 + b"imgbase-test-v2\n")
+        path.write_bytes(other_checksum(path.read_bytes()))
 
 
 @pytest.fixture(scope="module")
