@@ -24,6 +24,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -162,6 +163,9 @@ class Guest:
     # QMP on an abstract unix socket: no path length limit, nothing to clean up
     _qmp_name: str = field(default_factory=lambda: f"imgbase-qmp-{os.urandom(8).hex()}",
                            init=False)
+    _console_name: str = field(
+        default_factory=lambda: f"imgbase-console-{os.urandom(8).hex()}", init=False)
+    _console: socket.socket | None = field(default=None, init=False)
 
     # -- lifecycle ------------------------------------------------------------
     def __enter__(self) -> Guest:
@@ -235,6 +239,13 @@ class Guest:
                                      stderr=open(self.rundir / "qemu.stderr", "wb"),  # noqa: SIM115
                                      start_new_session=True, preexec_fn=_die_with_parent)
         (self.rundir / "qemu.pid").write_text(f"{self.proc.pid}\n")
+        # qemu waits for this connection before it starts the guest (wait=on), so the log
+        # has every byte of the boot; it stays open for the qemu's life
+        if self._console is not None:
+            self._console.close()
+        self._console = _connect(self._console_name, self.proc)
+        if self._console is not None:
+            threading.Thread(target=_drain, args=(self._console,), daemon=True).start()
         self._shutdown = []
         self._events = None
         if self.follows_resets:
@@ -326,6 +337,9 @@ class Guest:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        if self._console is not None:
+            self._console.close()
+            self._console = None
         if self._own_rundir and self.rundir is not None:
             shutil.rmtree(self.rundir, ignore_errors=True)
             self._own_rundir = False
@@ -383,6 +397,27 @@ class Guest:
 
         return testinfra.get_host("paramiko://guest", ssh_config=str(self.ssh_config))
 
+    def wait_console(self, pattern: str, since: int = 0, timeout: float = SSH_TIMEOUT
+                     ) -> re.Match[str]:
+        """Wait until the serial log, from byte since on, matches pattern (a regex); resets
+        of the guest on the way are followed."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if not self.alive():
+                raise self._failure(f"qemu exited before the console showed {pattern!r}")
+            text = self.serial_log.read_bytes()[since:].decode(errors="replace")
+            if m := re.search(pattern, text):
+                return m
+            time.sleep(1)
+        raise self._failure(f"the console did not show {pattern!r} within {timeout:.0f} s")
+
+    def console_send(self, text: str) -> None:
+        """Type text at the serial console (a rescue shell reads it there)."""
+        self.alive()  # a reset is followed first: the text goes to the running qemu
+        if self._console is None:
+            raise self._failure("the guest's console is not connected")
+        self._console.sendall(text.encode())
+
     def serial_tail(self, lines: int = 30) -> str:
         try:
             text = self.serial_log.read_text(errors="replace")
@@ -416,8 +451,10 @@ class Guest:
                    "wait=off", "-mon", "chardev=qmp,mode=control"]
                   if self.follows_resets else []),
                 "-display", "none", "-monitor", "none", "-vga", "none",
-                # appended to, so one log holds every boot of the guest
-                "-chardev", f"file,id=serial0,path={self.serial_log},append=on",
+                # logged (appended to, so one log holds every boot of the guest) whether or
+                # not anyone is connected; the socket types at the console (console_send)
+                "-chardev", f"socket,id=serial0,path={self._console_name},abstract=on,"
+                f"server=on,wait=on,logfile={self.serial_log},logappend=on",
                 "-serial", "chardev:serial0",
                 "-device", "isa-debug-exit,iobase=0x501,iosize=0x02"]
         if FIRMWARE[s.firmware] is not None:
@@ -515,8 +552,8 @@ def selfcheck_result(exit_status: int, lines: Sequence[str] = ()) -> bool | None
 
 # -- helpers ------------------------------------------------------------------
 
-def _qmp_connect(name: str, proc: subprocess.Popen[bytes]) -> socket.socket | None:
-    """Connect to a starting qemu's QMP socket and enable its events (None: qemu died)."""
+def _connect(name: str, proc: subprocess.Popen[bytes]) -> socket.socket | None:
+    """Connect to one of a starting qemu's abstract unix sockets (None: qemu died)."""
     deadline = time.monotonic() + 30
     while proc.poll() is None and time.monotonic() < deadline:
         sock = socket.socket(socket.AF_UNIX)
@@ -526,9 +563,24 @@ def _qmp_connect(name: str, proc: subprocess.Popen[bytes]) -> socket.socket | No
             sock.close()
             time.sleep(0.05)
             continue
-        sock.sendall(b'{"execute": "qmp_capabilities"}\n')
         return sock
     return None
+
+
+def _qmp_connect(name: str, proc: subprocess.Popen[bytes]) -> socket.socket | None:
+    """Connect to a starting qemu's QMP socket and enable its events (None: qemu died)."""
+    sock = _connect(name, proc)
+    if sock is not None:
+        sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+    return sock
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read the console until qemu closes it (qemu's logfile keeps what it says; a console
+    nobody reads would make qemu's serial port drop and repeat characters)."""
+    with contextlib.suppress(OSError):
+        while sock.recv(65536):
+            pass
 
 
 def _read_shutdowns(sock: socket.socket, reasons: list[str]) -> None:

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,8 @@ def build_installed_disks(node_image: Path, work: Path) -> dict[str, Path]:
     # with this machine's NVRAM (tests/vm/test_uefi.py)
     with Guest(VmSpec(live=live, attach=attach, trusted=(key,), firmware="secureboot"),
                rundir=work / "installer") as guest:
+        # the firmware enforces Secure Boot: the live kernel it started is signed
+        assert "Secure boot enabled" in guest.run("dmesg | grep secureboot:").stdout
         not_yet = guest.run("imgbase status --json", check=False)
         assert not_yet.rc == 2 and "this machine is not an imgbase node" in not_yet.stderr
         refuse_bad_installs(guest)
@@ -190,6 +193,13 @@ def build_installed_disks(node_image: Path, work: Path) -> dict[str, Path]:
         # (before the anaconda-like chroot: its `umount -R` of the bound /sys propagates,
         # and takes efivarfs away from this live system)
         adopt_like_anaconda(guest, "/dev/vde", kickstart_post(node_image, work))
+        # nothing left active: dmeventd does not stop while it monitors a thin pool, and
+        # the poweroff would wait on it until qemu is killed (the disks unflushed)
+        guest.run("vgchange -an anaconda")
+        t0 = time.monotonic()
+        guest.stop(timeout=120)
+        assert guest.proc is not None and guest.proc.returncode == 0, "no clean poweroff"
+        print(f"installer powered off in {time.monotonic() - t0:.0f} s")
     # the NVRAM of the machine that installed the disk goes with it, as in a server
     shutil.copyfile(work / "installer" / "secureboot-vars.fd",
                     nvram_of(VmSpec(disk=disks["nist"], firmware="secureboot"), work))
