@@ -228,7 +228,9 @@ def cmd_layer(args: argparse.Namespace) -> int:
     facts = NodeFacts.gather()
     if args.add is not None:
         fstab = Path("/etc/fstab").read_text()
-        node_layers.check_boot_space(facts.boot, facts.booted or facts.default)
+        base = args.add or facts.booted_base
+        node_layers.check_boot_space(facts.boot, facts.booted or facts.default,
+                                     copies=1 if base in facts.rescue else 2)
         return _apply(node_layers.plan_layer_add(facts, args.add or None, fstab), args)
     if args.remove:
         return _apply(node_layers.plan_layer_remove(facts, args.remove), args)
@@ -274,12 +276,14 @@ def cmd_boot(args: argparse.Namespace) -> int:
     facts = NodeFacts.gather()
     if args.next:
         return _apply(boot.plan_next(facts, args.next), args)
+    if args.rescue is not None:
+        return _apply(boot.plan_rescue(facts, args.rescue or None), args)
     if args.set_default:
         tries = None if args.no_trial else args.tries
         return _apply(boot.plan_set_default(facts, args.set_default, tries), args)
     if args.menu_timeout is not None:
         return _apply(boot.plan_menu_timeout(facts, args.menu_timeout), args)
-    state = {"booted": facts.booted, "default": facts.default,
+    state = {"booted": facts.booted, "rescue": facts.rescued, "default": facts.default,
              "next": facts.env.get("next_entry") or None,
              "tries_left": facts.env.get("imgbase_tries") or None,
              "fallback": facts.env.get("imgbase_fallback") or None,
@@ -736,6 +740,10 @@ def build_parser() -> argparse.ArgumentParser:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--next", metavar="LAYER", help="boot LAYER once, at the next boot")
     how.add_argument("--set-default", metavar="LAYER", help="make LAYER the default")
+    how.add_argument("--rescue", nargs="?", const="", metavar="BASE",
+                     help="boot BASE's rescue entry once, at the next boot: the base "
+                     "read-only under a tmpfs overlay, a root shell on the console "
+                     "(default: the booted layer's base)")
     how.add_argument("--menu-timeout", type=int, metavar="SECONDS",
                      help="how long GRUB's menu waits before it boots (default 2; 0: at once)")
     p.add_argument("--tries", type=int, default=3, help="boots on trial (1-9, default 3)")

@@ -16,8 +16,9 @@ from . import bls, grub, grubenv
 from .grub import ENTRIES, grub_cfg, read_grubenv, render_entries
 
 __all__ = ["ENTRIES", "add_entry_steps", "commit_argv", "committed", "entry", "grub_cfg",
-           "kernel_args", "read_entries", "read_grubenv", "read_menu", "remove_entry_steps",
-           "render_entries", "set_default_step", "uses_bls", "write_entry_steps"]
+           "kernel_args", "kernel_files_step", "read_entries", "read_grubenv", "read_menu",
+           "remove_entry_steps", "render_entries", "rescue_steps", "set_default_step",
+           "uses_bls", "write_entry_steps"]
 
 # GRUB reads /boot's ext4 without replaying its journal: a file written and fsync'd, but
 # only in the journal so far, is not there for GRUB (the old grubenv would still be
@@ -88,6 +89,17 @@ def write_entry_steps(boot: Path, current: dict[str, str], changes: dict[str, st
     return grub.write_steps(boot, current, changes)
 
 
+def kernel_files_step(mnt: Path, boot: Path, layer: str, name: str = "boot-files") -> Step:
+    """Copy the newest kernel (and its initrd) of the tree at mnt to /boot/<layer>/ (a
+    base's rescue kernel: /boot/<base>/)."""
+    script = ('k=$(ls -v "$1"/boot/vmlinuz-* 2>/dev/null | tail -n 1); v=${k##*/vmlinuz-}; '
+              '[ -n "$k" ] && [ -f "$1/boot/initrd.img-$v" ] || '
+              '{ echo "the layer has no kernel and initrd in its /boot" >&2; exit 1; }; '
+              'install -D -m 0644 "$k" "$2/vmlinuz" && '
+              'install -D -m 0644 "$1/boot/initrd.img-$v" "$2/initrd.img"')
+    return Step(name, ("sh", "-c", script, name, str(mnt), str(boot / layer)))
+
+
 def add_entry_steps(boot: Path, layer: str, root: str, kargs: str, kernel: Path, initrd: Path,
                     current: dict[str, str]) -> list[Step]:
     """Copy the layer's kernel and initrd to /boot/<layer>/, then give it its entry."""
@@ -106,6 +118,16 @@ def remove_entry_steps(boot: Path, layer: str, current: dict[str, str]) -> list[
         *write_entry_steps(boot, current, {layer: None}),
         Step("boot-files", ("rm", "-rf", "--one-file-system", str(boot / layer))),
     ]
+
+
+def rescue_steps(boot: Path, vg: str, bases: list[str], boot_uuid: str | None, kargs: str
+                 ) -> list[Step]:
+    """The rescue menu: an entry for each base (their kernels in /boot/<base>/), with the
+    consoles of kargs (a layer's arguments). A BLS /boot gets none (Fedora's GRUB has its
+    own rescue entry)."""
+    if uses_bls(boot):
+        return []
+    return grub.rescue_steps(boot, vg, bases, boot_uuid, grub.rescue_consoles(kargs))
 
 
 def set_default_step(boot: Path, layer: str, env: dict[str, str] | None = None) -> Step:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import die
 from ..image.kargs import UNSAFE, cmdline
-from ..image.naming import layer_key
+from ..image.naming import Nvr, layer_key
 from ..plan import Step
 from . import grubenv
 
@@ -32,6 +32,15 @@ ENTRIES = "imgbase-entries.cfg"
 #: GRUB 2.06's ``fallback`` takes a menu position, not an entry's id: this file, written
 #: with the entries, maps grubenv's imgbase_fallback (an id) to its position
 FALLBACK = "imgbase-fallback.cfg"
+#: the rescue entries, one per base with its own kernel in /boot/<base>/ (after the layers'
+#: entries, so GRUB's fallback positions stay those of FALLBACK)
+RESCUE = "imgbase-rescue.cfg"
+#: what a rescue boot adds: the base read-only under a tmpfs overlay (the initramfs's
+#: imgbase-live), activated although LVM skips it (imgbase-rescue), to a root shell on the
+#: console even though root has no password
+RESCUE_ARGS = ("ro", "imgbase.rescue", "imgbase.live", "systemd.unit=rescue.target",
+               "systemd.setenv=SYSTEMD_SULOGIN_FORCE=1")
+RESCUE_CONSOLES = ("console=tty0", "console=ttyS0,115200")
 GRUBENV = "grubenv"
 ENTRY_RE = re.compile(r"^menuentry [^\n]*--id '([^']+)' \{\n.*?^\}\n", re.M | re.S)
 # an entry exactly as :func:`entry` writes it: three lines, words GRUB reads literally
@@ -103,7 +112,56 @@ def grub_cfg(default: str, boot_uuid: str | None = None) -> str:
         "fi\n"
         f"source /{GRUB_DIR}/{ENTRIES}\n"
         f"if [ -f /{GRUB_DIR}/{FALLBACK} ]; then source /{GRUB_DIR}/{FALLBACK}; fi\n"
+        f"if [ -f /{GRUB_DIR}/{RESCUE} ]; then source /{GRUB_DIR}/{RESCUE}; fi\n"
     )
+
+
+def rescue_id(base: str) -> str:
+    """The menu id of a base's rescue entry (``imgbase boot --rescue`` names it)."""
+    return f"rescue-{base}"
+
+
+def rescue_entry(base: str, root: str, boot_uuid: str | None, consoles: tuple[str, ...]
+                 ) -> str:
+    """A base's rescue entry: its own kernel in /boot/<base>/, the base as the lower layer
+    of a tmpfs overlay, rescue.target; /boot found again by its UUID (imgbase.boot=).
+
+    >>> text = rescue_entry("n-1-1", "/dev/vg/n-1-1", "u-1", ("console=ttyS0",))
+    >>> text.splitlines()[0]
+    "menuentry 'imgbase rescue n-1-1' --id 'rescue-n-1-1' {"
+    >>> text.split()[9:12]
+    ['root=/dev/vg/n-1-1', 'ro', 'imgbase.rescue']
+    >>> text.split()[-5:-3]
+    ['imgbase.boot=u-1', 'console=ttyS0']
+    """
+    if not base or UNSAFE.search(base):
+        die(f"base name {base!r} cannot go into a boot entry", hint="a base is <nvr>")
+    args = [*RESCUE_ARGS, *([f"imgbase.boot={boot_uuid}"] if boot_uuid else []),
+            *consoles]
+    return (f"menuentry 'imgbase rescue {base}' --id '{rescue_id(base)}' {{\n"
+            f"  linux /{base}/vmlinuz {cmdline(root, ' '.join(args))}\n"
+            f"  initrd /{base}/initrd.img\n}}\n")
+
+
+def rescue_consoles(kargs: str) -> tuple[str, ...]:
+    """The console= arguments of a layer's kernel arguments (RESCUE_CONSOLES if none).
+
+    >>> rescue_consoles("rw console=ttyS1,57600 quiet")
+    ('console=ttyS1,57600',)
+    >>> rescue_consoles("rw")
+    ('console=tty0', 'console=ttyS0,115200')
+    """
+    found = tuple(a for a in kargs.split() if a.startswith("console="))
+    return found or RESCUE_CONSOLES
+
+
+def rescue_steps(boot: Path, vg: str, bases: list[str], boot_uuid: str | None,
+                 consoles: tuple[str, ...]) -> list[Step]:
+    """grub/imgbase-rescue.cfg with one rescue entry per base in bases, newest first."""
+    text = "".join(rescue_entry(b, f"/dev/{vg}/{b}", boot_uuid, consoles)
+                   for b in sorted(set(bases), key=Nvr.parse, reverse=True))
+    return [Step("boot-rescue", write=(str(boot / GRUB_DIR / RESCUE),
+                                       "# imgbase: one rescue entry per base\n" + text))]
 
 
 def entry(layer: str, root: str, kargs: str) -> str:

@@ -291,7 +291,9 @@ def check_boot_files(tree: Path, live: bool) -> list[str]:
         listing = chroot_run(tree, ["lsinitramfs", f"/boot/initrd.img-{kver}"])
         needed_files = ["dm-thin-pool.ko", "squashfs.ko", "overlay.ko", "bin/lvm"]
         if live:
-            needed_files.append("scripts/local-bottom/imgbase-live")
+            needed_files += ["scripts/local-bottom/imgbase-live",
+                             "scripts/local-block/imgbase-rescue",
+                             "scripts/local-bottom/imgbase-rescue"]
         for needed in needed_files:
             if needed not in listing:
                 raise ImgbaseError(f"initramfs of {kver} lacks {needed}",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..bootloader import committed, grubenv, uses_bls
-from ..bootloader.grub import menu_timeout_env
+from ..bootloader.grub import menu_timeout_env, rescue_id
 from ..errors import die
 from ..plan import Plan, Step
 from .facts import NodeFacts
@@ -56,6 +56,21 @@ def plan_next(f: NodeFacts, layer: str) -> Plan:
     """Boot layer once, at the next boot; the default stays."""
     _need_layer(f, layer)
     return _env_plan(f, "boot-next", {**f.env, "next_entry": layer})
+
+
+def plan_rescue(f: NodeFacts, base: str | None) -> Plan:
+    """Boot a base's rescue entry once, at the next boot (default: the booted layer's
+    base, else the default layer's)."""
+    f.need_boot()
+    default = f.layout.get(f.default or "")
+    base = base or f.booted_base or f.rescued or (default.origin if default else None)
+    if base is None or f.layout.get(base) not in f.layout.bases:
+        die(f"{base} is not a base of this node" if base else "no base to rescue",
+            hint="imgbase base --list names the bases")
+    if base not in f.rescue:
+        die(f"base {base} has no rescue entry (no kernel in {f.boot / base})",
+            hint=f"imgbase layer --add {base} gives it one")
+    return _env_plan(f, "boot-rescue", {**f.env, "next_entry": rescue_id(base)})
 
 
 def plan_set_default(f: NodeFacts, layer: str, tries: int | None = DEFAULT_TRIES) -> Plan:

@@ -36,6 +36,24 @@ def boot_unmounted(fstab: str, boot: Path, mounted: bool) -> str | None:
     return None
 
 
+def rescued_base(cmdline: str, layout: NodeLayout) -> str | None:
+    """The base a rescue entry booted (``imgbase.rescue root=/dev/VG/BASE``), else None.
+
+    >>> from imgbase.storage.lvm import LogicalVolume
+    >>> base = LogicalVolume("n-1-1", "vg", "Vri---tz-k", 1, "pool", "",
+    ...                      frozenset({"imgbase:base"}), None, None)
+    >>> rescued_base("root=/dev/vg/n-1-1 ro imgbase.rescue", NodeLayout("vg", (base,), 0))
+    'n-1-1'
+    >>> rescued_base("root=/dev/vg/n-1-1 ro", NodeLayout("vg", (base,), 0))
+    """
+    words = cmdline.split()
+    if "imgbase.rescue" not in words:
+        return None
+    root = next((w.removeprefix("root=") for w in words if w.startswith("root=")), "")
+    return next((lv.name for lv in layout.bases if root == f"/dev/{layout.vg}/{lv.name}"),
+                None)
+
+
 @dataclass(frozen=True)
 class NodeFacts:
     """What the node's planners and checks need: the layout and the boot state."""
@@ -50,6 +68,10 @@ class NodeFacts:
     #: /boot's filesystem UUID when imgbase's ESP is mounted at /boot/efi (its grub.cfg
     #: finds /boot by it); None: no ESP, or another system's: nothing on it is written
     esp_boot_uuid: str | None = None
+    boot_uuid: str | None = None  # /boot's filesystem UUID when it is mounted
+    #: the bases with their own kernel and initrd in /boot/<base>/: a rescue entry each
+    rescue: tuple[str, ...] = ()
+    rescued: str | None = None  # the base this boot runs from as a rescue system
 
     @classmethod
     def gather(cls, boot: Path = BOOT, layout: NodeLayout | None = None,
@@ -61,11 +83,17 @@ class NodeFacts:
         entries, problem = bootloader.read_menu(boot)
         unmounted = boot_unmounted(fstab.read_text() if fstab.is_file() else "", boot,
                                    os.path.ismount(boot))
-        esp_uuid = None
-        if os.path.ismount(boot / "efi") and os.path.ismount(boot) and efi.ours(boot / "efi"):
-            esp_uuid = run(["findmnt", "-n", "-o", "UUID", str(boot)]).stdout.strip() or None
+        boot_uuid = None
+        if os.path.ismount(boot):
+            boot_uuid = run(["findmnt", "-n", "-o", "UUID", str(boot)]).stdout.strip() or None
+        esp_uuid = (boot_uuid if os.path.ismount(boot / "efi") and efi.ours(boot / "efi")
+                    else None)
+        rescue = tuple(lv.name for lv in layout.bases
+                       if (boot / lv.name / "vmlinuz").is_file()
+                       and (boot / lv.name / "initrd.img").is_file())
         return cls(layout, booted, bootloader.read_grubenv(boot / "grub/grubenv"),
-                   entries, boot, unmounted, problem, esp_uuid)
+                   entries, boot, unmounted, problem, esp_uuid, boot_uuid, rescue,
+                   rescued_base(Path("/proc/cmdline").read_text(), layout))
 
     def need_boot(self) -> None:
         """Refuse (a verb that writes /boot) when /boot is not mounted: the write would land

@@ -21,6 +21,7 @@ from ..image.naming import layer_key
 from ..plan import Plan, Step
 from .facts import NodeFacts
 from .keep import TAG_PINNED, keep_set
+from .layers import rescue_menu_steps
 
 
 def plan_pin(f: NodeFacts, base: str, pin: bool) -> Plan:
@@ -58,7 +59,8 @@ def plan_gc(f: NodeFacts, keep: int = GcSettings.keep,
     bases = sorted(f.layout.bases, key=lambda lv: (good.get(lv.name, 0),
                                                    layer_key(f"{lv.name}+0")), reverse=True)
     kept = {lv.name for lv in bases[:keep]} | in_use.names
-    steps: list[Step] = []
+    gone = tuple(lv.name for lv in bases if lv.name not in kept)
+    steps: list[Step] = rescue_menu_steps(f, drop=gone) if gone else []
     entries = dict(f.entries)
     for base in (lv for lv in bases if lv.name not in kept):
         for layer in f.layout.layers_of(base.name):

@@ -292,6 +292,8 @@ def plan_install(f: InstallFacts) -> Plan:
         *bootloader.add_entry_steps(boot_mnt, layer, f"/dev/{vg}/{layer}", kargs,
                                     root_mnt / f"boot/vmlinuz-{f.kernel}",
                                     root_mnt / f"boot/initrd.img-{f.kernel}", {}),
+        bootloader.kernel_files_step(root_mnt, boot_mnt, nvr, "rescue-files"),
+        *bootloader.rescue_steps(boot_mnt, vg, [nvr], f.boot_uuid, kargs),
         bootloader.set_default_step(boot_mnt, layer, {} if f.menu_timeout is None
                                     else grub.menu_timeout_env(f.menu_timeout)),
         Step("mount-esp", ("sh", "-c", 'mkdir -p "$2" && mount "$1" "$2"', "mount", esp_part,

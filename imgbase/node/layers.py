@@ -37,14 +37,18 @@ from .facts import NodeFacts
 from .kargs import model_args
 
 
-def boot_files_step(mnt: Path, boot: Path, layer: str) -> Step:
-    """Copy the newest kernel (and its initrd) of the tree at mnt to /boot/<layer>/."""
-    script = ('k=$(ls -v "$1"/boot/vmlinuz-* 2>/dev/null | tail -n 1); v=${k##*/vmlinuz-}; '
-              '[ -n "$k" ] && [ -f "$1/boot/initrd.img-$v" ] || '
-              '{ echo "the layer has no kernel and initrd in its /boot" >&2; exit 1; }; '
-              'install -D -m 0644 "$k" "$2/vmlinuz" && '
-              'install -D -m 0644 "$1/boot/initrd.img-$v" "$2/initrd.img"')
-    return Step("boot-files", ("sh", "-c", script, "boot-files", str(mnt), str(boot / layer)))
+def rescue_menu_steps(f: NodeFacts, add: tuple[str, ...] = (), drop: tuple[str, ...] = ()
+                      ) -> list[Step]:
+    """The rescue menu once the bases in add have their kernel in /boot/<base>/ (copied
+    by the caller's earlier step) and those in drop are gone, then drop's files."""
+    bases = [b for b in (*f.rescue, *add) if b not in drop]
+    if set(bases) == set(f.rescue):
+        return []
+    model = f.default if f.default in f.entries else next(iter(f.entries), None)
+    kargs = bootloader.kernel_args(f.entries[model]) if model else ""
+    return [*bootloader.rescue_steps(f.boot, f.layout.vg, bases, f.boot_uuid, kargs),
+            *(Step(f"rescue-remove-{b}", ("rm", "-rf", "--one-file-system", str(f.boot / b)))
+              for b in drop if b in f.rescue)]
 
 
 #: what another layer's kernel and initrd are taken to need when /boot has none to go by
@@ -71,11 +75,11 @@ def boot_need(boot: Path, model: str | None) -> int:
     return max((size(k.parent) * 11 // 10 for k in kernels), default=BOOT_NEED_FLOOR)
 
 
-def check_boot_space(boot: Path, model: str | None) -> None:
-    """Refuse, before any entry changes, when /boot cannot take another kernel and initrd
-    (`boot_need`). Never skipped: a directory that is missing is measured at its nearest
-    existing parent, where the files would go."""
-    need = boot_need(boot, model)
+def check_boot_space(boot: Path, model: str | None, copies: int = 1) -> None:
+    """Refuse, before any entry changes, when /boot cannot take copies of another kernel
+    and initrd (`boot_need`; 2: a new base's rescue copy too). Never skipped: a directory
+    that is missing is measured at its nearest existing parent, where the files would go."""
+    need = boot_need(boot, model) * copies
     try:
         st = os.statvfs(_existing(boot))
     except OSError as exc:
@@ -107,7 +111,10 @@ def plan_layer_add(f: NodeFacts, base: str | None, fstab: str) -> Plan:
     new_entry = bootloader.entry(f.boot, layer, f"/dev/{vg}/{layer}", kargs)
     steps = [
         *layer_create_steps(vg, base, layer, mnt, new_fstab),
-        boot_files_step(mnt, f.boot, layer),
+        bootloader.kernel_files_step(mnt, f.boot, layer),
+        # a base without its rescue kernel (base --add, or a node older than rescue entries)
+        *([bootloader.kernel_files_step(mnt, f.boot, base, "rescue-files"),
+           *rescue_menu_steps(f, (base,))] if base not in f.rescue else []),
         *bootloader.write_entry_steps(f.boot, f.entries, {layer: new_entry}),
         *layer_finish_steps(vg, layer, mnt),
     ]
@@ -165,7 +172,7 @@ def plan_base_remove(f: NodeFacts, base: str) -> Plan:
     for layer in layers:
         _refuse_in_use(f, layer, f"cannot remove base {base}")
     f.need_boot()
-    steps: list[Step] = []
+    steps: list[Step] = rescue_menu_steps(f, drop=(base,))
     entries = dict(f.entries)
     for layer in layers:
         steps += bootloader.remove_entry_steps(f.boot, layer, entries)

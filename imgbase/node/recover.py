@@ -6,7 +6,8 @@ operation short (a crash, a kill, power loss), the leftovers are visible.
 * mounts under /run/imgbase/work (an operation killed before it unmounted);
 * LVs tagged ``imgbase:incomplete`` (a base, layer or volume being made);
 * layers with no boot entry (made, but never given one);
-* boot entries with no layer, and their files in /boot;
+* boot entries with no layer, and their files in /boot; the rescue entry and kernel of a
+  base it removes;
 * LVs tagged ``imgbase:retired`` (anaconda's root after layout --init) once unused;
 * on imgbase's ESP, shim and grub files that are missing or torn (not what its record says
   was written) and grub.cfg stubs that do not find /boot, rewritten from the booted image;
@@ -38,6 +39,7 @@ from ..storage.layout import TAG_INCOMPLETE, TAG_RETIRED, WORK
 from .boot import plan_set_default
 from .facts import NodeFacts
 from .keep import keep_set
+from .layers import rescue_menu_steps
 
 
 def plan_recover(f: NodeFacts, work_mounts: list[str], journal: list[dict[str, Any]],
@@ -79,10 +81,12 @@ def plan_recover(f: NodeFacts, work_mounts: list[str], journal: list[dict[str, A
         lv = layout.get(name)
         return lv is None or not lv.origin
 
-    for name in sorted(doomed, key=snapshots_first):
-        steps.append(Step(f"remove-{name}", ("lvremove", "-y", f"{layout.vg}/{name}")))
     finish = finish_update_steps(f, journal, doomed)
     undo_base = _unfinished_update_base(f, journal, doomed, keep) if not finish else None
+    # a base that goes takes its rescue entry and kernel along (menu first)
+    steps += rescue_menu_steps(f, drop=tuple(b for b in (*doomed, undo_base) if b))
+    for name in sorted(doomed, key=snapshots_first):
+        steps.append(Step(f"remove-{name}", ("lvremove", "-y", f"{layout.vg}/{name}")))
     if undo_base:
         steps.append(Step(f"remove-{undo_base}", ("lvremove", "-y", f"{layout.vg}/{undo_base}")))
     steps += finish

@@ -40,7 +40,6 @@ from ..storage.layout import (
 from .boot import DEFAULT_TRIES, trial_env
 from .facts import NodeFacts
 from .kargs import model_args
-from .layers import boot_files_step
 
 #: what makes a node this node, relative to / (a glob in the last part)
 IDENTITY = (
@@ -120,7 +119,7 @@ def plan_reset(f: ResetFacts, tries: int = DEFAULT_TRIES) -> Plan:
     steps += create[fstab_at:]  # the fstab last: carried /etc never overwrites it
     kargs = model_args(node, node.booted)
     steps += [
-        boot_files_step(mnt, node.boot, layer),
+        bootloader.kernel_files_step(mnt, node.boot, layer),
         *bootloader.write_entry_steps(node.boot, node.entries, {
             layer: bootloader.entry(node.boot, layer, f"/dev/{vg}/{layer}", kargs)}),
         *layer_finish_steps(vg, layer, mnt),

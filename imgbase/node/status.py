@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from .. import bootloader
+from ..bootloader.grub import rescue_id
 from ..run import run
 from ..storage.layout import TAG_INCOMPLETE, TAG_RETIRED, mountpoint_of
 from .facts import NodeFacts
@@ -78,6 +79,7 @@ def collect(facts: NodeFacts | None = None,
     history = read_history() if history is None else history
     layout = f.layout
     trial = f.default if f.env.get("imgbase_tries") else None
+    next_entry = f.env.get("next_entry") or None
     layers = [{
         "name": lv.name, "base": lv.origin, "active": lv.active,
         "booted": lv.name == f.booted, "default": f.default == lv.name,
@@ -91,7 +93,7 @@ def collect(facts: NodeFacts | None = None,
     bases = [{"name": lv.name, "read_only": lv.read_only, "active": lv.active,
               "activation_skip": lv.skip_activation, "size": lv.size,
               "layers": [la["name"] for la in layers if la["base"] == lv.name],
-              "signed_by": signed_by(lv.tags)}
+              "signed_by": signed_by(lv.tags), "rescue_entry": lv.name in f.rescue}
              for lv in layout.bases]
     pool = layout.pool
     return {
@@ -99,7 +101,10 @@ def collect(facts: NodeFacts | None = None,
         "vg": layout.vg,
         "booted_layer": f.booted,
         "default_layer": f.default,
-        "next_boot_layer": f.env.get("next_entry") or None,
+        "next_boot_layer": next_entry if next_entry in f.entries else None,
+        "next_boot_rescue": next(
+            (b for b in f.rescue if next_entry == rescue_id(b)), None),
+        "rescue_boot": f.rescued,
         "bases": bases,
         "layers": layers,
         "pool": None if pool is None else {
@@ -119,13 +124,19 @@ def collect(facts: NodeFacts | None = None,
 
 def render(status: dict[str, Any]) -> str:
     lines = [f"volume group {status['vg']}, free {status['vg_free'] / (1 << 30):.1f} GiB"]
+    if status["rescue_boot"]:
+        lines.insert(0, f"RESCUE SYSTEM of base {status['rescue_boot']}: / is the base under "
+                        "a tmpfs overlay, changes to it are lost at the next boot")
     pool = status["pool"]
     if pool:
         lines.append(f"pool {pool['name']}: {pool['size'] / (1 << 30):.1f} GiB, data "
                      f"{pool['data_percent']}%, metadata {pool['metadata_percent']}%")
     for base in status["bases"]:
         lines.append(f"base {base['name']}{' (read-only)' if base['read_only'] else ''}, "
-                     + (f"signed by {base['signed_by']}" if base["signed_by"] else "unsigned"))
+                     + (f"signed by {base['signed_by']}" if base["signed_by"] else "unsigned")
+                     + ("" if base["rescue_entry"] else ", no rescue entry")
+                     + (", rescue next boot" if status["next_boot_rescue"] == base["name"]
+                        else ""))
         for layer in status["layers"]:
             if layer["base"] == base["name"]:
                 marks = [m for m in ("booted", "default", "next_boot") if layer[m]]

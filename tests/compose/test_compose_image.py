@@ -99,7 +99,8 @@ def test_package_db_travels_with_the_image(host) -> None:  # type: ignore[no-unt
 def test_initramfs_boots_thin_and_live(host) -> None:  # type: ignore[no-untyped-def]
     listing = host.check_output("lsinitramfs /boot/initrd.img-*")
     for needed in ("dm-thin-pool.ko", "squashfs.ko", "overlay.ko", "usr/sbin/lvm",
-                   "scripts/local-bottom/imgbase-live"):
+                   "scripts/local-bottom/imgbase-live", "scripts/local-block/imgbase-rescue",
+                   "scripts/local-bottom/imgbase-rescue"):
         assert needed in listing
 
 

@@ -17,7 +17,9 @@ def test_deb_carries_code_commands_and_boot_assets(tmp_path: Path) -> None:
     for path in ("./usr/bin/imgbase", "./usr/bin/imgbase-agent",
                  "./usr/lib/python3/dist-packages/imgbase/cli.py",
                  "./usr/share/initramfs-tools/hooks/imgbase",
-                 "./usr/share/initramfs-tools/scripts/local-bottom/imgbase-live"):
+                 "./usr/share/initramfs-tools/scripts/local-bottom/imgbase-live",
+                 "./usr/share/initramfs-tools/scripts/local-block/imgbase-rescue",
+                 "./usr/share/initramfs-tools/scripts/local-bottom/imgbase-rescue"):
         assert path in listing, path
     assert "root/root" in listing and "2023-11-14" in listing  # owner and clamped mtime
     field = subprocess.run(["dpkg-deb", "-f", str(deb), "Version", "Depends"],

@@ -89,6 +89,45 @@ def test_base_remove_drops_entries_then_layers_then_the_base() -> None:
         layers.plan_base_remove(node(), NVR)
 
 
+def test_a_base_keeps_its_rescue_entry_until_it_is_removed() -> None:
+    other = lv("m-2.0-1", "Vri---tz-k", tags="imgbase:base")
+    layer = lv("m-2.0-1+1", origin="m-2.0-1", tags="imgbase:layer")
+    f = replace(node(other, layer, entries=(f"{NVR}+1", "m-2.0-1+1")),
+                rescue=(NVR, "m-2.0-1"), boot_uuid="0b00")
+    plan = layers.plan_base_remove(f, "m-2.0-1")
+    assert names(plan)[:2] == ["boot-rescue", "rescue-remove-m-2.0-1"]
+    menu = plan.steps[0].write
+    assert menu is not None and menu[0] == "/boot/grub/imgbase-rescue.cfg"
+    assert list(parse_entries(menu[1])) == [f"rescue-{NVR}"]
+    assert (f"root=/dev/vg/{NVR} ro imgbase.rescue imgbase.live systemd.unit=rescue.target"
+            in menu[1]) and "imgbase.boot=0b00" in menu[1]
+    assert plan.steps[1].argv[-1] == "/boot/m-2.0-1"
+
+
+def test_a_layer_of_a_base_without_rescue_entry_gives_it_one() -> None:
+    f = node()
+    plan = layers.plan_layer_add(f, None, "LABEL=boot /boot ext4 defaults 0 2\n")
+    files = next(s for s in plan.steps if s.name == "rescue-files")
+    assert files.argv[-1] == f"/boot/{NVR}"
+    menu = next(s for s in plan.steps if s.name == "boot-rescue").write
+    assert menu is not None and list(parse_entries(menu[1])) == [f"rescue-{NVR}"]
+    assert "rescue-files" not in names(layers.plan_layer_add(replace(f, rescue=(NVR,)), None,
+                                                             ""))
+
+
+def test_boot_rescue_sets_the_next_boot_to_the_rescue_entry() -> None:
+    from imgbase.node import boot
+
+    f = replace(node(), rescue=(NVR,))
+    plan = boot.plan_rescue(f, None)
+    env = plan.steps[0].write
+    assert env is not None and f"next_entry=rescue-{NVR}" in env[1]
+    with pytest.raises(InputError, match="has no rescue entry"):
+        boot.plan_rescue(node(), NVR)
+    with pytest.raises(InputError, match="is not a base of this node"):
+        boot.plan_rescue(f, f"{NVR}+1")
+
+
 def test_recover_removes_leftovers_but_never_the_booted_layer_or_its_base() -> None:
     f = node(lv(f"{NVR}+2", origin=NVR, tags="imgbase:layer,imgbase:incomplete"),
              lv(f"{NVR}+3", origin=NVR, tags="imgbase:layer"),  # no boot entry
@@ -130,6 +169,13 @@ def test_recover_finishes_an_update_cut_short_before_its_default_switch() -> Non
     assert "finish-update-default" not in names(plan)
     removals = [n for n in names(plan) if n.startswith("remove-")]
     assert removals == [f"remove-{new}", "remove-n-2.0-1"]  # the layer, then its base
+    # the update had given the base its rescue entry: the menu drops it before the base goes
+    plan = recover.plan_recover(replace(incomplete, rescue=(NVR, "n-2.0-1")), [],
+                                [{**journal[0], "base": "n-2.0-1"}, journal[1]])
+    at = names(plan).index
+    assert at("boot-rescue") < at("rescue-remove-n-2.0-1") < at("remove-n-2.0-1")
+    menu = next(s for s in plan.steps if s.name == "boot-rescue").write
+    assert menu is not None and list(parse_entries(menu[1])) == [f"rescue-{NVR}"]
 
 
 def test_recover_removes_boot_files_of_a_layer_that_never_got_its_entry() -> None:

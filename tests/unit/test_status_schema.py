@@ -12,9 +12,10 @@ from tests.conftest import ROOT
 SCHEMA = json.loads((ROOT / "docs/status.schema.json").read_text())
 GOOD = {
     "schema_version": 1, "vg": "imgbase", "booted_layer": "n-1-1+1", "default_layer": "n-1-1+1",
-    "next_boot_layer": None, "vg_free": 0,
+    "next_boot_layer": None, "next_boot_rescue": None, "rescue_boot": None, "vg_free": 0,
     "bases": [{"name": "n-1-1", "read_only": True, "active": False, "activation_skip": True,
-               "size": 1, "layers": ["n-1-1+1"], "signed_by": "0123456789ABCDEF0123"}],
+               "size": 1, "layers": ["n-1-1+1"], "signed_by": "0123456789ABCDEF0123",
+               "rescue_entry": True}],
     "layers": [{"name": "n-1-1+1", "base": "n-1-1", "active": True, "booted": True,
                 "default": True, "next_boot": False, "boot_entry": True, "kargs": ["rw"],
                 "tries_left": None, "last_health": {"time": 1, "good": True, "reason": "ok"},

@@ -22,6 +22,7 @@ signature is refused by GRUB through shim, and the node falls back by itself).
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -614,6 +615,38 @@ def test_update_package_then_gc_keeps_two_images(node: Guest) -> None:
     assert [h["removed"] for h in history if h.get("event") == "gc"][-1] == [V2]
     assert node.run(f"test -e /boot/{V2}+1", check=False).rc == 1
     check_ok(node)
+
+
+def test_the_rescue_entry_boots_the_base_to_a_root_shell(node: Guest) -> None:
+    """Each base has a rescue entry. `imgbase boot --rescue` boots it once, under Secure
+    Boot: the base read-only under a tmpfs overlay, a root shell on the console (root has
+    no password), the node's /boot and /var mounted, `imgbase status` working; the next
+    boot is the default layer again."""
+    st = status(node)
+    assert [(b["name"], b["rescue_entry"]) for b in st["bases"]] == [(NVR, True), (V3, True)]
+    node.run("imgbase boot --rescue")
+    assert status(node)["next_boot_rescue"] == V3
+    log_at = len(node.serial_log.read_bytes())
+    node.run("systemd-run --on-active=1 --no-block systemctl reboot")
+    node.wait_console(r"Press Enter for maintenance", since=log_at, timeout=600)
+    node.console_send("\r")  # no password asked: root's is locked, and the entry forces
+    node.wait_console(r"\n[^\n]*# ", since=log_at, timeout=60)
+    node.console_send("echo RESCUE-$((1+1))-BEGIN; { mokutil --sb-state; findmnt -n -o "
+                      "FSTYPE,OPTIONS /; findmnt -n -o TARGET /boot; findmnt -n -o TARGET "
+                      "/var; imgbase status --json | base64 -w0; echo; } 2>&1; "
+                      "echo RESCUE-$((1+1))-END\r")
+    out = node.wait_console(r"(?s)RESCUE-2-BEGIN\r?\n(.*?)RESCUE-2-END", since=log_at,
+                            timeout=120).group(1).splitlines()
+    assert out[0].strip() == "SecureBoot enabled", out
+    assert out[1].split()[0] == "overlay" and "lowerdir=/run/imgbase/live/lower" in out[1]
+    assert [line.strip() for line in out[2:4]] == ["/boot", "/var"], out
+    rescued = json.loads(base64.b64decode(out[4].strip()))
+    assert rescued["rescue_boot"] == V3 and rescued["booted_layer"] is None
+    assert rescued["default_layer"] == f"{V3}+1"  # /boot's menu, read in the rescue system
+    assert rescued["next_boot_rescue"] is None  # GRUB took the one-time entry
+    node.console_send("systemctl reboot\r")
+    wait_back_on(node, f"{V3}+1")
+    assert status(node)["rescue_boot"] is None
 
 
 def test_reset_boots_a_fresh_layer_healthy_with_the_nodes_identity(
