@@ -228,9 +228,9 @@ def cmd_layer(args: argparse.Namespace) -> int:
     facts = NodeFacts.gather()
     if args.add is not None:
         fstab = Path("/etc/fstab").read_text()
-        base = args.add or facts.booted_base
+        base = args.add or facts.booted_base or ""
         node_layers.check_boot_space(facts.boot, facts.booted or facts.default,
-                                     copies=1 if base in facts.rescue else 2)
+                                     copies=2 if node_layers.needs_rescue(facts, base) else 1)
         return _apply(node_layers.plan_layer_add(facts, args.add or None, fstab), args)
     if args.remove:
         return _apply(node_layers.plan_layer_remove(facts, args.remove), args)

@@ -244,8 +244,12 @@ class Guest:
         if self._console is not None:
             self._console.close()
         self._console = _connect(self._console_name, self.proc)
-        if self._console is not None:
-            threading.Thread(target=_drain, args=(self._console,), daemon=True).start()
+        if self._console is None:
+            if self.proc.poll() is not None:
+                raise self._failure("qemu exited as it started")
+            # alive, and waiting for a console that never came (_failure kills it)
+            raise self._failure("cannot connect to the guest's console socket")
+        threading.Thread(target=_drain, args=(self._console,), daemon=True).start()
         self._shutdown = []
         self._events = None
         if self.follows_resets:

@@ -17,6 +17,7 @@ from .grub import ENTRIES, grub_cfg, read_grubenv, render_entries
 
 __all__ = ["ENTRIES", "add_entry_steps", "commit_argv", "committed", "entry", "grub_cfg",
            "kernel_args", "kernel_files_step", "read_entries", "read_grubenv", "read_menu",
+           "read_rescue_menu",
            "remove_entry_steps", "render_entries", "rescue_steps", "set_default_step",
            "uses_bls", "write_entry_steps"]
 
@@ -118,6 +119,14 @@ def remove_entry_steps(boot: Path, layer: str, current: dict[str, str]) -> list[
         *write_entry_steps(boot, current, {layer: None}),
         Step("boot-files", ("rm", "-rf", "--one-file-system", str(boot / layer))),
     ]
+
+
+def read_rescue_menu(boot: Path) -> tuple[bool, frozenset[str]]:
+    """Whether GRUB reads the rescue menu (grub.cfg sources it; never on a BLS /boot), and
+    the bases it has an entry for."""
+    if uses_bls(boot):
+        return False, frozenset()
+    return grub.read_rescue_menu(boot)
 
 
 def rescue_steps(boot: Path, vg: str, bases: list[str], boot_uuid: str | None, kargs: str

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import die
 from ..image.kargs import UNSAFE, cmdline
-from ..image.naming import Nvr, layer_key
+from ..image.naming import layer_key
 from ..plan import Step
 from . import grubenv
 
@@ -155,11 +155,28 @@ def rescue_consoles(kargs: str) -> tuple[str, ...]:
     return found or RESCUE_CONSOLES
 
 
+def read_rescue_menu(boot: Path) -> tuple[bool, frozenset[str]]:
+    """Whether grub.cfg sources the rescue menu (grub.cfgs written before rescue entries do
+    not), and the bases the menu has an entry for."""
+    try:
+        cfg = (boot / GRUB_DIR / "grub.cfg").read_text(errors="replace")
+    except OSError:
+        return False, frozenset()
+    if f"source /{GRUB_DIR}/{RESCUE}" not in cfg:
+        return False, frozenset()
+    try:
+        text = (boot / GRUB_DIR / RESCUE).read_text(errors="replace")
+    except OSError:
+        return True, frozenset()
+    return True, frozenset(i.removeprefix(rescue_id("")) for i in parse_entries(text)
+                           if i.startswith(rescue_id("")))
+
+
 def rescue_steps(boot: Path, vg: str, bases: list[str], boot_uuid: str | None,
                  consoles: tuple[str, ...]) -> list[Step]:
     """grub/imgbase-rescue.cfg with one rescue entry per base in bases, newest first."""
     text = "".join(rescue_entry(b, f"/dev/{vg}/{b}", boot_uuid, consoles)
-                   for b in sorted(set(bases), key=Nvr.parse, reverse=True))
+                   for b in sorted(set(bases), key=lambda b: layer_key(f"{b}+0"), reverse=True))
     return [Step("boot-rescue", write=(str(boot / GRUB_DIR / RESCUE),
                                        "# imgbase: one rescue entry per base\n" + text))]
 

@@ -67,9 +67,11 @@ def plan_rescue(f: NodeFacts, base: str | None) -> Plan:
     if base is None or f.layout.get(base) not in f.layout.bases:
         die(f"{base} is not a base of this node" if base else "no base to rescue",
             hint="imgbase base --list names the bases")
+    if not f.rescue_menu:
+        die("this node's GRUB reads no rescue menu (a BLS /boot, or a grub.cfg written "
+            "before rescue entries)", hint="pick an older layer in GRUB's menu instead")
     if base not in f.rescue:
-        die(f"base {base} has no rescue entry (no kernel in {f.boot / base})",
-            hint=f"imgbase layer --add {base} gives it one")
+        die(f"base {base} has no rescue entry", hint=f"imgbase layer --add {base} gives it one")
     return _env_plan(f, "boot-rescue", {**f.env, "next_entry": rescue_id(base)})
 
 

@@ -4,12 +4,14 @@ the boot menu, and whether /boot is mounted (:class:`NodeFacts`, gathered once p
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import bootloader
 from ..bootloader import efi
-from ..errors import die
+from ..errors import ImgbaseError, die
+from ..image.naming import Nvr
 from ..run import run
 from ..storage.layout import NodeLayout
 
@@ -34,6 +36,27 @@ def boot_unmounted(fstab: str, boot: Path, mounted: bool) -> str | None:
                 and os.path.normpath(fields[1]) == os.path.normpath(boot):
             return f"{boot} is not mounted ({FSTAB} mounts {fields[0]} there)"
     return None
+
+
+def named_dirs(boot: Path, parse: Callable[[str], object]) -> tuple[str, ...]:
+    """Directories in /boot whose names parse: a layer's kernel (``Layer.parse``), a base's
+    rescue kernel (:func:`base_name`)."""
+    found = []
+    for p in sorted(boot.iterdir()) if boot.is_dir() else []:
+        if p.is_dir() and not p.is_symlink():
+            try:
+                parse(p.name)
+            except ImgbaseError:
+                continue
+            found.append(p.name)
+    return tuple(found)
+
+
+def base_name(name: str) -> Nvr:
+    """An NVR that is not a layer's name."""
+    if "+" in name:
+        die(f"{name} is a layer's name", hint="a base is <nvr>")
+    return Nvr.parse(name)
 
 
 def rescued_base(cmdline: str, layout: NodeLayout) -> str | None:
@@ -69,9 +92,15 @@ class NodeFacts:
     #: finds /boot by it); None: no ESP, or another system's: nothing on it is written
     esp_boot_uuid: str | None = None
     boot_uuid: str | None = None  # /boot's filesystem UUID when it is mounted
-    #: the bases with their own kernel and initrd in /boot/<base>/: a rescue entry each
+    #: the bases with a rescue entry GRUB reads: in the rescue menu, their own kernel and
+    #: initrd in /boot/<base>/
     rescue: tuple[str, ...] = ()
     rescued: str | None = None  # the base this boot runs from as a rescue system
+    #: GRUB reads the rescue menu: grub.cfg sources it (not a BLS /boot, nor a grub.cfg
+    #: older than rescue entries: those get none)
+    rescue_menu: bool = False
+    #: directories in /boot named like a base (NVR, no "+"): rescue kernels, or their remains
+    base_dirs: tuple[str, ...] = ()
 
     @classmethod
     def gather(cls, boot: Path = BOOT, layout: NodeLayout | None = None,
@@ -88,12 +117,14 @@ class NodeFacts:
             boot_uuid = run(["findmnt", "-n", "-o", "UUID", str(boot)]).stdout.strip() or None
         esp_uuid = (boot_uuid if os.path.ismount(boot / "efi") and efi.ours(boot / "efi")
                     else None)
+        rescue_menu, in_menu = bootloader.read_rescue_menu(boot)
         rescue = tuple(lv.name for lv in layout.bases
-                       if (boot / lv.name / "vmlinuz").is_file()
+                       if lv.name in in_menu and (boot / lv.name / "vmlinuz").is_file()
                        and (boot / lv.name / "initrd.img").is_file())
         return cls(layout, booted, bootloader.read_grubenv(boot / "grub/grubenv"),
                    entries, boot, unmounted, problem, esp_uuid, boot_uuid, rescue,
-                   rescued_base(Path("/proc/cmdline").read_text(), layout))
+                   rescued_base(Path("/proc/cmdline").read_text(), layout), rescue_menu,
+                   named_dirs(boot, base_name))
 
     def need_boot(self) -> None:
         """Refuse (a verb that writes /boot) when /boot is not mounted: the write would land

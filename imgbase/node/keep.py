@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..bootloader.grub import rescue_id
 from ..errors import ImgbaseError
 from ..image.naming import Nvr
 from ..storage.layout import TAG_INCOMPLETE
@@ -102,6 +103,13 @@ def keep_set(f: NodeFacts, history: list[dict[str, Any]]) -> Keep:
         why.setdefault(name, reason)
         if lv.origin:
             why.setdefault(lv.origin, f"the base of {name} ({reason})")
+    next_entry = env.get("next_entry") or ""
+    rescue_next = next_entry.removeprefix(rescue_id("")) if next_entry.startswith(
+        rescue_id("")) else None
+    for name, reason in ((f.rescued, "the rescue system running"),
+                         (rescue_next, "its rescue entry boots next")):
+        if name and f.layout.get(name) is not None:
+            why.setdefault(name, reason)
     for lv in f.layout.bases:
         if TAG_PINNED in lv.tags:
             why.setdefault(lv.name, "pinned")

@@ -40,15 +40,32 @@ from .kargs import model_args
 def rescue_menu_steps(f: NodeFacts, add: tuple[str, ...] = (), drop: tuple[str, ...] = ()
                       ) -> list[Step]:
     """The rescue menu once the bases in add have their kernel in /boot/<base>/ (copied
-    by the caller's earlier step) and those in drop are gone, then drop's files."""
+    by the caller's earlier step) and those in drop are gone; then drop's directories in
+    /boot, whole or left half-copied. Nothing where GRUB does not read the menu."""
+    gone = [Step(f"rescue-remove-{b}", ("rm", "-rf", "--one-file-system", str(f.boot / b)))
+            for b in drop if b in f.base_dirs]
+    if not f.rescue_menu:
+        return gone
     bases = [b for b in (*f.rescue, *add) if b not in drop]
     if set(bases) == set(f.rescue):
-        return []
+        return gone
     model = f.default if f.default in f.entries else next(iter(f.entries), None)
     kargs = bootloader.kernel_args(f.entries[model]) if model else ""
-    return [*bootloader.rescue_steps(f.boot, f.layout.vg, bases, f.boot_uuid, kargs),
-            *(Step(f"rescue-remove-{b}", ("rm", "-rf", "--one-file-system", str(f.boot / b)))
-              for b in drop if b in f.rescue)]
+    return [*bootloader.rescue_steps(f.boot, f.layout.vg, bases, f.boot_uuid, kargs), *gone]
+
+
+def needs_rescue(f: NodeFacts, base: str) -> bool:
+    """base is to get its rescue kernel and entry now: GRUB reads the rescue menu, and the
+    base has no entry there yet."""
+    return f.rescue_menu and base not in f.rescue
+
+
+def rescue_add_steps(f: NodeFacts, tree: Path, base: str) -> list[Step]:
+    """base's rescue kernel (from the tree of a layer of it, just made) and its entry."""
+    if not needs_rescue(f, base):
+        return []
+    return [bootloader.kernel_files_step(tree, f.boot, base, "rescue-files"),
+            *rescue_menu_steps(f, (base,))]
 
 
 #: what another layer's kernel and initrd are taken to need when /boot has none to go by
@@ -112,9 +129,8 @@ def plan_layer_add(f: NodeFacts, base: str | None, fstab: str) -> Plan:
     steps = [
         *layer_create_steps(vg, base, layer, mnt, new_fstab),
         bootloader.kernel_files_step(mnt, f.boot, layer),
-        # a base without its rescue kernel (base --add, or a node older than rescue entries)
-        *([bootloader.kernel_files_step(mnt, f.boot, base, "rescue-files"),
-           *rescue_menu_steps(f, (base,))] if base not in f.rescue else []),
+        # a base without its rescue entry yet (one from base --add)
+        *rescue_add_steps(f, mnt, base),
         *bootloader.write_entry_steps(f.boot, f.entries, {layer: new_entry}),
         *layer_finish_steps(vg, layer, mnt),
     ]
@@ -171,6 +187,9 @@ def plan_base_remove(f: NodeFacts, base: str) -> Plan:
     layers = [la.name for la in f.layout.layers_of(base)]
     for layer in layers:
         _refuse_in_use(f, layer, f"cannot remove base {base}")
+    if base == f.rescued:
+        die(f"cannot remove base {base}: the rescue system runs from it",
+            hint="boot a layer first")
     f.need_boot()
     steps: list[Step] = rescue_menu_steps(f, drop=(base,))
     entries = dict(f.entries)

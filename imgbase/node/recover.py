@@ -7,7 +7,7 @@ operation short (a crash, a kill, power loss), the leftovers are visible.
 * LVs tagged ``imgbase:incomplete`` (a base, layer or volume being made);
 * layers with no boot entry (made, but never given one);
 * boot entries with no layer, and their files in /boot; the rescue entry and kernel of a
-  base it removes;
+  base it removes, and a rescue kernel whose base is gone;
 * LVs tagged ``imgbase:retired`` (anaconda's root after layout --init) once unused;
 * on imgbase's ESP, shim and grub files that are missing or torn (not what its record says
   was written) and grub.cfg stubs that do not find /boot, rewritten from the booted image;
@@ -33,11 +33,10 @@ from typing import Any
 
 from .. import bootloader
 from ..bootloader import efi
-from ..errors import ImgbaseError
 from ..plan import JOURNAL, Plan, Step
 from ..storage.layout import TAG_INCOMPLETE, TAG_RETIRED, WORK
 from .boot import plan_set_default
-from .facts import NodeFacts
+from .facts import NodeFacts, named_dirs
 from .keep import keep_set
 from .layers import rescue_menu_steps
 
@@ -83,8 +82,10 @@ def plan_recover(f: NodeFacts, work_mounts: list[str], journal: list[dict[str, A
 
     finish = finish_update_steps(f, journal, doomed)
     undo_base = _unfinished_update_base(f, journal, doomed, keep) if not finish else None
-    # a base that goes takes its rescue entry and kernel along (menu first)
-    steps += rescue_menu_steps(f, drop=tuple(b for b in (*doomed, undo_base) if b))
+    # a base that goes takes its rescue entry and kernel along (menu first); and a rescue
+    # kernel whose base is gone already (a cut after the base's lvremove) goes too
+    orphans = tuple(d for d in f.base_dirs if layout.get(d) is None and d not in keep)
+    steps += rescue_menu_steps(f, drop=tuple(b for b in (*doomed, undo_base, *orphans) if b))
     for name in sorted(doomed, key=snapshots_first):
         steps.append(Step(f"remove-{name}", ("lvremove", "-y", f"{layout.vg}/{name}")))
     if undo_base:
@@ -151,12 +152,4 @@ def layer_dirs(boot: Path) -> tuple[str, ...]:
     """Directories in /boot named like layers."""
     from ..image.naming import Layer
 
-    found = []
-    for p in sorted(boot.iterdir()) if boot.is_dir() else []:
-        if p.is_dir() and "+" in p.name:
-            try:
-                Layer.parse(p.name)
-            except ImgbaseError:
-                continue
-            found.append(p.name)
-    return tuple(found)
+    return named_dirs(boot, Layer.parse)

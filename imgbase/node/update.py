@@ -61,7 +61,7 @@ from ..storage.lvm import TAG_BASE
 from .boot import DEFAULT_TRIES, trial_env
 from .facts import NodeFacts
 from .kargs import model_args
-from .layers import rescue_menu_steps
+from .layers import needs_rescue, rescue_add_steps
 
 EXIT_UP_TO_DATE = 77
 BASE_SIZE = "8G"
@@ -138,8 +138,7 @@ def plan_update(f: UpdateFacts) -> Plan:
     steps += [
         bootloader.kernel_files_step(mnt, node.boot, layer),
         # the new base's rescue entry: its kernel copied apart from the layer's
-        bootloader.kernel_files_step(mnt, node.boot, nvr, "rescue-files"),
-        *rescue_menu_steps(node, (nvr,)),
+        *rescue_add_steps(node, mnt, nvr),
         # the new image's shim and grub on imgbase's ESP (an image without them leaves it):
         # only the files that differ, each written new and renamed over the old. Before the
         # trial, also when staged: the chain is Debian's signed binaries, and GRUB's
@@ -263,7 +262,8 @@ def gather_facts(image: Verified, *, allow_downgrade: bool, tries: int,
     check_pool_space(pool, need)
     from .layers import check_boot_space
 
-    check_boot_space(node.boot, node.booted or node.default, copies=2)  # layer and rescue
+    check_boot_space(node.boot, node.booted or node.default,
+                     copies=2 if needs_rescue(node, str(new)) else 1)  # layer, rescue
     return UpdateFacts(node=node, image=path, nvr=str(new), image_kargs=image.kernel_args,
                        origin=str(origin) if origin else None,
                        fstab=Path("/etc/fstab").read_text(), tries=tries,

@@ -96,7 +96,9 @@ def test_the_rendered_entries_are_the_literal_lines(tmp_path: Path) -> None:
 def test_grub_parses_what_imgbase_writes_and_not_what_it_refuses(tmp_path: Path) -> None:
     entries = grub.render_entries({B: grub.entry(B, f"/dev/vg/{B}", " ".join(REAL)),
                                    A: grub.entry(A, f"/dev/vg/{A}", "rw")})
-    good = script_check(grub.grub_cfg(A) + entries, tmp_path)
+    rescue = grub.rescue_entry("n-1.0-1", "/dev/vg/n-1.0-1", "0b00",
+                               grub.rescue_consoles(" ".join(REAL)))
+    good = script_check(grub.grub_cfg(A) + entries + rescue, tmp_path)
     assert good.returncode == 0, good.stdout + good.stderr
     # what an unchecked image's argument did to the shared file: the new entry comes
     # first and its open quote swallows the fallback's entry after it
@@ -165,3 +167,17 @@ def test_the_fallback_position_follows_the_entries(tmp_path: Path) -> None:
     cfg = grub.grub_cfg(names[0])
     assert cfg.index("source /grub/imgbase-entries.cfg") < cfg.index(
         "source /grub/imgbase-fallback.cfg")
+
+
+def test_the_rescue_menu_counts_only_where_grub_cfg_sources_it(tmp_path: Path) -> None:
+    from imgbase.bootloader.grub import RESCUE, grub_cfg, read_rescue_menu, rescue_steps
+
+    (tmp_path / "grub").mkdir()
+    [step] = rescue_steps(tmp_path, "vg", ["n-1-1", "n-2-1"], "0b00", ("console=ttyS0",))
+    assert step.write is not None
+    (tmp_path / "grub" / RESCUE).write_text(step.write[1])
+    (tmp_path / "grub/grub.cfg").write_text(grub_cfg("n-2-1+1", "0b00"))
+    assert read_rescue_menu(tmp_path) == (True, frozenset({"n-1-1", "n-2-1"}))
+    older = grub_cfg("n-2-1+1").replace(f"source /grub/{RESCUE}", "")  # before rescue
+    (tmp_path / "grub/grub.cfg").write_text(older)
+    assert read_rescue_menu(tmp_path) == (False, frozenset())

@@ -93,7 +93,8 @@ def test_a_base_keeps_its_rescue_entry_until_it_is_removed() -> None:
     other = lv("m-2.0-1", "Vri---tz-k", tags="imgbase:base")
     layer = lv("m-2.0-1+1", origin="m-2.0-1", tags="imgbase:layer")
     f = replace(node(other, layer, entries=(f"{NVR}+1", "m-2.0-1+1")),
-                rescue=(NVR, "m-2.0-1"), boot_uuid="0b00")
+                rescue=(NVR, "m-2.0-1"), boot_uuid="0b00", rescue_menu=True,
+                base_dirs=(NVR, "m-2.0-1"))
     plan = layers.plan_base_remove(f, "m-2.0-1")
     assert names(plan)[:2] == ["boot-rescue", "rescue-remove-m-2.0-1"]
     menu = plan.steps[0].write
@@ -104,8 +105,45 @@ def test_a_base_keeps_its_rescue_entry_until_it_is_removed() -> None:
     assert plan.steps[1].argv[-1] == "/boot/m-2.0-1"
 
 
+def test_a_half_copied_rescue_kernel_goes_with_its_base() -> None:
+    """Files of a base that never made it into the menu (a cut, a full /boot): removed with
+    the base all the same; and recover removes those whose base is gone already."""
+    other = lv("m-2.0-1", "Vri---tz-k", tags="imgbase:base")
+    f = replace(node(other), rescue=(NVR,), rescue_menu=True, base_dirs=(NVR, "m-2.0-1"))
+    assert names(layers.plan_base_remove(f, "m-2.0-1"))[:2] == ["rescue-remove-m-2.0-1",
+                                                                 "remove-base"]
+    orphan = replace(node(), rescue=(NVR,), rescue_menu=True, base_dirs=(NVR, "gone-1-1"))
+    assert "rescue-remove-gone-1-1" in names(recover.plan_recover(orphan, [], []))
+
+
+def test_a_base_booted_next_by_its_rescue_entry_or_running_it_is_kept() -> None:
+    from imgbase.node import gc
+
+    other = lv("m-0.9-1", "Vri---tz-k", tags="imgbase:base")
+    f = replace(node(other), rescue=(NVR, "m-0.9-1"), rescue_menu=True,
+                base_dirs=(NVR, "m-0.9-1"))
+    assert "remove-m-0.9-1" in names(gc.plan_gc(f, keep=1))
+    f_next = replace(f, env={**f.env, "next_entry": "rescue-m-0.9-1"})
+    assert "remove-m-0.9-1" not in names(gc.plan_gc(f_next, keep=1))
+    in_rescue = replace(f, booted=None, rescued="m-0.9-1")
+    assert "remove-m-0.9-1" not in names(gc.plan_gc(in_rescue, keep=1))
+    with pytest.raises(InputError, match="the rescue system runs from it"):
+        layers.plan_base_remove(in_rescue, "m-0.9-1")
+
+
+def test_no_rescue_entry_where_grub_reads_no_rescue_menu() -> None:
+    """A grub.cfg older than rescue entries (or a BLS /boot): no kernel copied for a menu
+    GRUB never reads, and boot --rescue says why."""
+    from imgbase.node import boot
+
+    plan = layers.plan_layer_add(node(), None, "")
+    assert "rescue-files" not in names(plan) and "boot-rescue" not in names(plan)
+    with pytest.raises(InputError, match="reads no rescue menu"):
+        boot.plan_rescue(node(), NVR)
+
+
 def test_a_layer_of_a_base_without_rescue_entry_gives_it_one() -> None:
-    f = node()
+    f = replace(node(), rescue_menu=True)
     plan = layers.plan_layer_add(f, None, "LABEL=boot /boot ext4 defaults 0 2\n")
     files = next(s for s in plan.steps if s.name == "rescue-files")
     assert files.argv[-1] == f"/boot/{NVR}"
@@ -118,12 +156,12 @@ def test_a_layer_of_a_base_without_rescue_entry_gives_it_one() -> None:
 def test_boot_rescue_sets_the_next_boot_to_the_rescue_entry() -> None:
     from imgbase.node import boot
 
-    f = replace(node(), rescue=(NVR,))
+    f = replace(node(), rescue=(NVR,), rescue_menu=True)
     plan = boot.plan_rescue(f, None)
     env = plan.steps[0].write
     assert env is not None and f"next_entry=rescue-{NVR}" in env[1]
     with pytest.raises(InputError, match="has no rescue entry"):
-        boot.plan_rescue(node(), NVR)
+        boot.plan_rescue(replace(node(), rescue_menu=True), NVR)
     with pytest.raises(InputError, match="is not a base of this node"):
         boot.plan_rescue(f, f"{NVR}+1")
 
@@ -170,7 +208,8 @@ def test_recover_finishes_an_update_cut_short_before_its_default_switch() -> Non
     removals = [n for n in names(plan) if n.startswith("remove-")]
     assert removals == [f"remove-{new}", "remove-n-2.0-1"]  # the layer, then its base
     # the update had given the base its rescue entry: the menu drops it before the base goes
-    plan = recover.plan_recover(replace(incomplete, rescue=(NVR, "n-2.0-1")), [],
+    plan = recover.plan_recover(replace(incomplete, rescue=(NVR, "n-2.0-1"), rescue_menu=True,
+                                        base_dirs=(NVR, "n-2.0-1")), [],
                                 [{**journal[0], "base": "n-2.0-1"}, journal[1]])
     at = names(plan).index
     assert at("boot-rescue") < at("rescue-remove-n-2.0-1") < at("remove-n-2.0-1")

@@ -12,7 +12,7 @@ from imgbase.compose.debpkg import BOOT_DIR
 SCRIPT = BOOT_DIR / "initramfs-tools/scripts/local-bottom/imgbase-rescue"
 
 
-def rescue(tmp_path: Path, cmdline: str, lvs: str) -> str | None:
+def rescue(tmp_path: Path, cmdline: str, lvs: str, overlay: bool = True) -> str | None:
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     (root / "etc/fstab").write_text("# UNCONFIGURED FSTAB FOR BASE SYSTEM\n")
@@ -21,8 +21,11 @@ def rescue(tmp_path: Path, cmdline: str, lvs: str) -> str | None:
     (bindir / "lvm").write_text(f"#!/bin/sh\ncat <<'EOF'\n{lvs}EOF\n")
     (bindir / "lvm").chmod(0o755)
     (tmp_path / "cmdline").write_text(cmdline + "\n")
+    (tmp_path / "mounts").write_text(f"overlay {root} overlay rw,lowerdir=/run/x 0 0\n"
+                                     if overlay else f"/dev/imgbase/n-1-1+1 {root} ext4 rw 0 0\n")
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "rootmnt": str(root),
-           "ROOT": "/dev/imgbase/n-1-1", "IMGBASE_CMDLINE": str(tmp_path / "cmdline")}
+           "ROOT": "/dev/imgbase/n-1-1", "IMGBASE_CMDLINE": str(tmp_path / "cmdline"),
+           "IMGBASE_MOUNTS": str(tmp_path / "mounts")}
     subprocess.run(["sh", str(SCRIPT)], env=env, check=True, capture_output=True)
     return (root / "etc/fstab").read_text()
 
@@ -51,4 +54,11 @@ def test_rescue_refuses_a_uuid_that_is_not_one(tmp_path: Path) -> None:
 
 def test_without_rescue_the_fstab_is_left_alone(tmp_path: Path) -> None:
     fstab = rescue(tmp_path, "root=/dev/imgbase/n-1-1+1 imgbase.boot=0a", LVS)
+    assert fstab == "# UNCONFIGURED FSTAB FOR BASE SYSTEM\n"
+
+
+def test_a_root_that_is_not_the_overlay_keeps_its_fstab(tmp_path: Path) -> None:
+    """imgbase.rescue by hand on a layer's entry: that layer's own fstab is never written."""
+    fstab = rescue(tmp_path, "root=/dev/imgbase/n-1-1+1 rw imgbase.rescue imgbase.boot=0a", LVS,
+                   overlay=False)
     assert fstab == "# UNCONFIGURED FSTAB FOR BASE SYSTEM\n"
