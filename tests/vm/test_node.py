@@ -617,19 +617,17 @@ def test_update_package_then_gc_keeps_two_images(node: Guest) -> None:
     check_ok(node)
 
 
-def test_the_rescue_entry_boots_the_base_to_a_root_shell(node: Guest) -> None:
-    """Each base has a rescue entry. `imgbase boot --rescue` boots it once, under Secure
-    Boot: the base read-only under a tmpfs overlay, a root shell on the console (root has
-    no password), the node's /boot and /var mounted, `imgbase status` working; the next
-    boot is the default layer again."""
-    st = status(node)
-    assert [(b["name"], b["rescue_entry"]) for b in st["bases"]] == [(NVR, True), (V3, True)]
+def rescue_shell(node: Guest) -> dict[str, Any]:
+    """Boot the booted base's rescue entry once (`imgbase boot --rescue`), under Secure
+    Boot: at its root shell on the console (no password: root's is locked, the entry
+    forces), check / is the base under the tmpfs overlay with the node's /boot and /var;
+    `imgbase status --json` there; then `systemctl reboot` back to the default."""
     node.run("imgbase boot --rescue")
-    assert status(node)["next_boot_rescue"] == V3
+    base = status(node)["next_boot_rescue"]
     log_at = len(node.serial_log.read_bytes())
     node.run("systemd-run --on-active=1 --no-block systemctl reboot")
     node.wait_console(r"Press Enter for maintenance", since=log_at, timeout=600)
-    node.console_send("\r")  # no password asked: root's is locked, and the entry forces
+    node.console_send("\r")
     node.wait_console(r"\n[^\n]*# ", since=log_at, timeout=60)
     node.console_send("echo RESCUE-$((1+1))-BEGIN; { mokutil --sb-state; findmnt -n -o "
                       "FSTYPE,OPTIONS /; findmnt -n -o TARGET /boot; findmnt -n -o TARGET "
@@ -640,13 +638,11 @@ def test_the_rescue_entry_boots_the_base_to_a_root_shell(node: Guest) -> None:
     assert out[0].strip() == "SecureBoot enabled", out
     assert out[1].split()[0] == "overlay" and "lowerdir=/run/imgbase/live/lower" in out[1]
     assert [line.strip() for line in out[2:4]] == ["/boot", "/var"], out
-    rescued = json.loads(base64.b64decode(out[4].strip()))
-    assert rescued["rescue_boot"] == V3 and rescued["booted_layer"] is None
-    assert rescued["default_layer"] == f"{V3}+1"  # /boot's menu, read in the rescue system
+    rescued: dict[str, Any] = json.loads(base64.b64decode(out[4].strip()))
+    assert rescued["rescue_boot"] == base and rescued["booted_layer"] is None
     assert rescued["next_boot_rescue"] is None  # GRUB took the one-time entry
     node.console_send("systemctl reboot\r")
-    wait_back_on(node, f"{V3}+1")
-    assert status(node)["rescue_boot"] is None
+    return rescued
 
 
 def test_reset_boots_a_fresh_layer_healthy_with_the_nodes_identity(
@@ -654,7 +650,8 @@ def test_reset_boots_a_fresh_layer_healthy_with_the_nodes_identity(
     """A root broken three ways (an fstab line that would stop the boot, an /etc edit, a
     file of /usr gone): `imgbase reset` gives a fresh layer of the same base that boots
     healthy, is still this node (machine-id, SSH host key, network, cluster join), and
-    /var is as it was."""
+    /var is as it was. Between the two, the base's rescue entry boots once (Secure Boot,
+    a root shell on the console)."""
     old = status(node)["booted_layer"]
     new = f"{old.rsplit('+', 1)[0]}+2"
     identity = "cat /etc/machine-id /etc/ssh/ssh_host_ed25519_key.pub /etc/imgbase/agent.toml"
@@ -667,8 +664,15 @@ def test_reset_boots_a_fresh_layer_healthy_with_the_nodes_identity(
     node.run("imgbase reset")
     st = status(node)
     assert (st["default_layer"], st["fallback_layer"]) == (new, old)
-    node.reboot()
+    assert [(b["name"], b["rescue_entry"]) for b in st["bases"]] == [(NVR, True), (V3, True)]
+    # on the way, the base's rescue entry, once: it reads the node's menu and records, and
+    # GRUB's one-time boot leaves the trial's count as it was
+    rescued = rescue_shell(node)
+    assert rescued["rescue_boot"] == old.rsplit("+", 1)[0]
+    assert (rescued["default_layer"], rescued["fallback_layer"]) == (new, old)
+    assert layer(rescued, new)["tries_left"] == layer(st, new)["tries_left"] == 3
     wait_back_on(node, new)  # healthy: the trial ended, no fallback left
+    assert status(node)["rescue_boot"] is None
     assert node.run("systemctl is-system-running --wait", check=False).stdout.strip() == \
         "running"
     assert node.run(identity).stdout == before
