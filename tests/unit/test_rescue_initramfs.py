@@ -4,12 +4,14 @@ stand-in lvm: the fstab it writes into the overlay, and what it refuses to write
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 from imgbase.compose.debpkg import BOOT_DIR
 
 SCRIPT = BOOT_DIR / "initramfs-tools/scripts/local-bottom/imgbase-rescue"
+INITRAMFS_TOOLS = ("cat", "mv")  # in every initramfs-tools image (klibc-utils, busybox)
 
 
 def rescue(tmp_path: Path, cmdline: str, lvs: str, overlay: bool = True) -> str | None:
@@ -18,15 +20,18 @@ def rescue(tmp_path: Path, cmdline: str, lvs: str, overlay: bool = True) -> str 
     (root / "etc/fstab").write_text("# UNCONFIGURED FSTAB FOR BASE SYSTEM\n")
     bindir = tmp_path / "bin"
     bindir.mkdir()
+    # only what the node's initramfs has besides the shell's builtins (no grep, tr, sed...)
+    for tool in INITRAMFS_TOOLS:
+        (bindir / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
     (bindir / "lvm").write_text(f"#!/bin/sh\ncat <<'EOF'\n{lvs}EOF\n")
     (bindir / "lvm").chmod(0o755)
     (tmp_path / "cmdline").write_text(cmdline + "\n")
     (tmp_path / "mounts").write_text(f"overlay {root} overlay rw,lowerdir=/run/x 0 0\n"
                                      if overlay else f"/dev/imgbase/n-1-1+1 {root} ext4 rw 0 0\n")
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "rootmnt": str(root),
+    env = {**os.environ, "PATH": str(bindir), "rootmnt": str(root),
            "ROOT": "/dev/imgbase/n-1-1", "IMGBASE_CMDLINE": str(tmp_path / "cmdline"),
            "IMGBASE_MOUNTS": str(tmp_path / "mounts")}
-    subprocess.run(["sh", str(SCRIPT)], env=env, check=True, capture_output=True)
+    subprocess.run(["/bin/sh", str(SCRIPT)], env=env, check=True, capture_output=True)
     return (root / "etc/fstab").read_text()
 
 
