@@ -22,7 +22,6 @@ signature is refused by GRUB through shim, and the node falls back by itself).
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Iterator
@@ -617,32 +616,34 @@ def test_update_package_then_gc_keeps_two_images(node: Guest) -> None:
     check_ok(node)
 
 
-def rescue_shell(node: Guest) -> dict[str, Any]:
+RESCUE_STATUS = "/var/lib/imgbase-test-rescue-status.json"
+
+
+def rescue_shell(node: Guest) -> str:
     """Boot the booted base's rescue entry once (`imgbase boot --rescue`), under Secure
     Boot: at its root shell on the console (no password: root's is locked, the entry
-    forces), check / is the base under the tmpfs overlay with the node's /boot and /var;
-    `imgbase status --json` there; then `systemctl reboot` back to the default."""
-    node.run("imgbase boot --rescue")
-    base = status(node)["next_boot_rescue"]
+    forces), check / is the base under the tmpfs overlay with the node's /boot and /var,
+    keep `imgbase status --json` in the node's /var (RESCUE_STATUS: a 5 KB line is not
+    for a serial console), then `systemctl reboot` to the default. The base."""
+    node.run(f"imgbase boot --rescue && rm -f {RESCUE_STATUS}")
+    base: str = status(node)["next_boot_rescue"]
     log_at = len(node.serial_log.read_bytes())
     node.run("systemd-run --on-active=1 --no-block systemctl reboot")
     node.wait_console(r"Press Enter for maintenance", since=log_at, timeout=600)
     node.console_send("\r")
     node.wait_console(r"\n[^\n]*# ", since=log_at, timeout=60)
     node.console_send("echo RESCUE-$((1+1))-BEGIN; { mokutil --sb-state; findmnt -n -o "
-                      "FSTYPE,OPTIONS /; findmnt -n -o TARGET /boot; findmnt -n -o TARGET "
-                      "/var; imgbase status --json | base64 -w0; echo; } 2>&1; "
+                      "FSTYPE /; findmnt -n -o OPTIONS / | tr , '\\n' | grep ^lowerdir; "
+                      "findmnt -n -o TARGET /boot; findmnt -n -o TARGET /var; "
+                      f"imgbase status --json > {RESCUE_STATUS}; echo status=$?; }} 2>&1; "
                       "echo RESCUE-$((1+1))-END\r")
     out = node.wait_console(r"(?s)RESCUE-2-BEGIN\r?\n(.*?)RESCUE-2-END", since=log_at,
                             timeout=120).group(1).splitlines()
-    assert out[0].strip() == "SecureBoot enabled", out
-    assert out[1].split()[0] == "overlay" and "lowerdir=/run/imgbase/live/lower" in out[1]
-    assert [line.strip() for line in out[2:4]] == ["/boot", "/var"], out
-    rescued: dict[str, Any] = json.loads(base64.b64decode(out[4].strip()))
-    assert rescued["rescue_boot"] == base and rescued["booted_layer"] is None
-    assert rescued["next_boot_rescue"] is None  # GRUB took the one-time entry
+    assert [line.strip() for line in out] == [
+        "SecureBoot enabled", "overlay", "lowerdir=/run/imgbase/live/lower", "/boot", "/var",
+        "status=0"], out
     node.console_send("systemctl reboot\r")
-    return rescued
+    return base
 
 
 def test_reset_boots_a_fresh_layer_healthy_with_the_nodes_identity(
@@ -667,12 +668,15 @@ def test_reset_boots_a_fresh_layer_healthy_with_the_nodes_identity(
     assert [(b["name"], b["rescue_entry"]) for b in st["bases"]] == [(NVR, True), (V3, True)]
     # on the way, the base's rescue entry, once: it reads the node's menu and records, and
     # GRUB's one-time boot leaves the trial's count as it was
-    rescued = rescue_shell(node)
-    assert rescued["rescue_boot"] == old.rsplit("+", 1)[0]
-    assert (rescued["default_layer"], rescued["fallback_layer"]) == (new, old)
-    assert layer(rescued, new)["tries_left"] == layer(st, new)["tries_left"] == 3
+    base = rescue_shell(node)
     wait_back_on(node, new)  # healthy: the trial ended, no fallback left
     assert status(node)["rescue_boot"] is None
+    # what status said in the rescue system, kept in the node's /var
+    rescued = json.loads(node.run(f"cat {RESCUE_STATUS}").stdout)
+    assert base == old.rsplit("+", 1)[0] and rescued["rescue_boot"] == base
+    assert rescued["booted_layer"] is None and rescued["next_boot_rescue"] is None
+    assert (rescued["default_layer"], rescued["fallback_layer"]) == (new, old)
+    assert layer(rescued, new)["tries_left"] == layer(st, new)["tries_left"] == 3
     assert node.run("systemctl is-system-running --wait", check=False).stdout.strip() == \
         "running"
     assert node.run(identity).stdout == before
