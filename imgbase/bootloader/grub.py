@@ -121,6 +121,16 @@ def rescue_id(base: str) -> str:
     return f"rescue-{base}"
 
 
+def rescue_base(entry_id: str) -> str | None:
+    """The base a rescue entry's id names (None: not a rescue entry's id).
+
+    >>> rescue_base("rescue-n-1-1"), rescue_base("n-1-1+1")
+    ('n-1-1', None)
+    """
+    prefix = rescue_id("")
+    return entry_id.removeprefix(prefix) if entry_id.startswith(prefix) else None
+
+
 def rescue_entry(base: str, root: str, boot_uuid: str | None, consoles: tuple[str, ...]
                  ) -> str:
     """A base's rescue entry: its own kernel in /boot/<base>/, the base as the lower layer
@@ -168,8 +178,7 @@ def read_rescue_menu(boot: Path) -> tuple[bool, frozenset[str]]:
         text = (boot / GRUB_DIR / RESCUE).read_text(errors="replace")
     except OSError:
         return True, frozenset()
-    return True, frozenset(i.removeprefix(rescue_id("")) for i in parse_entries(text)
-                           if i.startswith(rescue_id("")))
+    return True, frozenset(b for i in parse_entries(text) if (b := rescue_base(i)))
 
 
 def rescue_steps(boot: Path, vg: str, bases: list[str], boot_uuid: str | None,

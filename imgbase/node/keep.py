@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..bootloader.grub import rescue_id
+from ..bootloader.grub import rescue_base
 from ..errors import ImgbaseError
 from ..image.naming import Nvr
 from ..storage.layout import TAG_INCOMPLETE
@@ -104,8 +104,7 @@ def keep_set(f: NodeFacts, history: list[dict[str, Any]]) -> Keep:
         if lv.origin:
             why.setdefault(lv.origin, f"the base of {name} ({reason})")
     next_entry = env.get("next_entry") or ""
-    rescue_next = next_entry.removeprefix(rescue_id("")) if next_entry.startswith(
-        rescue_id("")) else None
+    rescue_next = rescue_base(next_entry)
     for name, reason in ((f.rescued, "the rescue system running"),
                          (rescue_next, "its rescue entry boots next")):
         if name and f.layout.get(name) is not None:

@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from .. import bootloader
-from ..bootloader.grub import rescue_id
+from ..bootloader.grub import rescue_base
 from ..run import run
 from ..storage.layout import TAG_INCOMPLETE, TAG_RETIRED, mountpoint_of
 from .facts import NodeFacts
@@ -102,8 +102,8 @@ def collect(facts: NodeFacts | None = None,
         "booted_layer": f.booted,
         "default_layer": f.default,
         "next_boot_layer": next_entry if next_entry in f.entries else None,
-        "next_boot_rescue": next(
-            (b for b in f.rescue if next_entry == rescue_id(b)), None),
+        "next_boot_rescue": next((b for b in f.rescue if b == rescue_base(next_entry or "")),
+                                 None),
         "rescue_boot": f.rescued,
         "bases": bases,
         "layers": layers,
